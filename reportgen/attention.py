@@ -1,0 +1,176 @@
+"""Attention maths: head fusion, rollout, entropy and agreement measures.
+
+Pure functions on tensors / arrays: no hooks, no I/O, no plotting. Shapes follow timm's convention,
+``B`` batch, ``H`` heads, ``N`` tokens (prefix tokens first, then the patch grid row by row), ``P``
+patches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def fuse_heads(attn: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Fuse the head axis of an attention tensor.
+
+    Args:
+        attn: ``[..., H, N, N]`` attention probabilities.
+        how: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+
+    Returns:
+        ``[..., N, N]``.
+    """
+    if how == "mean":
+        return attn.mean(dim=-3)
+    if how == "max":
+        return attn.amax(dim=-3)
+    if how == "min":
+        return attn.amin(dim=-3)
+    raise ValueError(f"unknown head fusion {how!r} (expected one of {', '.join(HEAD_FUSIONS)})")
+
+
+def discard_lowest(attn: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the lowest ``ratio`` of each ``[N, N]`` map, as vit-explain does before the residual step.
+
+    The CLS-to-CLS entry (index 0 of the flattened map) is never discarded, matching vit-explain,
+    so every row keeps some mass once the identity is added.
+
+    Args:
+        attn: ``[..., N, N]`` head-fused attention.
+        ratio: fraction in ``[0, 1)`` of entries to zero per map.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"discard ratio must be in [0, 1), got {ratio}")
+    if ratio == 0.0:
+        return attn
+    *lead, n, _ = attn.shape
+    flat = attn.reshape(-1, n * n)
+    count = int(flat.shape[-1] * ratio)
+    if count == 0:
+        return attn
+    lowest = flat.topk(count, dim=-1, largest=False).indices
+    drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, lowest, True)
+    drop[:, 0] = False
+    flat = flat.masked_fill(drop, 0.0)
+    return flat.reshape(*lead, n, n)
+
+
+def residual_attention(fused: torch.Tensor) -> torch.Tensor:
+    """Add the identity for the residual connection and renormalise rows: ``0.5*A + 0.5*I``.
+
+    Args:
+        fused: ``[..., N, N]`` head-fused attention (rows need not sum to 1, e.g. after max fusion).
+    """
+    n = fused.shape[-1]
+    eye = torch.eye(n, dtype=fused.dtype, device=fused.device)
+    a = 0.5 * fused + 0.5 * eye
+    # keepdim matters: the widely copied vit-explain code omits it and so does not normalise rows.
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def rollout_step(
+    joint: torch.Tensor | None,
+    layer_attn: torch.Tensor,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> torch.Tensor:
+    """Advance attention rollout by one layer (Abnar & Zuidema 2020, ``compute_joint_attention``).
+
+    Args:
+        joint: ``[B, N, N]`` rollout through the previous layers, or None before the first layer.
+        layer_attn: ``[B, H, N, N]`` this layer's attention probabilities.
+        head_fusion: how heads are fused (see :func:`fuse_heads`).
+        discard_ratio: fraction of lowest fused attentions dropped before the residual step.
+
+    Returns:
+        ``[B, N, N]`` rollout through this layer: ``A_l @ joint``; rows sum to 1.
+    """
+    fused = discard_lowest(fuse_heads(layer_attn, head_fusion), discard_ratio)
+    a = residual_attention(fused)
+    return a if joint is None else a @ joint
+
+
+def rollout(
+    attentions: list[torch.Tensor] | torch.Tensor,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> torch.Tensor:
+    """Attention rollout through a whole stack of layers.
+
+    Args:
+        attentions: per layer ``[B, H, N, N]``, first layer first.
+
+    Returns:
+        ``[B, N, N]``, rows sum to 1.
+    """
+    joint = None
+    for layer_attn in attentions:
+        joint = rollout_step(joint, layer_attn, head_fusion, discard_ratio)
+    if joint is None:
+        raise ValueError("rollout needs at least one layer")
+    return joint
+
+
+def normalise(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Scale non-negative weights to sum to 1 along ``dim`` (all-zero rows stay zero)."""
+    total = weights.sum(dim=dim, keepdim=True)
+    return weights / total.clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats of distributions along ``dim`` (``0 log 0 = 0``).
+
+    ``p`` is renormalised first, so a CLS row restricted to the patches (which does not sum to 1
+    once the prefix tokens are dropped) is treated as a distribution over the patch grid.
+    """
+    q = normalise(p.clamp_min(0), dim=dim)
+    logs = torch.where(q > 0, q.log(), torch.zeros_like(q))
+    return -(q * logs).sum(dim=dim)
+
+
+def normalised_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Entropy divided by ``log(n)``: 0 for a one-hot distribution, 1 for a uniform one."""
+    n = p.shape[dim]
+    return entropy(p, dim=dim) / math.log(n) if n > 1 else torch.zeros_like(entropy(p, dim=dim))
+
+
+def rank(values: np.ndarray) -> np.ndarray:
+    """Ranks starting at 1, ties given their average rank (as Spearman's rho needs)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and sorted_values[j + 1] == sorted_values[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two equally long vectors (NaN if either is constant)."""
+    ra, rb = rank(np.ravel(a)), rank(np.ravel(b))
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def top_fraction_overlap(a: np.ndarray, b: np.ndarray, fraction: float = 0.1) -> float:
+    """Share of the top ``fraction`` of entries of ``a`` that are also in the top of ``b``.
+
+    ``k = ceil(fraction * n)`` entries on each side; ties are broken by position (stable sort).
+    """
+    a, b = np.ravel(a), np.ravel(b)
+    k = max(1, math.ceil(fraction * len(a)))
+    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
+    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
+    return len(top_a & top_b) / k

@@ -1,0 +1,93 @@
+"""Rollout, entropy and agreement measures against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reportgen.attention import (
+    discard_lowest,
+    entropy,
+    normalised_entropy,
+    rollout,
+    rollout_step,
+    spearman,
+    top_fraction_overlap,
+)
+
+# Two layers, three tokens, worked by hand from Abnar & Zuidema (2020):
+# R_l = 0.5 * A_l + 0.5 * I (rows already sum to 1 here), rollout = R_2 @ R_1.
+A1 = [[0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]
+A2 = [[0.2, 0.4, 0.4], [0.3, 0.3, 0.4], [0.0, 0.5, 0.5]]
+# R1 = [[.75,.15,.1],[.05,.9,.05],[.1,.1,.8]], R2 = [[.6,.2,.2],[.15,.65,.2],[0,.25,.75]]
+EXPECTED = [[0.48, 0.29, 0.23], [0.165, 0.6275, 0.2075], [0.0875, 0.3, 0.6125]]
+
+
+def _heads(*maps):
+    """[1, H, N, N] from per-head maps."""
+    return torch.tensor([maps], dtype=torch.float64)
+
+
+def test_rollout_two_layers_three_tokens_by_hand():
+    result = rollout([_heads(A1), _heads(A2)])
+    torch.testing.assert_close(result[0], torch.tensor(EXPECTED, dtype=torch.float64))
+    torch.testing.assert_close(result.sum(-1), torch.ones(1, 3, dtype=torch.float64))
+
+
+def test_rollout_mean_fusion_over_heads():
+    # Two heads whose mean is A1 (resp. A2) give the same rollout as one head.
+    a1 = torch.tensor(A1, dtype=torch.float64)
+    a2 = torch.tensor(A2, dtype=torch.float64)
+    h1 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    layer1 = torch.stack([h1, 2 * a1 - h1])[None]  # mean of the two heads is A1
+    layer2 = torch.stack([a2, a2])[None]
+    result = rollout([layer1, layer2], head_fusion="mean")
+    torch.testing.assert_close(result[0], torch.tensor(EXPECTED, dtype=torch.float64))
+
+
+def test_rollout_max_fusion_renormalises_rows():
+    # Max over heads of two one-hot rows is not a distribution; rollout must still be row-stochastic.
+    h1 = torch.eye(3, dtype=torch.float64)
+    h2 = torch.tensor([[0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float64)
+    step = rollout_step(None, torch.stack([h1, h2])[None], head_fusion="max")
+    # max = I + P; 0.5*(I+P) + 0.5*I = I + 0.5P; rows sum to 1.5 -> divide: diag 2/3, P entries 1/3.
+    expected = (torch.eye(3, dtype=torch.float64) * 2 + h2) / 3
+    torch.testing.assert_close(step[0], expected)
+
+
+def test_discard_lowest_keeps_cls_to_cls():
+    fused = torch.tensor([[[0.01, 0.5, 0.49], [0.3, 0.3, 0.4], [0.2, 0.7, 0.1]]])
+    out = discard_lowest(fused, 0.34)  # int(9 * 0.34) = 3 lowest: 0.01 (kept, CLS-CLS), 0.1, 0.2
+    assert out[0, 0, 0] == pytest.approx(0.01)
+    assert out[0, 2, 2] == 0 and out[0, 2, 0] == 0
+    assert (out > 0).sum() == 7
+
+
+def test_entropy_uniform_is_log_n_and_one_hot_is_zero():
+    for n in (2, 7, 196):
+        uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        assert entropy(uniform).item() == pytest.approx(math.log(n))
+        assert normalised_entropy(uniform).item() == pytest.approx(1.0)
+    one_hot = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    assert entropy(one_hot).item() == 0.0
+    # Unnormalised input (a CLS row restricted to patches) is treated as a distribution.
+    assert entropy(torch.tensor([0.2, 0.2])).item() == pytest.approx(math.log(2))
+    # By hand: p = (0.5, 0.25, 0.25): H = 0.5 ln 2 + 0.5 ln 4 = 1.5 ln 2.
+    assert entropy(torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)).item() == pytest.approx(1.5 * math.log(2))
+
+
+def test_spearman_and_top_overlap_by_hand():
+    a = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(a, a * 10 + 3) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    # Ties: b ranks = (1.5, 1.5, 3, 4, 5); rho computed by hand = 0.9746794...
+    b = np.array([1.0, 1.0, 2.0, 3.0, 4.0])
+    ra = a - 3
+    rb = np.array([1.5, 1.5, 3, 4, 5]) - 3
+    assert spearman(a, b) == pytest.approx((ra @ rb) / math.sqrt((ra @ ra) * (rb @ rb)))
+    x = np.arange(20.0)
+    y = x.copy()
+    y[19], y[0] = y[0], y[19]  # the top entry moves to the bottom
+    assert top_fraction_overlap(x, x, 0.1) == 1.0
+    assert top_fraction_overlap(x, y, 0.1) == 0.5  # k = 2: {19, 18} vs {0, 18}
