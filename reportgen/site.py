@@ -1,0 +1,215 @@
+"""Writing the static site: pages from Jinja2 templates, results.json, assets.
+
+Pages and results.json are rendered from the same plain records (dicts of numbers, strings and
+lists), so every number on a page is the number in results.json; templates never see tensors.
+All links are relative, nothing is fetched from elsewhere, and ``.nojekyll`` lets GitHub Pages
+serve the folder as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+
+from reportgen.experiments import ImageResult, PairSummary
+
+FORMAT_VERSION = 1
+DIGITS = 6  # decimals kept in results.json
+
+
+def template_dir() -> Path:
+    """Where the templates are: inside the installed package, or ``templates/`` in a source tree."""
+    try:
+        packaged = resources.files("reportgen.templates")
+        if packaged.joinpath("base.html").is_file():
+            return Path(str(packaged))
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int) or digits == 0:
+        return f"{round(value):d}"
+    return f"{value:.{digits}f}"
+
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir())),
+        autoescape=True,  # titles, captions and labels are user text: always escaped
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = _fmt
+    return env
+
+
+def plain(value: Any) -> Any:
+    """Convert results to JSON-safe values: arrays to nested lists, floats rounded, NaN to None."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return None if math.isnan(f) or math.isinf(f) else round(f, DIGITS)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]:
+    """The JSON record of one image, which its page also renders from."""
+    entry = result.entry
+    record: dict[str, Any] = {
+        "id": entry.id,
+        "slug": entry.slug,
+        "page": f"{entry.slug}.html",
+        "source_name": entry.path.name,
+        "title": entry.title,
+        "caption": entry.caption,
+        "kind": entry.kind,
+        "error": result.error,
+        "size": list(result.size) if result.size else None,
+        "figures": figures,
+        "attention": None,
+        "rollout": None,
+        "objects": None,
+    }
+    if result.attention is not None:
+        a = result.attention
+        record["attention"] = {
+            "head_entropy": plain(a.head_entropy),
+            "mean_entropy": plain(a.mean_entropy),
+            "max_entropy": plain(a.max_entropy),
+            "token_entropy": plain(a.token_entropy),
+            "token_count": int(a.token_attention.shape[0]),
+            "prefix_mass": plain(a.prefix_mass),
+            "box_mass": plain(a.box_mass),
+            "cls_mean": plain(a.mean),
+            "cls_max": plain(a.max),
+            "cls_heads": plain(a.heads),
+        }
+    if result.rollout is not None:
+        r = result.rollout
+        record["rollout"] = {
+            "raw_entropy": plain(r.raw_entropy),
+            "rollout_entropy": plain(r.rollout_entropy),
+            "spearman": plain(r.spearman),
+            "top_overlap": plain(r.top_overlap),
+            "raw": plain(r.raw),
+            "rollout": plain(r.rollout),
+        }
+    if result.objects is not None:
+        o = result.objects
+        record["objects"] = {
+            "source": o.source,
+            "labels": o.labels,
+            "objects": [
+                {
+                    "label": obj.label,
+                    "base_label": obj.base_label,
+                    "box": plain(obj.box),
+                    "input_box": plain(obj.input_box),
+                    "visible": plain(obj.visible),
+                    "score": plain(obj.score),
+                }
+                for obj in o.objects
+            ],
+            "skipped": [{"label": label, "reason": reason} for label, reason in o.skipped],
+            "plain_similarity": plain(o.plain_similarity),
+            "rollout_similarity": plain(o.rollout_similarity),
+            "difference": plain(o.difference),
+        }
+    return record
+
+
+def _hashed_asset(source: Path, target_dir: Path, stem: str) -> str:
+    """Copy an asset with a content hash in its name, so browsers never show a stale one."""
+    data = source.read_bytes()
+    name = f"{stem}.{hashlib.sha256(data).hexdigest()[:10]}{source.suffix}"
+    (target_dir / name).write_bytes(data)
+    return f"assets/{name}"
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8", newline="\n")
+
+
+def write_site(
+    out: Path,
+    run: dict[str, Any],
+    records: list[dict[str, Any]],
+    pairs: list[PairSummary],
+    lowered: tuple[int, int],
+    colourbar: str,
+) -> None:
+    """Render index, one page per image and results.json into ``out`` (which already has figures).
+
+    Args:
+        out: the (staging) output folder.
+        run: run metadata (model, capture, settings, versions, title, generated).
+        records: one :func:`image_record` per image, in manifest order.
+        pairs: experiment 3 summary per pair of labels.
+        lowered: (pairs where rollout lowered the similarity, all pairs).
+        colourbar: relative path of the colour-bar image.
+    """
+    assets_dir = out / "assets"
+    assets_dir.mkdir(parents=True, exist_ok=True)
+    assets = {"css": _hashed_asset(template_dir() / "style.css", assets_dir, "style"), "colourbar": colourbar}
+    lowered_record = {
+        "lowered": lowered[0],
+        "total": lowered[1],
+        "fraction": plain(lowered[0] / lowered[1]) if lowered[1] else None,
+    }
+    results = {
+        "format": FORMAT_VERSION,
+        **run,
+        "images": records,
+        "pairs": plain(pairs),
+        "rollout_lowered": lowered_record,
+    }
+    env = environment()
+    common = {"run": run, "assets": assets}
+    ok = [r for r in records if not r["error"]]
+    for index, record in enumerate(records):
+        if record["error"]:
+            continue
+        position = ok.index(record)
+        page = env.get_template("image.html").render(
+            **common,
+            image=record,
+            index=index,
+            prev=ok[position - 1] if position > 0 else None,
+            next=ok[position + 1] if position + 1 < len(ok) else None,
+        )
+        _write_text(out / record["page"], page)
+    index_html = env.get_template("index.html").render(
+        **common,
+        images=records,
+        failed=sum(1 for r in records if r["error"]),
+        pairs=results["pairs"],
+        lowered=lowered_record,
+    )
+    _write_text(out / "index.html", index_html)
+    _write_text(out / "results.json", json.dumps(results, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    _write_text(out / ".nojekyll", "")
