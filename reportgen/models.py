@@ -103,6 +103,9 @@ def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
     _check_vit(model, settings.name)
     patch_size = tuple(int(p) for p in model.patch_embed.patch_size)
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    # The pretrained config still names the size the weights were trained at; the model's own
+    # patch embedding knows the size it was built for (e.g. --input-size).
+    loaded["data_config"] = {**loaded["data_config"], "input_size": (3, *(int(s) for s in model.patch_embed.img_size))}
     return LoadedModel(
         model=model,
         name=settings.name,

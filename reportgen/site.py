@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, is_dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,9 @@ DIGITS = 6  # decimals kept in results.json
 
 def template_dir() -> Path:
     """Where the templates are: inside the installed package, or ``templates/`` in a source tree."""
-    try:
-        packaged = resources.files("reportgen.templates")
-        if packaged.joinpath("base.html").is_file():
-            return Path(str(packaged))
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parent.parent / "templates"
+    here = Path(__file__).resolve().parent
+    packaged = here / "templates"  # a wheel maps the top-level templates/ here (pyproject.toml)
+    return packaged if (packaged / "base.html").is_file() else here.parent / "templates"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny randomly initialised timm ViTs (no download)."""
 
+import math
+
 import pytest
 import timm
 import torch
@@ -26,3 +28,52 @@ def make_tiny_vit(img_size=(32, 48), patch_size=8, depth=2, embed_dim=24, num_he
 @pytest.fixture
 def tiny_vit():
     return make_tiny_vit()
+
+
+TINY_MODEL = {
+    "name": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "input_size": 32,
+    "options": {"patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 3},
+}
+
+
+def write_photo(path, size=(48, 40), seed=0):
+    """A small random RGB image saved at ``path`` (format from the suffix)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").save(path)
+    return path
+
+
+def write_manifest(folder, images, model=None, **sections):
+    """Write a manifest.yaml for the tiny random model (or ``model``) into ``folder``."""
+    import yaml
+
+    data = {"model": model or TINY_MODEL, "detector": {"name": "none"}, **sections, "images": images}
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def hand_attention(model, x):
+    """Walk the blocks by hand and compute each layer's attention from its qkv weights."""
+    expected = []
+    with torch.no_grad():
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for block in model.blocks:
+            attn = block.attn
+            y = block.norm1(h)
+            B, N, C = y.shape
+            heads, d = attn.num_heads, C // attn.num_heads
+            w, b = attn.qkv.weight, attn.qkv.bias
+            q = (y @ w[:C].T + b[:C]).reshape(B, N, heads, d).transpose(1, 2)
+            k = (y @ w[C : 2 * C].T + b[C : 2 * C]).reshape(B, N, heads, d).transpose(1, 2)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+            expected.append(torch.exp(scores - scores.amax(-1, keepdim=True)))
+            expected[-1] = expected[-1] / expected[-1].sum(-1, keepdim=True)
+            h = block(h)
+        features = model.norm(h)
+    return expected, features

@@ -1,35 +1,12 @@
 """Captured attention equals an independent softmax(QK^T / sqrt(d)) from each block's weights."""
 
-import math
-
 import pytest
 import timm.layers
 import torch
 
-from conftest import make_tiny_vit
+from conftest import hand_attention, make_tiny_vit
 from reportgen.capture import AttentionCapture
 from reportgen.errors import CaptureError
-
-
-def _hand_attention(model, x):
-    """Walk the blocks by hand and compute each layer's attention from its qkv weights."""
-    expected = []
-    with torch.no_grad():
-        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-        for block in model.blocks:
-            attn = block.attn
-            y = block.norm1(h)
-            B, N, C = y.shape
-            heads, d = attn.num_heads, C // attn.num_heads
-            w, b = attn.qkv.weight, attn.qkv.bias
-            q = (y @ w[:C].T + b[:C]).reshape(B, N, heads, d).transpose(1, 2)
-            k = (y @ w[C : 2 * C].T + b[C : 2 * C]).reshape(B, N, heads, d).transpose(1, 2)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(d)
-            expected.append(torch.exp(scores - scores.amax(-1, keepdim=True)))
-            expected[-1] = expected[-1] / expected[-1].sum(-1, keepdim=True)
-            h = block(h)
-        features = model.norm(h)
-    return expected, features
 
 
 @pytest.mark.parametrize("prefix", [{}, {"reg_tokens": 2}])
@@ -44,7 +21,7 @@ def test_capture_equals_hand_softmax_with_fused_attention(prefix):
         with torch.inference_mode():
             out = model.forward_features(x)
         capture.check_complete()
-    expected, features = _hand_attention(model, x)
+    expected, features = hand_attention(model, x)
     n_tokens = model.num_prefix_tokens + 4 * 6
     assert sorted(captured) == [0, 1]
     for i, attn in captured.items():

@@ -1,0 +1,126 @@
+"""End to end: `reportgen build` on a tiny random model writes a complete, self-consistent site."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import write_manifest, write_photo
+from reportgen.cli import main
+from sitecheck import broken_links, disagreements, parse
+
+
+@pytest.fixture
+def two_images(tmp_path):
+    write_photo(tmp_path / "cat.png", (48, 40), seed=1)
+    write_photo(tmp_path / "street scene.jpg", (64, 36), seed=2)
+    return write_manifest(
+        tmp_path,
+        [
+            {"path": "cat.png", "id": "cat", "title": "A cat", "kind": "single",
+             "objects": [{"label": "head", "box": [10, 5, 30, 25]}]},
+            {"path": "street scene.jpg", "title": "Street", "kind": "multi", "caption": "Two things",
+             "objects": [{"label": "car", "box": [0, 0, 30, 30]}, {"label": "car", "box": [20, 4, 60, 34]},
+                         {"label": "sign", "box": [40, 0, 64, 20]}]},
+        ],
+    )
+
+
+def _build(manifest, out, *args):
+    return CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet", *args])
+
+
+def test_build_writes_a_complete_consistent_site(two_images, tmp_path):
+    out = tmp_path / "site"
+    result = _build(two_images, out)
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.glob("*.html")} == {"index.html", "cat.html", "street-scene.html"}
+    assert (out / ".nojekyll").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert [i["id"] for i in results["images"]] == ["cat", "street scene"]
+    cat, street = results["images"]
+    assert len(cat["attention"]["head_entropy"]) == 3
+    assert cat["objects"] is None and street["objects"]["labels"] == ["car #1", "car #2", "sign"]
+    assert results["model"]["grid"] == [4, 4] and results["model"]["num_prefix_tokens"] == 1
+    assert results["capture"]["layers"] == ["blocks.0.attn", "blocks.1.attn"]
+    # Figures exist for each panel, and every local link resolves with nothing external.
+    for name in ("cls-mean.png", "cls-max.png", "cls-head-2.png", "tokens.png", "rollout.png", "objects.png", "similarity.png"):
+        assert (out / "figures" / "street-scene" / name).is_file(), name
+    assert broken_links(out) == []
+    # Every number on the pages is the number in results.json.
+    checked, problems = disagreements(out)
+    assert problems == [] and checked > 50
+    # Every figure has alt text.
+    for page in out.glob("*.html"):
+        assert all(img.get("alt") for img in parse(page).images), page.name
+    # The page says how attention was captured.
+    assert "qkv projection" in (out / "index.html").read_text()
+
+
+def test_results_are_consistent_with_maths(two_images, tmp_path):
+    out = tmp_path / "site"
+    assert _build(two_images, out).exit_code == 0
+    street = json.loads((out / "results.json").read_text())["images"][1]
+    sim = street["objects"]["plain_similarity"]
+    assert [sim[i][i] for i in range(3)] == [1.0, 1.0, 1.0]
+    assert all(sim[i][j] == sim[j][i] for i in range(3) for j in range(3))
+    import math
+
+    assert street["rollout"]["rollout_entropy"]["nats"] <= math.log(16) + 1e-6
+
+
+def test_rebuild_replaces_own_site_but_never_a_foreign_folder(two_images, tmp_path):
+    out = tmp_path / "site"
+    assert _build(two_images, out).exit_code == 0
+    (out / "stale.html").write_text("old")
+    assert _build(two_images, out).exit_code == 0
+    assert not (out / "stale.html").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    result = _build(two_images, foreign)
+    assert result.exit_code == 1
+    assert "not made by reportgen" in result.output
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_bad_image_gets_a_card_and_nonzero_exit(two_images, tmp_path):
+    (tmp_path / "cat.png").write_bytes(b"not a png")
+    out = tmp_path / "site"
+    result = _build(two_images, out)
+    assert result.exit_code == 2
+    assert "cat.png" in result.output
+    index = (out / "index.html").read_text()
+    assert "Not processed" in index and "cat.png" in index
+    assert (out / "street-scene.html").is_file() and not (out / "cat.html").exists()
+    assert broken_links(out) == []
+    strict = _build(two_images, tmp_path / "strict", "--strict")
+    assert strict.exit_code == 1 and "cat.png" in strict.output
+
+
+def test_user_text_is_escaped(tmp_path):
+    write_photo(tmp_path / "x.png")
+    payload = "<script>alert('x')</script> \"quoted\" {{ 7*7 }}"
+    manifest = write_manifest(
+        tmp_path,
+        [{"path": "x.png", "id": "x", "title": payload, "caption": payload, "kind": "multi",
+          "objects": [{"label": payload, "box": [0, 0, 20, 20]}, {"label": "b", "box": [10, 10, 40, 30]}]}],
+    )
+    out = tmp_path / "site"
+    assert _build(manifest, out, "--title", payload).exit_code == 0
+    for page in ("index.html", "x.html"):
+        html = (out / page).read_text()
+        assert "<script>" not in html
+        assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+        assert "{{ 7*7 }}" in html  # rendered as text, not evaluated
+        assert "&#34;quoted&#34;" in html
+
+
+def test_manifest_errors_exit_1_with_file_name(tmp_path):
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text("images:\n  - path: nope.png\n    captoin: x\n")
+    result = CliRunner().invoke(main, ["build", str(manifest), "--quiet"])
+    assert result.exit_code == 1
+    assert "bad.yaml" in result.output and "captoin" in result.output and "nope.png" in result.output
+    assert "Traceback" not in result.output
