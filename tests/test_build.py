@@ -4,11 +4,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-
 from conftest import write_manifest, write_photo
-from reportgen.cli import main
 from sitecheck import broken_links, disagreements, parse
+
+from reportgen.cli import main
 
 
 @pytest.fixture
@@ -124,3 +123,49 @@ def test_manifest_errors_exit_1_with_file_name(tmp_path):
     assert result.exit_code == 1
     assert "bad.yaml" in result.output and "captoin" in result.output and "nope.png" in result.output
     assert "Traceback" not in result.output
+
+
+def test_detector_finds_objects_for_images_without_boxes(tmp_path):
+    from test_detector import tiny_detr, tiny_processor
+
+    folder = tmp_path / "detr"
+    tiny_detr().save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    write_photo(tmp_path / "scene.png", (64, 48), seed=3)
+    write_photo(tmp_path / "boxed.png", (40, 40), seed=4)
+    manifest = write_manifest(
+        tmp_path,
+        [{"path": "scene.png", "kind": "multi"},
+         {"path": "boxed.png", "kind": "multi", "objects": [{"label": "a", "box": [0, 0, 20, 20]}, {"label": "b", "box": [10, 10, 40, 40]}]}],
+        detector={"name": str(folder), "threshold": 0.01},
+    )
+    out = tmp_path / "site"
+    result = _build(manifest, out)
+    assert result.exit_code == 0, result.output
+    scene, boxed = json.loads((out / "results.json").read_text())["images"]
+    assert scene["objects"]["source"] == str(folder)
+    detected = scene["objects"]["objects"]
+    assert detected and all(o["score"] >= 0.01 and o["base_label"] in {"cat", "dog", "cup"} for o in detected)
+    assert all(0 <= o["box"][0] < o["box"][2] <= 64 and 0 <= o["box"][1] < o["box"][3] <= 48 for o in detected)
+    assert boxed["objects"]["source"] == "manifest"  # manifest boxes win over the detector
+    assert broken_links(out) == []
+
+
+def test_unavailable_detector_warns_and_manifest_boxes_still_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_photo(tmp_path / "scene.png", (64, 48), seed=3)
+    write_photo(tmp_path / "boxed.png", (40, 40), seed=4)
+    manifest = write_manifest(
+        tmp_path,
+        [{"path": "scene.png", "kind": "multi"},
+         {"path": "boxed.png", "kind": "multi", "objects": [{"label": "a", "box": [0, 0, 20, 20]}, {"label": "b", "box": [10, 10, 40, 40]}]}],
+        detector={"name": "no-such-org/no-such-detr", "threshold": 0.5},
+    )
+    out = tmp_path / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "warning: Could not load the object detector 'no-such-org/no-such-detr'" in result.output
+    assert "--detector none" in result.output and "Traceback" not in result.output
+    scene, boxed = json.loads((out / "results.json").read_text())["images"]
+    assert scene["objects"]["objects"] == [] and "detector" in scene["objects"]["skipped"][0]["reason"]
+    assert boxed["objects"]["labels"] == ["a", "b"]

@@ -3,8 +3,8 @@
 import pytest
 import timm.layers
 import torch
-
 from conftest import hand_attention, make_tiny_vit
+
 from reportgen.capture import AttentionCapture
 from reportgen.errors import CaptureError
 

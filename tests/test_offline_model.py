@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import hand_attention
 from PIL import Image, ImageOps
+from sitecheck import broken_links, disagreements
 from timm.data import create_transform
 
-from conftest import hand_attention
 from reportgen.cli import main
 from reportgen.manifest import ModelSettings, load_manifest
 from reportgen.models import load_model
-from sitecheck import broken_links, disagreements
 
 pytestmark = pytest.mark.offline_model
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +48,8 @@ def _model_input(loaded, name):
 
 
 def test_offline_attention_equals_independent_softmax_and_is_deterministic(offline):
-    from reportgen.runner import ModelRunner
     from reportgen.manifest import AttentionSettings
+    from reportgen.runner import ModelRunner
 
     x = _model_input(offline, "astronaut.png")
     expected, _ = hand_attention(offline.model, x)
