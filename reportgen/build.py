@@ -16,15 +16,19 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
+from PIL import Image
 
 import reportgen
+from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, settings_key
 from reportgen.capture import CaptureInfo
 from reportgen.errors import ImageError, ModelLoadError, ReportgenError
 from reportgen.experiments import (
@@ -37,7 +41,7 @@ from reportgen.experiments import (
     summarise_pairs,
 )
 from reportgen.figures import write_colourbar, write_image_figures
-from reportgen.imaging import open_image, preprocess
+from reportgen.imaging import Geometry, open_image, preprocess
 from reportgen.manifest import ImageEntry, Manifest, ObjectBox
 from reportgen.models import LoadedModel, load_model
 from reportgen.runner import ModelRunner
@@ -58,20 +62,23 @@ class BuildOptions:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         batch_size: images per forward pass.
         strict: stop at the first image that fails instead of reporting it on its card.
+        force: ignore the previous build's cache and recompute every image.
     """
 
     output: Path = DEFAULT_OUTPUT
     device: str = "auto"
     batch_size: int = 8
     strict: bool = False
+    force: bool = False
 
 
 @dataclass
 class BuildReport:
-    """What a build did: where it wrote, which images failed and why, warnings."""
+    """What a build did: where it wrote, images reused from the cache, which failed and why, warnings."""
 
     output: Path
     images: int = 0
+    reused: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -85,7 +92,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
 
     Args:
         manifest: a validated manifest (with any command-line overrides applied).
-        options: output folder, device, batch size, strictness.
+        options: output folder, device, batch size, strictness, cache use.
         progress: called with the number of images just finished.
 
     Raises:
@@ -95,22 +102,49 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
     started = time.perf_counter()
     output = options.output.resolve()
     check_replaceable(output)
-    loaded = load_model(manifest.model, options.device)
     report = BuildReport(output=output)
+    global_key = settings_key(manifest)
+    previous = None if options.force else read_status(output, global_key, report.warnings)
     staging = _staging_dir(output)
     try:
-        results, records, capture = _analyse(manifest, options, loaded, staging, report, progress)
+        status = Status(settings_key=global_key)
+        records: dict[str, dict] = {}
+        todo: list[tuple[ImageEntry, str]] = []
+        for entry in manifest.images:
+            try:
+                key = image_key(entry, global_key)
+            except OSError as err:
+                _fail(entry, f"{entry.path}: could not be read ({err.strerror or err})", options, report, records)
+                _advance(progress)
+                continue
+            record = reuse(previous, entry, key, output, staging) if previous else None
+            if record is None:
+                todo.append((entry, key))
+                continue
+            records[entry.slug] = record
+            status.entries[entry.slug] = {"key": key, "record": record}
+            report.reused += 1
+            _advance(progress)
+        if todo:
+            # Only now is a model needed: a rebuild with nothing changed never loads one.
+            loaded = load_model(manifest.model, options.device)
+            capture = _analyse(manifest, options, loaded, todo, staging, report, records, status, progress)
+            status.model_run = model_run(loaded, capture)
+        else:
+            status.model_run = previous.model_run if previous else None
+        ordered = [records[entry.slug] for entry in manifest.images]
         colourbar = "assets/colourbar.png"
         write_colourbar(manifest.output.cmap, staging / colourbar)
         write_site(
             staging,
-            run=run_metadata(manifest, loaded, capture),
-            records=records,
-            pairs=summarise_pairs(results),
-            lowered=fraction_lowered(results),
+            run=run_metadata(manifest, status.model_run),
+            records=ordered,
+            pairs=summarise_pairs(_object_tables(ordered)),
+            lowered=fraction_lowered(_object_tables(ordered)),
             colourbar=colourbar,
         )
         (staging / MARKER).write_text("This folder was written by reportgen and is replaced by each build.\n")
+        (staging / STATUS_FILE).write_text(status.to_json() + "\n", encoding="utf-8")  # written last
         _swap_in(staging, output)
     finally:
         if staging.exists():
@@ -118,6 +152,27 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
     report.images = len(manifest.images)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _advance(progress: ProgressCallback | None, count: int = 1) -> None:
+    if progress:
+        progress(count)
+
+
+def _object_tables(records: list[dict]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(base labels, plain, rollout similarities) of every image with objects."""
+    tables = []
+    for record in records:
+        objects = record.get("objects")
+        if objects and objects["objects"]:
+            tables.append(
+                (
+                    [o["base_label"] for o in objects["objects"]],
+                    np.asarray(objects["plain_similarity"], dtype=np.float64),
+                    np.asarray(objects["rollout_similarity"], dtype=np.float64),
+                )
+            )
+    return tables
 
 
 def check_replaceable(output: Path) -> None:
@@ -153,60 +208,68 @@ def _swap_in(staging: Path, output: Path) -> None:
 @dataclass
 class _Prepared:
     entry: ImageEntry
-    original: object
+    key: str
+    original: Image.Image
     tensor: torch.Tensor
-    geometry: object
-    view: object
+    geometry: Geometry
+    view: Image.Image
 
 
-def _analyse(manifest, options, loaded: LoadedModel, staging: Path, report: BuildReport, progress):
+def _analyse(manifest, options, loaded: LoadedModel, todo, staging: Path, report, records, status, progress):
+    """Run the model over the images in ``todo``; records and status entries are filled in place.
+
+    Images are decoded in a background thread one batch ahead of the model, and nothing per image
+    outlives its batch except its record, so memory does not grow with the number of images.
+    """
     runner = ModelRunner(loaded, manifest.attention)
     layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
     objects_for = _ObjectSource(manifest, report)
-    results: list[ImageResult] = []
-    records: list[dict] = []
-    entries = list(manifest.images)
-    for start in range(0, len(entries), options.batch_size):
-        batch_entries = entries[start : start + options.batch_size]
-        prepared: list[_Prepared] = []
-        for entry in batch_entries:
+    batches = [todo[i : i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+
+    def prepare_batch(batch):
+        prepared, failures = [], []
+        for entry, key in batch:
             try:
-                prepared.append(_prepare(entry, loaded.data_config))
+                prepared.append(_prepare(entry, key, loaded.data_config))
             except ImageError as err:
-                _fail(entry, str(err), options, report, results, records)
-        if prepared:
-            maps = runner.run(torch.stack([p.tensor for p in prepared]))
-            for item, item_maps in zip(prepared, maps):
-                try:
-                    result = _experiments(item, item_maps, layout, objects_for)
-                    figures = write_image_figures(
-                        result, item.original, item.view, staging / "figures" / item.entry.slug,
-                        f"figures/{item.entry.slug}", manifest.output.cmap, manifest.output.alpha,
-                        loaded.num_prefix_tokens,
-                    )
-                except ImageError as err:
-                    _fail(item.entry, str(err), options, report, results, records)
-                    continue
-                results.append(result)
-                records.append(image_record(result, figures))
-        if progress:
-            progress(len(batch_entries))
-    # Keep manifest order in the site whatever order failures were recorded in.
-    order = {entry.slug: i for i, entry in enumerate(entries)}
-    records.sort(key=lambda r: order[r["slug"]])
-    return results, records, runner.capture_info
+                failures.append((entry, str(err)))
+        return prepared, failures
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-decode") as decoder:
+        upcoming = decoder.submit(prepare_batch, batches[0]) if batches else None
+        for index in range(len(batches)):
+            prepared, failures = upcoming.result()
+            upcoming = decoder.submit(prepare_batch, batches[index + 1]) if index + 1 < len(batches) else None
+            for entry, message in failures:
+                _fail(entry, message, options, report, records)
+            if prepared:
+                maps = runner.run(torch.stack([p.tensor for p in prepared]))
+                for item, item_maps in zip(prepared, maps):
+                    try:
+                        result = _experiments(item, item_maps, layout, objects_for)
+                        figures = write_image_figures(
+                            result, item.original, item.view, staging / "figures" / item.entry.slug,
+                            f"figures/{item.entry.slug}", manifest.output.cmap, manifest.output.alpha,
+                            loaded.num_prefix_tokens,
+                        )
+                    except ImageError as err:
+                        _fail(item.entry, str(err), options, report, records)
+                        continue
+                    record = image_record(result, figures)
+                    records[item.entry.slug] = record
+                    status.entries[item.entry.slug] = {"key": item.key, "record": record}
+            _advance(progress, len(batches[index]))
+    return runner.capture_info
 
 
-def _fail(entry: ImageEntry, message: str, options, report, results, records) -> None:
+def _fail(entry: ImageEntry, message: str, options, report, records) -> None:
     if options.strict:
         raise ImageError(f"images[{entry.index}] (id {entry.id!r}): {message}")
     report.failed.append((entry.id, message))
-    result = ImageResult(entry=entry, error=message)
-    results.append(result)
-    records.append(image_record(result, {}))
+    records[entry.slug] = image_record(ImageResult(entry=entry, error=message), {})
 
 
-def _prepare(entry: ImageEntry, data_config: dict) -> _Prepared:
+def _prepare(entry: ImageEntry, key: str, data_config: dict) -> _Prepared:
     original = open_image(entry.path)
     w, h = original.size
     for i, box in enumerate(entry.objects):
@@ -215,7 +278,7 @@ def _prepare(entry: ImageEntry, data_config: dict) -> _Prepared:
                 f"objects[{i}] ({box.label!r}) box {list(box.as_tuple())} lies outside the {w}x{h} image"
             )
     tensor, geometry, view = preprocess(original, data_config)
-    return _Prepared(entry, original, tensor, geometry, view)
+    return _Prepared(entry, key, original, tensor, geometry, view)
 
 
 def _experiments(item: _Prepared, maps, layout: TokenLayout, objects_for: "_ObjectSource") -> ImageResult:
@@ -273,13 +336,11 @@ def generated_at() -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def run_metadata(manifest: Manifest, loaded: LoadedModel, capture: CaptureInfo | None) -> dict:
-    """Everything about the run a reader (or script) needs to interpret the numbers."""
+def model_run(loaded: LoadedModel, capture: CaptureInfo | None) -> dict:
+    """The model, how attention was captured, and versions: cached with the images they produced."""
     config = loaded.data_config
     heads = getattr(loaded.model.blocks[0].attn, "num_heads", None) if loaded.depth else None
     return {
-        "title": manifest.output.title,
-        "generated": generated_at(),
         "model": {
             "name": loaded.name,
             "architecture": loaded.architecture,
@@ -295,6 +356,23 @@ def run_metadata(manifest: Manifest, loaded: LoadedModel, capture: CaptureInfo |
             "data_config": plain({k: config.get(k) for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}),
         },
         "capture": plain(asdict(capture)) if capture else {"method": "not run (no image could be read)", "layers": [], "fused_attention": 0},
+        "versions": {
+            "reportgen": reportgen.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "transformers": _version("transformers"),
+        },
+    }
+
+
+def run_metadata(manifest: Manifest, model_run: dict | None) -> dict:
+    """Everything about the run a reader (or script) needs to interpret the numbers."""
+    if model_run is None:  # every image failed on the first build: nothing was run
+        model_run = {"model": None, "capture": None, "versions": {"reportgen": reportgen.__version__}}
+    return {
+        "title": manifest.output.title,
+        "generated": generated_at(),
+        **model_run,
         "settings": {
             "head_fusion": manifest.attention.head_fusion,
             "discard_ratio": manifest.attention.discard_ratio,
@@ -302,12 +380,6 @@ def run_metadata(manifest: Manifest, loaded: LoadedModel, capture: CaptureInfo |
             "detector_threshold": manifest.detector.threshold,
             "cmap": manifest.output.cmap,
             "alpha": manifest.output.alpha,
-        },
-        "versions": {
-            "reportgen": reportgen.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "transformers": _version("transformers"),
         },
     }
 

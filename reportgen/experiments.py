@@ -324,19 +324,18 @@ class PairSummary:
     lowered: float
 
 
-def summarise_pairs(results: list[ImageResult]) -> list[PairSummary]:
-    """Pool experiment 3 over all images, per pair of labels."""
+ObjectTable = tuple[list[str], np.ndarray, np.ndarray]
+"""One image's objects: (base labels, plain similarity ``[K, K]``, rollout similarity ``[K, K]``)."""
+
+
+def summarise_pairs(tables: list[ObjectTable]) -> list[PairSummary]:
+    """Pool experiment 3 over all images, per unordered pair of labels."""
     pairs: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-    for result in results:
-        if result.objects is None:
-            continue
-        objs = result.objects.objects
-        for i in range(len(objs)):
-            for j in range(i + 1, len(objs)):
-                key = tuple(sorted((objs[i].base_label, objs[j].base_label)))
-                pairs[key].append(
-                    (float(result.objects.plain_similarity[i, j]), float(result.objects.rollout_similarity[i, j]))
-                )
+    for labels, plain, rolled in tables:
+        for i in range(len(labels)):
+            for j in range(i + 1, len(labels)):
+                key = tuple(sorted((labels[i], labels[j])))
+                pairs[key].append((float(plain[i, j]), float(rolled[i, j])))
     summary = []
     for key in sorted(pairs):
         values = np.array(pairs[key])
@@ -352,14 +351,12 @@ def summarise_pairs(results: list[ImageResult]) -> list[PairSummary]:
     return summary
 
 
-def fraction_lowered(results: list[ImageResult]) -> tuple[int, int]:
-    """(pairs where rollout lowered the similarity, all object pairs) over the manifest."""
+def fraction_lowered(tables: list[ObjectTable]) -> tuple[int, int]:
+    """(object pairs where rollout weighting lowered the similarity, all object pairs)."""
     lowered = total = 0
-    for result in results:
-        if result.objects is None:
-            continue
-        upper = np.triu_indices(len(result.objects.objects), k=1)
-        diff = result.objects.difference[upper]
+    for labels, plain, rolled in tables:
+        upper = np.triu_indices(len(labels), k=1)
+        diff = rolled[upper] - plain[upper]
         lowered += int((diff < 0).sum())
         total += int(diff.size)
     return lowered, total

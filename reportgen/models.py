@@ -9,7 +9,6 @@ weights came from.
 from __future__ import annotations
 
 import difflib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import timm
 import torch
 
 from reportgen.errors import ModelLoadError
+from reportgen.hashing import sha256_file
 from reportgen.hub import cached_file, hub_offline, probe_hub, summarise_error
 from reportgen.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
 from reportgen.manifest import ModelSettings
@@ -71,14 +71,6 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError as err:
         raise ModelLoadError(f"unknown device {device!r}: {err}") from None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:

@@ -9,8 +9,9 @@ from conftest import TINY_MODEL, make_tiny_vit
 from safetensors.torch import save_file
 
 from reportgen.errors import ModelLoadError
+from reportgen.hashing import sha256_file
 from reportgen.manifest import ModelSettings
-from reportgen.models import load_model, sha256_file
+from reportgen.models import load_model
 
 TINY_OPTIONS = TINY_MODEL["options"]
 

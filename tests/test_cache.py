@@ -1,0 +1,132 @@
+"""Rebuilds reuse unchanged images, never load a model when nothing changed, and distrust bad caches."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import reportgen.build
+from conftest import write_manifest, write_photo
+from reportgen.cache import STATUS_FILE
+from reportgen.cli import main
+from reportgen.runner import ModelRunner
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Counts model loads and images run through the model."""
+    counts = {"loads": 0, "images": 0}
+    real_load, real_run = reportgen.build.load_model, ModelRunner.run
+
+    def load(*args, **kwargs):
+        counts["loads"] += 1
+        return real_load(*args, **kwargs)
+
+    def run(self, batch):
+        counts["images"] += batch.shape[0]
+        return real_run(self, batch)
+
+    monkeypatch.setattr(reportgen.build, "load_model", load)
+    monkeypatch.setattr(ModelRunner, "run", run)
+    return counts
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    for i in range(3):
+        write_photo(tmp_path / f"img{i}.png", (40 + 8 * i, 32), seed=i)
+    images = [
+        {"path": "img0.png", "id": "a", "title": "A", "caption": "first"},
+        {"path": "img1.png", "id": "b", "kind": "multi",
+         "objects": [{"label": "x", "box": [0, 0, 20, 20]}, {"label": "y", "box": [10, 5, 40, 30]}]},
+        {"path": "img2.png", "id": "c"},
+    ]
+    return tmp_path, images
+
+
+def _build(folder, images, *args, **sections):
+    manifest = write_manifest(folder, images, **sections)
+    return CliRunner().invoke(main, ["build", str(manifest), "-o", str(folder / "site"), "--quiet", *args])
+
+
+def _snapshot(site):
+    return {p.relative_to(site): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
+
+
+def test_unchanged_rebuild_is_byte_identical_and_loads_no_model(project, counting):
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    assert counting == {"loads": 1, "images": 3}
+    first = _snapshot(folder / "site")
+    assert _build(folder, images).exit_code == 0
+    assert counting == {"loads": 1, "images": 3}  # nothing loaded or run the second time
+    assert _snapshot(folder / "site") == first
+
+
+def test_forced_rebuild_is_byte_identical(project, counting):
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    first = _snapshot(folder / "site")
+    assert _build(folder, images, "--force").exit_code == 0
+    assert counting == {"loads": 2, "images": 6}
+    assert _snapshot(folder / "site") == first
+
+
+def test_caption_change_recomputes_nothing(project, counting):
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    images[0]["caption"] = "an edited caption"
+    images[2]["title"] = "A new title"
+    assert _build(folder, images).exit_code == 0
+    assert counting == {"loads": 1, "images": 3}
+    assert "an edited caption" in (folder / "site" / "a.html").read_text()
+    results = json.loads((folder / "site" / "results.json").read_text())
+    assert results["images"][2]["title"] == "A new title"
+
+
+def test_one_changed_image_is_the_only_one_recomputed(project, counting):
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    before = json.loads((folder / "site" / "results.json").read_text())["images"]
+    write_photo(folder / "img2.png", (40, 32), seed=99)
+    assert _build(folder, images).exit_code == 0
+    assert counting == {"loads": 2, "images": 4}
+    after = json.loads((folder / "site" / "results.json").read_text())["images"]
+    assert after[:2] == before[:2] and after[2] != before[2]
+
+
+def test_settings_change_recomputes_everything(project, counting):
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    assert _build(folder, images, "--cmap", "cividis").exit_code == 0
+    assert counting["images"] == 6
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 99, "entries": {}}), json.dumps([1, 2])])
+def test_corrupt_or_foreign_cache_is_discarded_with_a_warning(project, counting, content):
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    (folder / "site" / STATUS_FILE).write_text(content)
+    result = _build(folder, images)
+    assert result.exit_code == 0
+    assert "ignoring the build cache" in result.output
+    assert counting["images"] == 6
+
+
+def test_missing_figure_means_recompute(project, counting):
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    (folder / "site" / "figures" / "b" / "rollout.png").unlink()
+    assert _build(folder, images).exit_code == 0
+    assert counting["images"] == 4
+    assert (folder / "site" / "figures" / "b" / "rollout.png").is_file()
+
+
+def test_failed_images_are_retried(project, counting):
+    folder, images = project
+    (folder / "img0.png").write_bytes(b"broken")
+    assert _build(folder, images).exit_code == 2
+    write_photo(folder / "img0.png", (40, 32), seed=0)
+    assert _build(folder, images).exit_code == 0
+    assert counting["images"] == 3  # 2 good the first time, then only the repaired one
