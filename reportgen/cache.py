@@ -155,10 +155,10 @@ def reuse(status: Status, entry: ImageEntry, key: str, output: Path, staging: Pa
 def _figure_files(figures: dict[str, Any]) -> list[str]:
     files: list[str] = []
     for value in figures.values():
-        if isinstance(value, str):
+        if isinstance(value, str) and value.endswith(".png"):
             files.append(value)
         elif isinstance(value, list):
-            files.extend(v for v in value if isinstance(v, str))
+            files.extend(v for v in value if isinstance(v, str) and v.endswith(".png"))
         elif isinstance(value, dict):
             files.extend(_figure_files(value))
     return files

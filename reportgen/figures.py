@@ -62,6 +62,13 @@ def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, 
     save_png(overlay(view, heat, cmap, alpha), path)
 
 
+def write_grid(heat: np.ndarray, cmap: str, path: Path) -> None:
+    """A patch-grid map as a tiny colour PNG (one pixel per patch), for the browser to scale and
+    lay over the image: the layer/head explorer needs dozens per image, and this costs ~0.1 ms."""
+    colours = colour_lut(cmap)[np.clip((heat_to_unit(heat) * 255).round(), 0, 255).astype(np.uint8)]
+    save_png(Image.fromarray(colours, "RGB"), path)
+
+
 def write_thumbnail(image: Image.Image, path: Path, side: int = THUMB_SIDE) -> None:
     thumb = image.copy()
     thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
@@ -193,6 +200,20 @@ def write_image_figures(
     figures["tokens"] = rel("tokens.png")
     write_overlay(view, result.rollout.rollout, cmap, alpha, folder / "rollout.png")
     figures["rollout"] = rel("rollout.png")
+    # Explorer: every layer's CLS attention per head and mean over heads, and the rollout up to it.
+    r = result.rollout
+    for layer, (heads, rolled) in enumerate(zip(r.cls_by_layer, r.rollout_by_layer)):
+        for h, heat in enumerate(heads):
+            write_grid(heat, cmap, folder / "explorer" / f"l{layer}-h{h}.png")
+        write_grid(heads.mean(axis=0), cmap, folder / "explorer" / f"l{layer}-mean.png")
+        write_grid(rolled, cmap, folder / "explorer" / f"l{layer}-rollout.png")
+    figures["explorer"] = {
+        "prefix": rel("explorer/"),
+        "layers": int(r.cls_by_layer.shape[0]),
+        "heads": int(r.cls_by_layer.shape[1]),
+        "mean": [rel(f"explorer/l{layer}-mean.png") for layer in range(r.cls_by_layer.shape[0])],
+        "rollout": [rel(f"explorer/l{layer}-rollout.png") for layer in range(r.cls_by_layer.shape[0])],
+    }
     objects = result.objects
     if objects is not None and objects.objects:
         write_boxes(original, [(o.label, o.box, o.score) for o in objects.objects], folder / "objects.png")

@@ -9,6 +9,7 @@ original pixels to model-input pixels that boxes and overlays need (:class:`Geom
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,34 +34,127 @@ _INTERPOLATION = {
 }
 
 
+#: Formats never decoded, whatever the file says it is: Pillow reads EPS by running Ghostscript
+#: on the file, and untrusted PostScript is a classic way into a machine.
+REFUSED_FORMATS = frozenset({"EPS"})
+
+#: Key in ``Image.info`` of a decoded image: its upright size before any downscaling to
+#: :data:`MAX_SIDE` (see :func:`source_size`).
+SOURCE_SIZE = "reportgen.source_size"
+
+
+class _Refused(Exception):
+    """An image refused before decoding (decompression bomb, format not allowed)."""
+
+
 def open_image(path: Path) -> Image.Image:
     """Decode an image as upright 8-bit RGB.
 
     EXIF orientation is applied, animated images give their first frame, any mode (greyscale,
-    palette, RGBA, CMYK, 16-bit) becomes RGB; transparent areas are composited on white.
+    palette, RGBA, CMYK, 16-bit) becomes RGB; transparent areas are composited on white. Images
+    larger than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused
+    before their pixels are decoded; images with a side longer than :data:`MAX_SIDE` are
+    downscaled to it (their size before that is in ``info[SOURCE_SIZE]``, see
+    :func:`source_size`). Formats in :data:`REFUSED_FORMATS` are never opened.
 
     Raises:
-        ImageError: naming the file, for anything that cannot be read as an image.
+        ImageError: naming the file (by its name only, as the message may be published on the
+            site), for anything that cannot be read as an image.
     """
+    path = Path(path)
+    name = path.name
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise ImageError(f"{name}: the file is empty (0 bytes)")
         with warnings.catch_warnings():
+            # Belt and braces: the explicit size check below is what guarantees the limit
+            # (warning filters are process-wide, and images are decoded in a worker thread).
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=_allowed_formats()) as im:
+                _check_pixels(im.size)
                 im.seek(0)
-                im = ImageOps.exif_transpose(im)
+                im = _upright(im)
                 im.load()
                 rgb = _to_rgb(im)
+    except ImageError:
+        raise
     except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
+        raise ImageError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image file") from None
+    except PermissionError:
+        raise ImageError(f"{name}: cannot read the file (permission denied)") from None
+    except _Refused as err:
+        raise ImageError(f"{name}: {err}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({err})") from None
+        raise ImageError(f"{name}: {_bomb_message(err)}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read") from None
+        raise ImageError(f"{name}: {_unidentified(path)}") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path}: could not decode the image ({err})") from None
-    if max(rgb.size) > MAX_SIDE:
+        raise ImageError(f"{name}: could not decode the image ({err})") from None
+    except MemoryError:
+        raise ImageError(f"{name}: not enough memory to decode the image") from None
+    except Exception as err:  # a decoder bug on a crafted file must fail this image, not the build
+        raise ImageError(f"{name}: could not decode the image ({type(err).__name__}: {err})") from None
+    source = rgb.size
+    if max(source) > MAX_SIDE:
         rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    rgb.info[SOURCE_SIZE] = source
     return rgb
+
+
+def source_size(image: Image.Image) -> tuple[int, int]:
+    """The upright size of the file an :func:`open_image` result came from, before downscaling.
+
+    Boxes in the manifest are in these pixels; multiply by ``image.width / source_size[0]``
+    (and likewise for y) to get pixels of the decoded image.
+    """
+    return tuple(image.info.get(SOURCE_SIZE, image.size))
+
+
+def _allowed_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in Image.ID if f not in REFUSED_FORMATS)
+
+
+def _check_pixels(size: tuple[int, int]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = size
+    if limit and w * h > limit:
+        raise _Refused(f"refused as a possible decompression bomb: {w}x{h} = {_bomb_limit(w * h)}")
+
+
+def _bomb_limit(pixels: int) -> str:
+    return f"{pixels} pixels, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)"
+
+
+def _bomb_message(err: Exception) -> str:
+    # Pillow's own message quotes twice the limit for its hard error; say what the limit is.
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    detail = _bomb_limit(int(found.group(1))) if found else str(err)
+    return f"refused as a possible decompression bomb: {detail}"
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im)
+    except (Image.DecompressionBombError, MemoryError):
+        raise
+    except Exception:
+        # A damaged EXIF block should not cost the whole image: show it as stored.
+        return im
+
+
+def _unidentified(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
+        refused = ", ".join(sorted(REFUSED_FORMATS))
+        return f"PostScript/EPS images are not accepted ({refused}: Pillow would run Ghostscript on them); convert it to PNG"
+    return "not an image Pillow can read"
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -109,6 +109,7 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
         record["rollout"] = {
             "raw_entropy": plain(r.raw_entropy),
             "rollout_entropy": plain(r.rollout_entropy),
+            "entropy_change": plain(r.rollout_entropy.normalised - r.raw_entropy.normalised),
             "spearman": plain(r.spearman),
             "top_overlap": plain(r.top_overlap),
             "raw": plain(r.raw),
@@ -131,11 +132,18 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
                 for obj in o.objects
             ],
             "skipped": [{"label": label, "reason": reason} for label, reason in o.skipped],
+            "mean_plain_similarity": plain(_mean_off_diagonal(o.plain_similarity)),
+            "mean_rollout_similarity": plain(_mean_off_diagonal(o.rollout_similarity)),
             "plain_similarity": plain(o.plain_similarity),
             "rollout_similarity": plain(o.rollout_similarity),
             "difference": plain(o.difference),
         }
     return record
+
+
+def _mean_off_diagonal(matrix: np.ndarray) -> float | None:
+    k = matrix.shape[0]
+    return float(matrix[np.triu_indices(k, k=1)].mean()) if k > 1 else None
 
 
 def _hashed_asset(source: Path, target_dir: Path, stem: str) -> str:
@@ -170,7 +178,11 @@ def write_site(
     """
     assets_dir = out / "assets"
     assets_dir.mkdir(parents=True, exist_ok=True)
-    assets = {"css": _hashed_asset(template_dir() / "style.css", assets_dir, "style"), "colourbar": colourbar}
+    assets = {
+        "css": _hashed_asset(template_dir() / "style.css", assets_dir, "style"),
+        "js": _hashed_asset(template_dir() / "report.js", assets_dir, "report"),
+        "colourbar": colourbar,
+    }
     lowered_record = {
         "lowered": lowered[0],
         "total": lowered[1],

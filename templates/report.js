@@ -1,0 +1,64 @@
+// reportgen: small progressive enhancements. Every page reads fine without this script.
+(function () {
+  "use strict";
+
+  // Layer and head explorer: step through pre-rendered maps laid over the model's input.
+  function setUpExplorer(root) {
+    var prefix = root.getAttribute("data-prefix");
+    var layers = parseInt(root.getAttribute("data-layers"), 10);
+    var overlay = root.querySelector(".explorer-map");
+    var layer = root.querySelector("input[name=layer]");
+    var map = root.querySelector("select[name=map]");
+    var label = root.querySelector(".explorer-label");
+    var controls = root.querySelector(".controls");
+    if (!prefix || !overlay || !layer || !map || !label || !controls) { return; }
+
+    function show() {
+      var l = parseInt(layer.value, 10) - 1;
+      var kind = map.value;
+      overlay.src = prefix + "l" + l + "-" + kind + ".png";
+      var what = kind === "mean" ? "CLS attention, mean over heads"
+        : kind === "rollout" ? "attention rollout through layers 1 to " + (l + 1)
+        : "CLS attention of head " + kind.slice(1);
+      var text = "Layer " + (l + 1) + " of " + layers + ": " + what;
+      overlay.alt = text;
+      label.textContent = text;
+    }
+    layer.addEventListener("input", show);
+    map.addEventListener("change", show);
+    controls.hidden = false;
+    show();
+  }
+
+  // Sortable tables: click a column header to sort by it (numbers numerically), again to reverse.
+  function setUpSorting(table) {
+    var headers = table.querySelectorAll("thead th");
+    Array.prototype.forEach.call(headers, function (th, column) {
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "sort";
+      while (th.firstChild) { button.appendChild(th.firstChild); }
+      th.appendChild(button);
+      button.addEventListener("click", function () {
+        var ascending = th.getAttribute("aria-sort") !== "ascending";
+        Array.prototype.forEach.call(headers, function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = a.cells[column].getAttribute("data-sort") || a.cells[column].textContent.trim();
+          var y = b.cells[column].getAttribute("data-sort") || b.cells[column].textContent.trim();
+          var nx = parseFloat(x), ny = parseFloat(y);
+          var order = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+          return ascending ? order : -order;
+        });
+        rows.forEach(function (row) { body.appendChild(row); });
+      });
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    Array.prototype.forEach.call(document.querySelectorAll(".explorer"), setUpExplorer);
+    Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), setUpSorting);
+  });
+})();
