@@ -119,7 +119,9 @@ def rollout(
 def normalise(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Scale non-negative weights to sum to 1 along ``dim`` (all-zero rows stay zero)."""
     total = weights.sum(dim=dim, keepdim=True)
-    return weights / total.clamp_min(torch.finfo(weights.dtype).tiny)
+    positive = total > 0
+    # Divide by the true total (however small); only all-zero rows are left as zeros.
+    return torch.where(positive, weights / torch.where(positive, total, torch.ones_like(total)), torch.zeros_like(weights))
 
 
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -11,6 +11,7 @@ when it is empty or carries reportgen's marker file: a user's own folder is neve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -41,7 +42,7 @@ from reportgen.experiments import (
     summarise_pairs,
 )
 from reportgen.figures import write_colourbar, write_image_figures
-from reportgen.imaging import Geometry, open_image, preprocess
+from reportgen.imaging import Geometry, open_image, preprocess, source_size
 from reportgen.manifest import ImageEntry, Manifest, ObjectBox
 from reportgen.models import LoadedModel, load_model
 from reportgen.runner import ModelRunner
@@ -101,7 +102,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
     """
     started = time.perf_counter()
     output = options.output.resolve()
-    check_replaceable(output)
+    check_replaceable(output, manifest)
     report = BuildReport(output=output)
     global_key = settings_key(manifest)
     previous = None if options.force else read_status(output, global_key, report.warnings)
@@ -114,7 +115,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
             try:
                 key = image_key(entry, global_key)
             except OSError as err:
-                _fail(entry, f"{entry.path}: could not be read ({err.strerror or err})", options, report, records)
+                _fail(entry, f"{entry.path.name}: could not be read ({err.strerror or err})", options, report, records)
                 _advance(progress)
                 continue
             record = reuse(previous, entry, key, output, staging) if previous else None
@@ -175,8 +176,8 @@ def _object_tables(records: list[dict]) -> list[tuple[list[str], np.ndarray, np.
     return tables
 
 
-def check_replaceable(output: Path) -> None:
-    """Refuse to replace a folder reportgen did not make (unless it is empty)."""
+def check_replaceable(output: Path, manifest: Manifest | None = None) -> None:
+    """Refuse to replace a folder reportgen did not make (unless it is empty), or one holding the inputs."""
     if output.exists() and not output.is_dir():
         raise ReportgenError(f"{output}: exists and is not a folder; choose another output with --output")
     if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
@@ -184,15 +185,42 @@ def check_replaceable(output: Path) -> None:
             f"{output}: the folder is not empty and was not made by reportgen (no {MARKER} file in it); "
             "refusing to replace it. Choose another output folder with --output, or empty this one."
         )
+    if manifest is not None:
+        inputs = [manifest.path, *(entry.path for entry in manifest.images)]
+        if manifest.model.weights is not None:
+            inputs.append(manifest.model.weights)
+        inside = [p for p in inputs if output == Path(p).resolve() or output in Path(p).resolve().parents]
+        if inside:
+            raise ReportgenError(
+                f"{output}: holds this build's own input {inside[0]}; replacing the folder would delete it. "
+                "Choose another output folder with --output."
+            )
 
 
 def _staging_dir(output: Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.*-*"):
+        kind, _, pid = stale.name.rpartition("-")
+        if kind in (f".{output.name}.building", f".{output.name}.old") and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = output.parent / f".{output.name}.building-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
     return staging
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists (a staging folder of a running build is left alone)."""
+    if pid == os.getpid():
+        return False  # our own leftover from an earlier build in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _swap_in(staging: Path, output: Path) -> None:
@@ -255,6 +283,12 @@ def _analyse(manifest, options, loaded: LoadedModel, todo, staging: Path, report
                     except ImageError as err:
                         _fail(item.entry, str(err), options, report, records)
                         continue
+                    except Exception as err:  # a bug must cost one image, not the whole site
+                        if options.strict:
+                            raise
+                        log.debug("image %s failed", item.entry.id, exc_info=True)
+                        _fail(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})", options, report, records)
+                        continue
                     record = image_record(result, figures)
                     records[item.entry.slug] = record
                     status.entries[item.entry.slug] = {"key": item.key, "record": record}
@@ -271,12 +305,17 @@ def _fail(entry: ImageEntry, message: str, options, report, records) -> None:
 
 def _prepare(entry: ImageEntry, key: str, data_config: dict) -> _Prepared:
     original = open_image(entry.path)
-    w, h = original.size
+    w, h = source_size(original)  # boxes are in the file's (upright) pixels, before any downscaling
     for i, box in enumerate(entry.objects):
         if box.x1 > w or box.y1 > h:
             raise ImageError(
                 f"objects[{i}] ({box.label!r}) box {list(box.as_tuple())} lies outside the {w}x{h} image"
             )
+    if original.size != (w, h):
+        fx, fy = original.width / w, original.height / h
+        entry = dataclasses.replace(entry, objects=tuple(
+            dataclasses.replace(b, x0=b.x0 * fx, y0=b.y0 * fy, x1=b.x1 * fx, y1=b.y1 * fy) for b in entry.objects
+        ))
     tensor, geometry, view = preprocess(original, data_config)
     return _Prepared(entry, key, original, tensor, geometry, view)
 

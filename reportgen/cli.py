@@ -6,6 +6,7 @@ images failed exits with status 2 after writing the site (their cards say why).
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Site folder to write (default: the manifest's output.dir, else ./site).")
 @click.option("--model", default=None, help="timm ViT name, or imgfocus-vits14 for the offline model.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
@@ -87,6 +88,9 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, str
     from reportgen.build import build as run_build
     from reportgen.manifest import load_manifest
 
+    # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
+    # the previous handler is put back afterwards (the command may run inside another program).
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         loaded = load_manifest(manifest)
         try:
@@ -102,6 +106,8 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, str
     except KeyboardInterrupt:
         click.echo("reportgen: interrupted; the previous site (if any) is unchanged.", err=True)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     for warning in report.warnings:
         click.echo(f"reportgen: warning: {warning}", err=True)
     for image_id, message in report.failed:
@@ -112,6 +118,10 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, str
         click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images{reused}, {report.seconds:.1f} s)", err=True)
     if report.failed:
         sys.exit(EXIT_IMAGES_FAILED)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _run_with_progress(run_build, manifest, options, quiet: bool):

@@ -56,6 +56,9 @@ def rollout_weights(coverage: np.ndarray, rollout_patches: np.ndarray) -> np.nda
 def cosine_similarity_matrix(embeddings: np.ndarray) -> np.ndarray:
     """``[K, K]`` cosine similarities of ``[K, C]`` embeddings; symmetric, in ``[-1, 1]``."""
     e = embeddings.astype(np.float64)
+    # Scale each row by its largest |value| first, so tiny or huge rows neither under- nor overflow.
+    peak = np.abs(e).max(axis=1, keepdims=True) if e.size else np.ones((e.shape[0], 1))
+    e = e / np.where(peak > 0, peak, 1.0)
     norms = np.linalg.norm(e, axis=1, keepdims=True)
     unit = e / np.where(norms > 0, norms, 1.0)
     sim = np.clip(unit @ unit.T, -1.0, 1.0)

@@ -130,6 +130,7 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
     import seaborn as sns
 
     k = len(labels)
+    labels = [label.replace("$", r"\$") for label in labels]  # user text: "$5" is a price, not mathtext
     side = 2.2 + 0.45 * k
     fig = Figure(figsize=(3 * side + 1.0, side))
     axes = fig.subplots(1, 3)

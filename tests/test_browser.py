@@ -12,8 +12,8 @@ from pathlib import Path
 import html5lib
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_manifest, write_photo
+
 from reportgen.cli import main
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -4,9 +4,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_manifest, write_photo
 
 import reportgen.build
-from conftest import write_manifest, write_photo
 from reportgen.cache import STATUS_FILE
 from reportgen.cli import main
 from reportgen.runner import ModelRunner
