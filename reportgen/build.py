@@ -34,6 +34,7 @@ from reportgen.capture import CaptureInfo
 from reportgen.errors import ImageError, ModelLoadError, ReportgenError
 from reportgen.experiments import (
     ImageResult,
+    ObjectTable,
     TokenLayout,
     attention_experiment,
     fraction_lowered,
@@ -134,14 +135,15 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
         else:
             status.model_run = previous.model_run if previous else None
         ordered = [records[entry.slug] for entry in manifest.images]
+        tables = _object_tables(ordered)
         colourbar = "assets/colourbar.png"
         write_colourbar(manifest.output.cmap, staging / colourbar)
         write_site(
             staging,
             run=run_metadata(manifest, status.model_run),
             records=ordered,
-            pairs=summarise_pairs(_object_tables(ordered)),
-            lowered=fraction_lowered(_object_tables(ordered)),
+            pairs=summarise_pairs(tables),
+            lowered=fraction_lowered(tables),
             colourbar=colourbar,
         )
         (staging / MARKER).write_text("This folder was written by reportgen and is replaced by each build.\n")
@@ -160,7 +162,7 @@ def _advance(progress: ProgressCallback | None, count: int = 1) -> None:
         progress(count)
 
 
-def _object_tables(records: list[dict]) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+def _object_tables(records: list[dict]) -> list[ObjectTable]:
     """(base labels, plain, rollout similarities) of every image with objects."""
     tables = []
     for record in records:

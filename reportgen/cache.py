@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
 STATUS_FORMAT = 1
+FIGURE_SUFFIXES = (".png", ".jpg")
 
 
 def _digest(value: Any) -> str:
@@ -155,10 +156,10 @@ def reuse(status: Status, entry: ImageEntry, key: str, output: Path, staging: Pa
 def _figure_files(figures: dict[str, Any]) -> list[str]:
     files: list[str] = []
     for value in figures.values():
-        if isinstance(value, str) and value.endswith(".png"):
+        if isinstance(value, str) and value.endswith(FIGURE_SUFFIXES):
             files.append(value)
         elif isinstance(value, list):
-            files.extend(v for v in value if isinstance(v, str) and v.endswith(".png"))
+            files.extend(v for v in value if isinstance(v, str) and v.endswith(FIGURE_SUFFIXES))
         elif isinstance(value, dict):
             files.extend(_figure_files(value))
     return files

@@ -1,13 +1,15 @@
-"""Figures as PNG files: attention overlays, token maps, object boxes, similarity heatmaps.
+"""Figures: attention overlays, token maps, object boxes, similarity heatmaps.
 
 Overlays are composited with numpy and Pillow (colour-map lookup + alpha blend), which costs a few
-milliseconds; matplotlib/seaborn are used only where axes and labels carry meaning. Every writer
-takes plain arrays and returns nothing but the file it wrote, with fixed encoder settings and no
-timestamps so identical inputs give identical bytes.
+milliseconds; matplotlib/seaborn are used only where axes and labels carry meaning. Photographs
+and overlays on them are JPEG (PNG compression of a photo costs 15-70 ms, JPEG under 1 ms);
+maps with sharp edges (patch grids, token maps, heatmaps) are PNG. Every writer takes plain
+arrays, with fixed encoder settings and no timestamps, so identical inputs give identical bytes.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 # and no global figure state is touched in the user's process.
 
 THUMB_SIDE = 320
-PNG_OPTIONS = {"optimize": False, "compress_level": 6}
+PNG_OPTIONS = {"optimize": False, "compress_level": 1}
+JPEG_OPTIONS = {"quality": 90, "optimize": False, "progressive": False, "subsampling": "4:2:0"}
 # Distinct, colour-blind-safe box colours (Okabe-Ito).
 BOX_COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#FFFFFF"]
 
@@ -29,9 +32,17 @@ def save_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG", **PNG_OPTIONS)
 
 
+def save_jpeg(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="JPEG", **JPEG_OPTIONS)
+
+
+@lru_cache(maxsize=8)
 def colour_lut(cmap: str) -> np.ndarray:
-    """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map."""
-    return (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map (read-only, shared)."""
+    lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
 
 
 def heat_to_unit(heat: np.ndarray) -> np.ndarray:
@@ -59,7 +70,7 @@ def overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float) -> Ima
 
 
 def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, path: Path) -> None:
-    save_png(overlay(view, heat, cmap, alpha), path)
+    save_jpeg(overlay(view, heat, cmap, alpha), path)
 
 
 def write_grid(heat: np.ndarray, cmap: str, path: Path) -> None:
@@ -72,7 +83,7 @@ def write_grid(heat: np.ndarray, cmap: str, path: Path) -> None:
 def write_thumbnail(image: Image.Image, path: Path, side: int = THUMB_SIDE) -> None:
     thumb = image.copy()
     thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
-    save_png(thumb, path)
+    save_jpeg(thumb, path)
 
 
 def write_colourbar(cmap: str, path: Path, width: int = 256, height: int = 12) -> None:
@@ -122,7 +133,7 @@ def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, f
         y = box[1] - (bottom - top) - 2 * width if box[1] - (bottom - top) - 2 * width >= 0 else box[1]
         draw.rectangle((box[0], y, box[0] + (right - left) + 2 * width, y + (bottom - top) + 2 * width), fill=colour)
         draw.text((box[0] + width, y + width - (top - box[1])), text, fill="black", font=font)
-    save_png(canvas, path)
+    save_jpeg(canvas, path)
 
 
 def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.ndarray, path: Path) -> None:
@@ -182,42 +193,40 @@ def write_image_figures(
         return f"{prefix}/{name}"
 
     figures: dict = {}
-    write_thumbnail(original, folder / "thumb.png")
-    figures["thumbnail"] = rel("thumb.png")
-    write_thumbnail(original, folder / "original.png", side=768)
-    figures["original"] = rel("original.png")
-    save_png(view, folder / "input.png")
-    figures["input"] = rel("input.png")
-    a = result.attention
-    write_overlay(view, a.mean, cmap, alpha, folder / "cls-mean.png")
-    write_overlay(view, a.max, cmap, alpha, folder / "cls-max.png")
-    figures["cls_mean"], figures["cls_max"] = rel("cls-mean.png"), rel("cls-max.png")
-    figures["heads"] = []
-    for h, heat in enumerate(a.heads):
-        write_overlay(view, heat, cmap, alpha, folder / f"cls-head-{h}.png")
-        figures["heads"].append(rel(f"cls-head-{h}.png"))
+    write_thumbnail(original, folder / "thumb.jpg")
+    figures["thumbnail"] = rel("thumb.jpg")
+    write_thumbnail(original, folder / "original.jpg", side=768)
+    figures["original"] = rel("original.jpg")
+    save_jpeg(view, folder / "input.jpg")
+    figures["input"] = rel("input.jpg")
+    a, r = result.attention, result.rollout
+    for name, heat in (("cls_mean", a.mean), ("cls_max", a.max), ("rollout", r.rollout)):
+        file = name.replace("_", "-") + ".jpg"
+        write_overlay(view, heat, cmap, alpha, folder / file)
+        figures[name] = rel(file)
     write_token_map(a.token_attention, num_prefix_tokens, cmap, folder / "tokens.png")
     figures["tokens"] = rel("tokens.png")
-    write_overlay(view, result.rollout.rollout, cmap, alpha, folder / "rollout.png")
-    figures["rollout"] = rel("rollout.png")
-    # Explorer: every layer's CLS attention per head and mean over heads, and the rollout up to it.
-    r = result.rollout
-    for layer, (heads, rolled) in enumerate(zip(r.cls_by_layer, r.rollout_by_layer)):
-        for h, heat in enumerate(heads):
+    # Explorer: every layer's CLS attention per head and mean over heads, and the rollout up to it,
+    # as tiny patch-grid PNGs the page lays over the input image (the last layer's heads are also
+    # the per-head panel).
+    layers, heads = r.cls_by_layer.shape[:2]
+    for layer, (per_head, rolled) in enumerate(zip(r.cls_by_layer, r.rollout_by_layer)):
+        for h, heat in enumerate(per_head):
             write_grid(heat, cmap, folder / "explorer" / f"l{layer}-h{h}.png")
-        write_grid(heads.mean(axis=0), cmap, folder / "explorer" / f"l{layer}-mean.png")
+        write_grid(per_head.mean(axis=0), cmap, folder / "explorer" / f"l{layer}-mean.png")
         write_grid(rolled, cmap, folder / "explorer" / f"l{layer}-rollout.png")
+    figures["heads"] = [rel(f"explorer/l{layers - 1}-h{h}.png") for h in range(heads)]
     figures["explorer"] = {
         "prefix": rel("explorer/"),
-        "layers": int(r.cls_by_layer.shape[0]),
-        "heads": int(r.cls_by_layer.shape[1]),
-        "mean": [rel(f"explorer/l{layer}-mean.png") for layer in range(r.cls_by_layer.shape[0])],
-        "rollout": [rel(f"explorer/l{layer}-rollout.png") for layer in range(r.cls_by_layer.shape[0])],
+        "layers": int(layers),
+        "heads": int(heads),
+        "mean": [rel(f"explorer/l{layer}-mean.png") for layer in range(layers)],
+        "rollout": [rel(f"explorer/l{layer}-rollout.png") for layer in range(layers)],
     }
     objects = result.objects
     if objects is not None and objects.objects:
-        write_boxes(original, [(o.label, o.box, o.score) for o in objects.objects], folder / "objects.png")
-        figures["objects"] = rel("objects.png")
+        write_boxes(original, [(o.label, o.box, o.score) for o in objects.objects], folder / "objects.jpg")
+        figures["objects"] = rel("objects.jpg")
         if len(objects.objects) > 1:
             write_similarity_heatmaps(objects.labels, objects.plain_similarity, objects.rollout_similarity, folder / "similarity.png")
             figures["similarity"] = rel("similarity.png")

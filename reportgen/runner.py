@@ -46,9 +46,11 @@ class _Recorder:
         self._joint: torch.Tensor | None = None
 
     def on_layer(self, index: int, attn: torch.Tensor) -> None:
-        self.cls[index] = attn[:, :, 0, :].cpu()
+        # Copies, not views: a view (and .cpu() of a CPU tensor is the tensor itself) would keep
+        # this layer's whole [B, H, N, N] matrix alive until the batch ends.
+        self.cls[index] = attn[:, :, 0, :].to("cpu", copy=True)
         self._joint = rollout_step(self._joint, attn, self.settings.head_fusion, self.settings.discard_ratio)
-        self.rollout_cls[index] = self._joint[:, 0, :].cpu()
+        self.rollout_cls[index] = self._joint[:, 0, :].to("cpu", copy=True)
         if index == self.depth - 1:
             self.last_layer = attn.mean(dim=1).cpu()
 

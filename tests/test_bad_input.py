@@ -204,7 +204,7 @@ def test_bad_image_gets_a_card_others_complete(tmp_path, case):
     assert "Not processed" in card and message in card
     for slug in ("first", "last"):
         assert (out / f"{slug}.html").is_file()
-        assert (out / "figures" / slug / "rollout.png").is_file()
+        assert (out / "figures" / slug / "rollout.jpg").is_file()
     assert not (out / "bad.html").exists()
     results = json.loads((out / "results.json").read_text())
     assert [bool(i["error"]) for i in results["images"]] == [False, True, False]
@@ -364,6 +364,10 @@ GOOD_IMAGES = {
 }
 
 
+def _near(pixel, expected, tolerance=16):
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected))
+
+
 @pytest.mark.parametrize("case", list(GOOD_IMAGES))
 def test_unusual_but_valid_images_work(tmp_path, case):
     name, save = GOOD_IMAGES[case]
@@ -384,12 +388,14 @@ def test_unusual_but_valid_images_work(tmp_path, case):
         px = original.load()
         assert px[30, 10][0] > 200 and px[30, 10][2] < 60, px[30, 10]
         assert px[10, 10][2] > 200 and px[10, 10][0] < 60, px[10, 10]
+    # The original figure is a JPEG: colours are compared with a small tolerance.
     if case == "animated GIF":
-        assert original.getpixel((30, 20)) == (255, 0, 0)  # the first frame
+        assert _near(original.getpixel((30, 20)), (255, 0, 0))  # the first frame
     if case == "RGBA":
-        assert original.getpixel((0, 0)) == (255, 255, 255)  # transparent left edge on white
+        assert _near(original.getpixel((0, 0)), (255, 255, 255))  # transparent left edge on white
     if case == "16-bit PNG":
-        assert original.getextrema()[0] == (0, 255)  # scaled by its range, not clipped
+        low, high = original.getextrema()[0]
+        assert low <= 8 and high >= 247  # scaled by its range, not clipped
     if case == "non-ASCII file name":
         assert record["id"] == "Café 猫" and record["page"] == "cafe-u732b.html"
         assert "Café 猫" in (out / "index.html").read_text(encoding="utf-8")
