@@ -24,6 +24,7 @@ from typing import Any
 import reportgen
 from reportgen.hashing import sha256_file
 from reportgen.manifest import ImageEntry, Manifest, ModelSettings
+from reportgen.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,8 @@ def _digest(value: Any) -> str:
 
 def model_identity(settings: ModelSettings) -> dict[str, Any]:
     """What identifies the model's numbers without loading it (the weights file is hashed)."""
-    from reportgen.imgfocus import IMGFOCUS_NAME, ONNX_SHA256
-
     if settings.name == IMGFOCUS_NAME:
-        weights = ONNX_SHA256
+        weights = IMGFOCUS_ONNX_SHA256
     elif settings.weights is not None and settings.weights.is_file():
         weights = sha256_file(settings.weights)
     else:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 # Figures are built with matplotlib's object API (Figure, not pyplot), so no backend is switched
@@ -91,6 +90,13 @@ def write_colourbar(cmap: str, path: Path, width: int = 256, height: int = 12) -
     save_png(Image.fromarray(np.repeat(row[None], height, axis=0), "RGB"), path)
 
 
+def _figure(**kwargs):
+    # Imported here: matplotlib.figure is only needed for the similarity heatmaps.
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _save_figure(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
@@ -143,7 +149,7 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
     k = len(labels)
     labels = [label.replace("$", r"\$") for label in labels]  # user text: "$5" is a price, not mathtext
     side = 2.2 + 0.45 * k
-    fig = Figure(figsize=(3 * side + 1.0, side))
+    fig = _figure(figsize=(3 * side + 1.0, side))
     axes = fig.subplots(1, 3)
     panels = [
         ("plain", plain, "viridis", -1.0, 1.0),

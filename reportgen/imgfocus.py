@@ -29,13 +29,13 @@ import torch
 
 from reportgen.errors import ModelLoadError
 from reportgen.hashing import sha256_file
+from reportgen.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
 
 __all__ = ["IMGFOCUS_NAME", "ONNX_SHA256", "default_cache_dir", "load_imgfocus_model"]
 
 _log = logging.getLogger(__name__)
 
-IMGFOCUS_NAME = "imgfocus-vits14"
-ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+ONNX_SHA256 = IMGFOCUS_ONNX_SHA256  # a module attribute read at call time, so tests can patch it
 
 _TIMM_ARCH = "vit_small_patch14_dinov2"
 _ONNX_RESOURCE = "models/vit_s_focus.onnx"

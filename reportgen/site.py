@@ -13,12 +13,16 @@ import json
 import math
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import numpy as np
 
-from reportgen.experiments import ImageResult, PairSummary
+from reportgen.manifest import ImageEntry
+from reportgen.summary import PairSummary
+
+if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
+    from reportgen.experiments import ImageResult
 
 FORMAT_VERSION = 1
 DIGITS = 6  # decimals kept in results.json
@@ -72,10 +76,8 @@ def plain(value: Any) -> Any:
     return value
 
 
-def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]:
-    """The JSON record of one image, which its page also renders from."""
-    entry = result.entry
-    record: dict[str, Any] = {
+def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
+    return {
         "id": entry.id,
         "slug": entry.slug,
         "page": f"{entry.slug}.html",
@@ -83,13 +85,29 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
         "title": entry.title,
         "caption": entry.caption,
         "kind": entry.kind,
-        "error": result.error,
-        "size": list(result.size) if result.size else None,
-        "figures": figures,
+        "error": None,
+        "size": None,
+        "figures": {},
         "attention": None,
         "rollout": None,
         "objects": None,
+        **fields,
     }
+
+
+def failure_record(entry: ImageEntry, message: str) -> dict[str, Any]:
+    """The record of an image that could not be processed: its card shows ``message``."""
+    return _entry_record(entry, error=message)
+
+
+def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]:
+    """The JSON record of one image, which its page also renders from."""
+    record = _entry_record(
+        result.entry,
+        error=result.error,
+        size=list(result.size) if result.size else None,
+        figures=figures,
+    )
     if result.attention is not None:
         a = result.attention
         record["attention"] = {

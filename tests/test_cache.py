@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_manifest, write_photo
 
-import reportgen.build
+import reportgen.analysis
 from reportgen.cache import STATUS_FILE
 from reportgen.cli import main
 from reportgen.runner import ModelRunner
@@ -16,7 +16,7 @@ from reportgen.runner import ModelRunner
 def counting(monkeypatch):
     """Counts model loads and images run through the model."""
     counts = {"loads": 0, "images": 0}
-    real_load, real_run = reportgen.build.load_model, ModelRunner.run
+    real_load, real_run = reportgen.analysis.load_model, ModelRunner.run
 
     def load(*args, **kwargs):
         counts["loads"] += 1
@@ -26,7 +26,7 @@ def counting(monkeypatch):
         counts["images"] += batch.shape[0]
         return real_run(self, batch)
 
-    monkeypatch.setattr(reportgen.build, "load_model", load)
+    monkeypatch.setattr(reportgen.analysis, "load_model", load)
     monkeypatch.setattr(ModelRunner, "run", run)
     return counts
 
@@ -130,3 +130,21 @@ def test_failed_images_are_retried(project, counting):
     write_photo(folder / "img0.png", (40, 32), seed=0)
     assert _build(folder, images).exit_code == 0
     assert counting["images"] == 3  # 2 good the first time, then only the repaired one
+
+
+def test_unchanged_rebuild_does_not_even_import_torch(project):
+    import subprocess
+    import sys
+
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    manifest = folder / "manifest.yaml"
+    code = (
+        "import sys\n"
+        "from reportgen.cli import main\n"
+        f"try:\n    main(['build', {str(manifest)!r}, '-o', {str(folder / 'site')!r}, '--quiet'])\n"
+        "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+        "print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

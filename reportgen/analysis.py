@@ -1,0 +1,205 @@
+"""The model stage of a build: decode and preprocess images, run the ViT with attention capture,
+the three experiments and the figures, for the images the cache could not supply.
+
+Kept apart from :mod:`reportgen.build` so that a rebuild with nothing to compute never imports
+torch or timm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import timm
+import torch
+from PIL import Image
+
+import reportgen
+from reportgen.capture import CaptureInfo
+from reportgen.errors import ImageError, ModelLoadError
+from reportgen.experiments import (
+    ImageResult,
+    TokenLayout,
+    attention_experiment,
+    objects_experiment,
+    rollout_experiment,
+)
+from reportgen.figures import write_image_figures
+from reportgen.imaging import Geometry, open_image, preprocess, source_size
+from reportgen.manifest import ImageEntry, Manifest, ObjectBox
+from reportgen.models import LoadedModel, load_model
+from reportgen.runner import ModelRunner
+from reportgen.site import image_record, plain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prepared:
+    entry: ImageEntry
+    key: str
+    original: Image.Image
+    tensor: torch.Tensor
+    geometry: Geometry
+    view: Image.Image
+
+
+def analyse(manifest: Manifest, options, todo, staging: Path, report, records, status, fail, progress) -> dict:
+    """Load the model and run it over the images in ``todo``; records and status entries are
+    filled in place, failures go to ``fail``. Returns the model-run description (see :func:`model_run`).
+
+    Images are decoded in a background thread one batch ahead of the model, and nothing per image
+    outlives its batch except its record, so memory does not grow with the number of images.
+    """
+    loaded = load_model(manifest.model, options.device)
+    runner = ModelRunner(loaded, manifest.attention)
+    layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
+    objects_for = _ObjectSource(manifest, report)
+    batches = [todo[i : i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+
+    def prepare_batch(batch):
+        prepared, failures = [], []
+        for entry, key in batch:
+            try:
+                prepared.append(_prepare(entry, key, loaded.data_config))
+            except ImageError as err:
+                failures.append((entry, str(err)))
+        return prepared, failures
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-decode") as decoder:
+        upcoming = decoder.submit(prepare_batch, batches[0]) if batches else None
+        for index in range(len(batches)):
+            prepared, failures = upcoming.result()
+            upcoming = decoder.submit(prepare_batch, batches[index + 1]) if index + 1 < len(batches) else None
+            for entry, message in failures:
+                fail(entry, message)
+            if prepared:
+                maps = runner.run(torch.stack([p.tensor for p in prepared]))
+                for item, item_maps in zip(prepared, maps):
+                    try:
+                        result = _experiments(item, item_maps, layout, objects_for)
+                        figures = write_image_figures(
+                            result, item.original, item.view, staging / "figures" / item.entry.slug,
+                            f"figures/{item.entry.slug}", manifest.output.cmap, manifest.output.alpha,
+                            loaded.num_prefix_tokens,
+                        )
+                    except ImageError as err:
+                        fail(item.entry, str(err))
+                        continue
+                    except Exception as err:  # a bug must cost one image, not the whole site
+                        if options.strict:
+                            raise
+                        log.debug("image %s failed", item.entry.id, exc_info=True)
+                        fail(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
+                        continue
+                    record = image_record(result, figures)
+                    records[item.entry.slug] = record
+                    status.entries[item.entry.slug] = {"key": item.key, "record": record}
+            if progress:
+                progress(len(batches[index]))
+    return model_run(loaded, runner.capture_info)
+
+
+def _prepare(entry: ImageEntry, key: str, data_config: dict) -> _Prepared:
+    original = open_image(entry.path)
+    w, h = source_size(original)  # boxes are in the file's (upright) pixels, before any downscaling
+    for i, box in enumerate(entry.objects):
+        if box.x1 > w or box.y1 > h:
+            raise ImageError(
+                f"objects[{i}] ({box.label!r}) box {list(box.as_tuple())} lies outside the {w}x{h} image"
+            )
+    if original.size != (w, h):
+        fx, fy = original.width / w, original.height / h
+        entry = dataclasses.replace(entry, objects=tuple(
+            dataclasses.replace(b, x0=b.x0 * fx, y0=b.y0 * fy, x1=b.x1 * fx, y1=b.y1 * fy) for b in entry.objects
+        ))
+    tensor, geometry, view = preprocess(original, data_config)
+    return _Prepared(entry, key, original, tensor, geometry, view)
+
+
+def _experiments(item: _Prepared, maps, layout: TokenLayout, objects_for: "_ObjectSource") -> ImageResult:
+    entry = item.entry
+    objects = None
+    if entry.kind == "multi":
+        boxes, source, notes = objects_for(entry, item.original)
+        objects = objects_experiment(maps, layout, item.geometry, boxes, source, notes)
+    return ImageResult(
+        entry=entry,
+        size=item.original.size,
+        geometry=item.geometry,
+        attention=attention_experiment(maps, layout, item.geometry, entry.objects),
+        rollout=rollout_experiment(maps, layout),
+        objects=objects,
+    )
+
+
+class _ObjectSource:
+    """Objects of an image: the manifest's boxes, else the detector's (loaded on first need)."""
+
+    def __init__(self, manifest: Manifest, report):
+        self.settings = manifest.detector
+        self.report = report
+        self._detector = None
+        self._failure: str | None = None
+
+    def __call__(self, entry: ImageEntry, image) -> tuple[tuple[ObjectBox, ...], str, tuple[tuple[str, str], ...]]:
+        """(boxes, where they came from, notes on objects that could not be found)."""
+        if entry.objects or self.settings.name is None:
+            return entry.objects, "manifest", ()
+        detector = self._load()
+        if detector is None:
+            return (), self.settings.name, (("objects", "none found: the detector could not be loaded (see the build's warning)"),)
+        return tuple(detector.detect(image)), self.settings.name, ()
+
+    def _load(self):
+        if self._detector is None and self._failure is None:
+            from reportgen.detector import load_detector
+
+            try:
+                self._detector = load_detector(self.settings.name, self.settings.threshold)
+            except ModelLoadError as err:
+                self._failure = str(err)
+                self.report.warnings.append(
+                    f"{err} Images with boxes in the manifest still get the objects experiment."
+                )
+        return self._detector
+
+
+def model_run(loaded: LoadedModel, capture: CaptureInfo | None) -> dict:
+    """The model, how attention was captured, and versions: cached with the images they produced."""
+    config = loaded.data_config
+    heads = getattr(loaded.model.blocks[0].attn, "num_heads", None) if loaded.depth else None
+    return {
+        "model": {
+            "name": loaded.name,
+            "architecture": loaded.architecture,
+            "source": loaded.source,
+            "weights_file": loaded.weights_file.name if loaded.weights_file else None,
+            "weights_sha256": loaded.weights_sha256,
+            "input_size": [int(config["input_size"][2]), int(config["input_size"][1])],
+            "patch_size": list(loaded.patch_size),
+            "grid": list(loaded.grid),
+            "num_prefix_tokens": loaded.num_prefix_tokens,
+            "depth": loaded.depth,
+            "heads": heads,
+            "data_config": plain({k: config.get(k) for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}),
+        },
+        "capture": plain(asdict(capture)) if capture else {"method": "not run (no image could be read)", "layers": [], "fused_attention": 0},
+        "versions": {
+            "reportgen": reportgen.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "transformers": _version("transformers"),
+        },
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
