@@ -181,7 +181,7 @@ def figure_inodes(output: Path) -> dict[str, int]:
     """Inode of each image's thumbnail: a reused image keeps its (hard-linked) file."""
     found = {}
     for folder in sorted((output / "figures").iterdir()):
-        thumb = folder / "thumb.png"
+        thumb = next((folder / name for name in ("thumb.jpg", "thumb.png") if (folder / name).is_file()), folder / "thumb.jpg")
         if thumb.is_file():
             found[folder.name] = thumb.stat().st_ino
     return found
@@ -270,6 +270,7 @@ class Profiler:
 @contextmanager
 def instrumented():
     """Wrap reportgen's build stages with timers; yield the profiler; restore on exit."""
+    import reportgen.analysis as analysis_mod
     import reportgen.build as build_mod
     import reportgen.capture as capture_mod
     import reportgen.figures as figures_mod
@@ -281,6 +282,7 @@ def instrumented():
                  "image_record", "image_key", "read_status", "reuse", "_swap_in", "_staging_dir",
                  "attention_experiment", "rollout_experiment", "objects_experiment"):
         prof.patch(build_mod, attr)
+        prof.patch(analysis_mod, attr)  # the model stage lives in reportgen.analysis
 
     def counting_run(original):
         timed = prof.timed("ModelRunner.run", original)

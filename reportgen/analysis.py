@@ -91,8 +91,6 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
                         fail(item.entry, str(err))
                         continue
                     except Exception as err:  # a bug must cost one image, not the whole site
-                        if options.strict:
-                            raise
                         log.debug("image %s failed", item.entry.id, exc_info=True)
                         fail(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
                         continue

@@ -143,30 +143,36 @@ def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, f
 
 
 def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.ndarray, path: Path) -> None:
-    """Plain, rollout-weighted and difference cosine-similarity heatmaps side by side (seaborn)."""
+    """Plain, rollout-weighted and difference cosine-similarity heatmaps side by side (seaborn).
+
+    No colour bars and a fixed layout (instead of tight_layout): together they cost more than the
+    heatmaps. The cells carry their values and the panel titles state each colour scale.
+    """
     import seaborn as sns
 
     k = len(labels)
     labels = [label.replace("$", r"\$") for label in labels]  # user text: "$5" is a price, not mathtext
-    side = 2.2 + 0.45 * k
-    fig = _figure(figsize=(3 * side + 1.0, side))
-    axes = fig.subplots(1, 3)
+    bound = max(float(np.abs(rollout - plain).max()), 1e-6)
     panels = [
-        ("plain", plain, "viridis", -1.0, 1.0),
-        ("rollout-weighted", rollout, "viridis", -1.0, 1.0),
-        ("rollout − plain", rollout - plain, "RdBu_r", None, None),
+        ("plain (−1 to 1)", plain, "viridis", -1.0, 1.0),
+        ("rollout-weighted (−1 to 1)", rollout, "viridis", -1.0, 1.0),
+        (f"rollout − plain (±{bound:.2f})", rollout - plain, "RdBu_r", -bound, bound),
     ]
-    for ax, (title, matrix, cmap, vmin, vmax) in zip(axes, panels):
-        if vmin is None:
-            bound = max(float(np.abs(matrix).max()), 1e-6)
-            vmin, vmax = -bound, bound
+    cell = 0.45
+    label_width = 0.08 * max(len(label) for label in labels) + 0.3  # inches of tick-label text
+    panel = cell * k
+    width = 3 * (panel + label_width) + 0.4
+    height = panel + label_width + 0.5
+    fig = _figure(figsize=(width, height))
+    for i, (title, matrix, cmap, vmin, vmax) in enumerate(panels):
+        left = (label_width + i * (panel + label_width)) / width
+        ax = fig.add_axes((left, label_width / height, panel / width, panel / height))
         sns.heatmap(
             matrix, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=k <= 8, fmt=".2f", square=True,
-            xticklabels=labels, yticklabels=labels, cbar=True, annot_kws={"fontsize": 7},
+            xticklabels=labels, yticklabels=labels, cbar=False, annot_kws={"fontsize": 7},
         )
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
-    fig.tight_layout()
     _save_figure(fig, path)
 
 
