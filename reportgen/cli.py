@@ -146,5 +146,30 @@ def _run_with_progress(run_build, manifest, options, quiet: bool):
         return run_build(manifest, options, progress=advance)
 
 
-if __name__ == "__main__":
+def _fixed_mmap_threshold() -> None:
+    """Ask glibc to serve every large block (>= 128 KiB) from mmap.
+
+    glibc raises its mmap threshold each time such a block is freed, after which the image and
+    attention arrays of later batches come from the heap and fragment it: the peak memory of a
+    build then grows with the number of images (measured: +10% from 8 to 32 images; with a fixed
+    threshold +3%). Done only for the command-line program, whose process this is; imported as a
+    library, reportgen leaves the allocator alone.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+            pass
+
+
+def run() -> None:
+    """Entry point of the ``reportgen`` program."""
+    _fixed_mmap_threshold()
     main()
+
+
+if __name__ == "__main__":
+    run()

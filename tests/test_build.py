@@ -169,3 +169,25 @@ def test_unavailable_detector_warns_and_manifest_boxes_still_work(tmp_path, monk
     scene, boxed = json.loads((out / "results.json").read_text())["images"]
     assert scene["objects"]["objects"] == [] and "detector" in scene["objects"]["skipped"][0]["reason"]
     assert boxed["objects"]["labels"] == ["a", "b"]
+
+
+def test_boxes_cropped_away_are_clipped_or_skipped(tmp_path):
+    # vit_tiny's data config centre-crops (crop_pct 0.9): a 96x32 photo is resized to 106x35
+    # (shorter side to floor(32/0.9) = 35) and its middle 32x32 kept, so the outer ~37 px of
+    # each side (in original pixels) never reach the model.
+    write_photo(tmp_path / "wide.png", (96, 32), seed=5)
+    manifest = write_manifest(
+        tmp_path,
+        [{"path": "wide.png", "id": "wide", "kind": "multi",
+          "objects": [{"label": "left edge", "box": [0, 0, 10, 32]},
+                      {"label": "middle", "box": [40, 4, 56, 28]},
+                      {"label": "straddling", "box": [20, 0, 60, 32]}]}],
+    )
+    out = tmp_path / "site"
+    assert _build(manifest, out).exit_code == 0
+    objects = json.loads((out / "results.json").read_text())["images"][0]["objects"]
+    assert [o["label"] for o in objects["objects"]] == ["middle", "straddling"]
+    assert objects["skipped"][0]["label"] == "left edge" and "outside" in objects["skipped"][0]["reason"]
+    visible = {o["label"]: o["visible"] for o in objects["objects"]}
+    assert visible["middle"] == 1.0 and 0 < visible["straddling"] < 1
+    assert "left edge: skipped" in (out / "wide.html").read_text()
