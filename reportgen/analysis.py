@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -70,7 +72,8 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
                 failures.append((entry, str(err)))
         return prepared, failures
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-decode") as decoder:
+    figures = _FigureWriter(options.jobs)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-decode") as decoder, figures:
         upcoming = decoder.submit(prepare_batch, batches[0]) if batches else None
         for index in range(len(batches)):
             prepared, failures = upcoming.result()
@@ -82,24 +85,88 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
                 for item, item_maps in zip(prepared, maps):
                     try:
                         result = _experiments(item, item_maps, layout, objects_for)
-                        figures = write_image_figures(
-                            result, item.original, item.view, staging / "figures" / item.entry.slug,
-                            f"figures/{item.entry.slug}", manifest.output.cmap, manifest.output.alpha,
-                            loaded.num_prefix_tokens,
-                        )
-                    except ImageError as err:
-                        fail(item.entry, str(err))
+                    except Exception as err:  # reported per image, as ImageError or internal error
+                        _record(item, None, err, records, status, fail)
                         continue
-                    except Exception as err:  # a bug must cost one image, not the whole site
-                        log.debug("image %s failed", item.entry.id, exc_info=True)
-                        fail(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
-                        continue
-                    record = image_record(result, figures)
-                    records[item.entry.slug] = record
-                    status.entries[item.entry.slug] = {"key": item.key, "record": record}
+                    figures.submit(
+                        item, result,
+                        (result, item.original, item.view, staging / "figures" / item.entry.slug,
+                         f"figures/{item.entry.slug}", manifest.output.cmap, manifest.output.alpha,
+                         loaded.num_prefix_tokens),
+                    )
+            for item, result, written in figures.finished():
+                _record(item, result, written, records, status, fail)
             if progress:
                 progress(len(batches[index]))
+        for item, result, written in figures.finished(wait=True):
+            _record(item, result, written, records, status, fail)
     return model_run(loaded, runner.capture_info)
+
+
+def _record(item: _Prepared, result: ImageResult | None, written, records, status, fail) -> None:
+    """Store an image's record once its figures are written (``written`` is the figure paths, or
+    the exception that stopped them)."""
+    if isinstance(written, ImageError):
+        fail(item.entry, str(written))
+    elif isinstance(written, BaseException):  # a bug must cost one image, not the whole site
+        log.debug("figures of %s failed", item.entry.id, exc_info=written)
+        fail(item.entry, f"internal error in reportgen ({type(written).__name__}: {written})")
+    else:
+        record = image_record(result, written)
+        records[item.entry.slug] = record
+        status.entries[item.entry.slug] = {"key": item.key, "record": record}
+
+
+class _FigureWriter:
+    """Writes each image's figures in this process, or with ``jobs > 1`` in worker processes,
+    which then overlap with the model's next batches (figures are single-threaded; the model's
+    forward pass is not, so on a few cores the gain is what the figures leave idle)."""
+
+    def __init__(self, jobs: int):
+        self._pool = None
+        if jobs > 1:
+            # spawn, not fork: forking a process that runs torch's thread pools is unsafe.
+            self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        self._limit = 2 * jobs  # results waiting for a worker, so memory stays bounded
+        self._pending: deque = deque()
+        self._done: list = []
+
+    def __enter__(self) -> "_FigureWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, item: _Prepared, result: ImageResult, args: tuple) -> None:
+        if self._pool is None:
+            self._done.append((item, result, _call(write_image_figures, args)))
+            return
+        self._pending.append((item, result, self._pool.submit(write_image_figures, *args)))
+        while len(self._pending) > self._limit:
+            self._collect(self._pending.popleft())
+
+    def finished(self, wait: bool = False):
+        """Images whose figures are written, in order; with ``wait``, all of them."""
+        while self._pending and (wait or self._pending[0][2].done()):
+            self._collect(self._pending.popleft())
+        done, self._done = self._done, []
+        return done
+
+    def _collect(self, pending) -> None:
+        item, result, future = pending
+        try:
+            written = future.result()
+        except Exception as err:  # re-raised in the worker; reported per image
+            written = err
+        self._done.append((item, result, written))
+
+
+def _call(function, args: tuple):
+    try:
+        return function(*args)
+    except Exception as err:  # reported per image by _record
+        return err
 
 
 def _prepare(entry: ImageEntry, key: str, data_config: dict) -> _Prepared:

@@ -46,6 +46,7 @@ class BuildOptions:
         batch_size: images per forward pass.
         strict: stop at the first image that fails instead of reporting it on its card.
         force: ignore the previous build's cache and recompute every image.
+        jobs: processes writing figures; above 1, figures overlap with the model's next batches.
     """
 
     output: Path = DEFAULT_OUTPUT
@@ -53,6 +54,7 @@ class BuildOptions:
     batch_size: int = 8
     strict: bool = False
     force: bool = False
+    jobs: int = 1
 
 
 @dataclass

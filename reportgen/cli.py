@@ -78,11 +78,13 @@ def main() -> None:
 @click.option("--title", default=None, help="Site title.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per forward pass.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes writing figures; 2 or more overlap figures with the model's next batches.")
 @click.option("--strict", is_flag=True, help="Stop at the first image that fails.")
 @click.option("--force", is_flag=True, help="Ignore the previous build's cache: recompute every image.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def build(manifest: Path, output: Path | None, device: str, batch_size: int, strict: bool, force: bool, quiet: bool,
-          **settings) -> None:
+def build(manifest: Path, output: Path | None, device: str, batch_size: int, jobs: int, strict: bool, force: bool,
+          quiet: bool, **settings) -> None:
     """Build the site for MANIFEST (a YAML file listing images)."""
     from reportgen.build import DEFAULT_OUTPUT, BuildOptions
     from reportgen.build import build as run_build
@@ -98,7 +100,8 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, str
         except ValueError as err:
             raise click.UsageError(str(err)) from None
         out = output or loaded.output.dir or DEFAULT_OUTPUT
-        options = BuildOptions(output=Path(out), device=device, batch_size=batch_size, strict=strict, force=force)
+        options = BuildOptions(output=Path(out), device=device, batch_size=batch_size, strict=strict, force=force,
+                               jobs=jobs)
         report = _run_with_progress(run_build, loaded, options, quiet)
     except ReportgenError as err:
         click.echo(f"reportgen: {err}", err=True)

@@ -13,6 +13,7 @@ Grids are ``[rows, cols]`` arrays over the model input's patch grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,9 @@ from reportgen.embeddings import (
 )
 from reportgen.imaging import Geometry
 from reportgen.manifest import ImageEntry, ObjectBox
-from reportgen.runner import AttentionMaps
+
+if TYPE_CHECKING:  # figure workers unpickle these results without importing the model runner
+    from reportgen.runner import AttentionMaps
 
 TOP_FRACTION = 0.1
 

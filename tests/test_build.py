@@ -125,20 +125,25 @@ def test_manifest_errors_exit_1_with_file_name(tmp_path):
     assert "Traceback" not in result.output
 
 
+def _scene_and_boxed(folder, detector):
+    """Two multi images: one without boxes (left to the detector), one with manifest boxes."""
+    write_photo(folder / "scene.png", (64, 48), seed=3)
+    write_photo(folder / "boxed.png", (40, 40), seed=4)
+    boxes = [{"label": "a", "box": [0, 0, 20, 20]}, {"label": "b", "box": [10, 10, 40, 40]}]
+    return write_manifest(
+        folder,
+        [{"path": "scene.png", "kind": "multi"}, {"path": "boxed.png", "kind": "multi", "objects": boxes}],
+        detector=detector,
+    )
+
+
 def test_detector_finds_objects_for_images_without_boxes(tmp_path):
     from test_detector import tiny_detr, tiny_processor
 
     folder = tmp_path / "detr"
     tiny_detr().save_pretrained(folder)
     tiny_processor().save_pretrained(folder)
-    write_photo(tmp_path / "scene.png", (64, 48), seed=3)
-    write_photo(tmp_path / "boxed.png", (40, 40), seed=4)
-    manifest = write_manifest(
-        tmp_path,
-        [{"path": "scene.png", "kind": "multi"},
-         {"path": "boxed.png", "kind": "multi", "objects": [{"label": "a", "box": [0, 0, 20, 20]}, {"label": "b", "box": [10, 10, 40, 40]}]}],
-        detector={"name": str(folder), "threshold": 0.01},
-    )
+    manifest = _scene_and_boxed(tmp_path, {"name": str(folder), "threshold": 0.01})
     out = tmp_path / "site"
     result = _build(manifest, out)
     assert result.exit_code == 0, result.output
@@ -153,14 +158,7 @@ def test_detector_finds_objects_for_images_without_boxes(tmp_path):
 
 def test_unavailable_detector_warns_and_manifest_boxes_still_work(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    write_photo(tmp_path / "scene.png", (64, 48), seed=3)
-    write_photo(tmp_path / "boxed.png", (40, 40), seed=4)
-    manifest = write_manifest(
-        tmp_path,
-        [{"path": "scene.png", "kind": "multi"},
-         {"path": "boxed.png", "kind": "multi", "objects": [{"label": "a", "box": [0, 0, 20, 20]}, {"label": "b", "box": [10, 10, 40, 40]}]}],
-        detector={"name": "no-such-org/no-such-detr", "threshold": 0.5},
-    )
+    manifest = _scene_and_boxed(tmp_path, {"name": "no-such-org/no-such-detr", "threshold": 0.5})
     out = tmp_path / "site"
     result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -191,3 +189,16 @@ def test_boxes_cropped_away_are_clipped_or_skipped(tmp_path):
     visible = {o["label"]: o["visible"] for o in objects["objects"]}
     assert visible["middle"] == 1.0 and 0 < visible["straddling"] < 1
     assert "left edge: skipped" in (out / "wide.html").read_text()
+
+
+def test_figure_workers_write_the_same_site(two_images, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _build(two_images, one).exit_code == 0
+    result = _build(two_images, two, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+
+    def files(site):
+        return {p.relative_to(site): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
+
+    assert files(one) == files(two)
