@@ -216,14 +216,14 @@ def attention_experiment(
     heads = _grid(last_cls, layout)
     mean = heads.mean(axis=0)
     box_mass = []
-    for box in boxes:
+    for label, box in zip(number_duplicates([b.label for b in boxes]), boxes):
         input_box, _ = geometry.map_box(box.as_tuple())
         if input_box is None:
             continue
         coverage = patch_coverage(input_box, layout.grid, layout.patch_size)
         box_mass.append(
             BoxMass(
-                label=box.label,
+                label=label,
                 mass=float((coverage * mean).sum() / mean.sum()),
                 area_share=_box_fraction(input_box, geometry),
             )
