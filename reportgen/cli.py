@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
 
     # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
     # the previous handler is put back afterwards (the command may run inside another program).
-    previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         loaded = load_manifest(manifest)
         try:
@@ -110,7 +112,8 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
         click.echo("reportgen: interrupted; the previous site (if any) is unchanged.", err=True)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     for warning in report.warnings:
         click.echo(f"reportgen: warning: {warning}", err=True)
     for image_id, message in report.failed:
