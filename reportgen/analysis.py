@@ -12,7 +12,7 @@ import logging
 import multiprocessing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -209,7 +209,7 @@ class _ObjectSource:
         self.settings = manifest.detector
         self.report = report
         self._detector = None
-        self._failure: str | None = None
+        self._tried = False
 
     def __call__(self, entry: ImageEntry, image) -> tuple[tuple[ObjectBox, ...], str, tuple[tuple[str, str], ...]]:
         """(boxes, where they came from, notes on objects that could not be found)."""
@@ -221,13 +221,13 @@ class _ObjectSource:
         return tuple(detector.detect(image)), self.settings.name, ()
 
     def _load(self):
-        if self._detector is None and self._failure is None:
+        if not self._tried:
+            self._tried = True  # a detector that failed to load is not retried for every image
             from reportgen.detector import load_detector
 
             try:
                 self._detector = load_detector(self.settings.name, self.settings.threshold)
             except ModelLoadError as err:
-                self._failure = str(err)
                 self.report.warnings.append(
                     f"{err} Images with boxes in the manifest still get the objects experiment."
                 )
@@ -253,7 +253,7 @@ def model_run(loaded: LoadedModel, capture: CaptureInfo | None) -> dict:
             "heads": heads,
             "data_config": plain({k: config.get(k) for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}),
         },
-        "capture": plain(asdict(capture)) if capture else {"method": "not run (no image could be read)", "layers": [], "fused_attention": 0},
+        "capture": plain(capture) if capture else {"method": "not run (no image could be read)", "layers": [], "fused_attention": 0},
         "versions": {
             "reportgen": reportgen.__version__,
             "torch": torch.__version__,

@@ -11,7 +11,6 @@ when it is empty or carries reportgen's marker file: a user's own folder is neve
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
@@ -29,8 +28,6 @@ from reportgen.figures import write_colourbar
 from reportgen.manifest import ImageEntry, Manifest
 from reportgen.site import failure_record, write_site
 from reportgen.summary import ObjectTable, fraction_lowered, summarise_pairs
-
-log = logging.getLogger(__name__)
 
 MARKER = ".reportgen-site"
 DEFAULT_OUTPUT = Path("site")
@@ -172,7 +169,7 @@ def _fail(entry: ImageEntry, message: str, options, report, records) -> None:
     records[entry.slug] = failure_record(entry, message)
 
 
-def check_replaceable(output: Path, manifest: Manifest | None = None) -> None:
+def check_replaceable(output: Path, manifest: Manifest) -> None:
     """Refuse to replace a folder reportgen did not make (unless it is empty), or one holding the inputs."""
     if output.exists() and not output.is_dir():
         raise ReportgenError(f"{output}: exists and is not a folder; choose another output with --output")
@@ -181,14 +178,13 @@ def check_replaceable(output: Path, manifest: Manifest | None = None) -> None:
             f"{output}: the folder is not empty and was not made by reportgen (no {MARKER} file in it); "
             "refusing to replace it. Choose another output folder with --output, or empty this one."
         )
-    if manifest is not None:
-        inputs = [manifest.path, *(entry.path for entry in manifest.images)]
-        if manifest.model.weights is not None:
-            inputs.append(manifest.model.weights)
-        inside = [p for p in inputs if output == Path(p).resolve() or output in Path(p).resolve().parents]
-        if inside:
+    inputs = [manifest.path, *(entry.path for entry in manifest.images)]
+    if manifest.model.weights is not None:
+        inputs.append(manifest.model.weights)
+    for path in (Path(p).resolve() for p in inputs):
+        if path == output or output in path.parents:
             raise ReportgenError(
-                f"{output}: holds this build's own input {inside[0]}; replacing the folder would delete it. "
+                f"{output}: holds this build's own input {path}; replacing the folder would delete it. "
                 "Choose another output folder with --output."
             )
 

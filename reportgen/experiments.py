@@ -214,7 +214,7 @@ def attention_experiment(
     """Experiment 1 from one image's attention maps."""
     last_cls = maps.cls_attention[-1]  # [H, N]
     heads = _grid(last_cls, layout)
-    mean = heads.mean(axis=0)
+    mean, peak = heads.mean(axis=0), heads.max(axis=0)
     box_mass = []
     for label, box in zip(number_duplicates([b.label for b in boxes]), boxes):
         input_box, _ = geometry.map_box(box.as_tuple())
@@ -232,11 +232,11 @@ def attention_experiment(
     return AttentionResult(
         heads=heads,
         mean=mean,
-        max=heads.max(axis=0),
+        max=peak,
         token_attention=token.numpy(),
         head_entropy=tuple(Entropy.of(h) for h in heads),
         mean_entropy=Entropy.of(mean),
-        max_entropy=Entropy.of(heads.max(axis=0)),
+        max_entropy=Entropy.of(peak),
         token_entropy=Entropy(
             nats=float(entropy(token).mean()), normalised=float(normalised_entropy(token).mean())
         ),

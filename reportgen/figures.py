@@ -44,6 +44,11 @@ def colour_lut(cmap: str) -> np.ndarray:
     return lut
 
 
+def colourise(unit: np.ndarray, cmap: str) -> np.ndarray:
+    """``[..., 3]`` uint8 RGB colours of values in [0, 1] under a colour map."""
+    return colour_lut(cmap)[np.clip((unit * 255).round(), 0, 255).astype(np.uint8)]
+
+
 def heat_to_unit(heat: np.ndarray) -> np.ndarray:
     """Scale a non-negative map to [0, 1] by its maximum (zero stays zero; an all-zero map stays 0)."""
     top = float(np.max(heat)) if heat.size else 0.0
@@ -62,7 +67,7 @@ def overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float) -> Ima
     unit = Image.fromarray(heat_to_unit(heat).astype(np.float32), mode="F")
     # Bilinear upsampling of the patch grid to pixels, as the seed did with cv2.resize.
     up = np.asarray(unit.resize(view.size, Image.Resampling.BILINEAR), dtype=np.float32)
-    colours = colour_lut(cmap)[np.clip((up * 255).round(), 0, 255).astype(np.uint8)]
+    colours = colourise(up, cmap)
     base = np.asarray(view, dtype=np.float32)
     blended = (1.0 - alpha) * base + alpha * colours.astype(np.float32)
     return Image.fromarray(blended.round().astype(np.uint8), "RGB")
@@ -75,8 +80,7 @@ def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, 
 def write_grid(heat: np.ndarray, cmap: str, path: Path) -> None:
     """A patch-grid map as a tiny colour PNG (one pixel per patch), for the browser to scale and
     lay over the image: the layer/head explorer needs dozens per image, and this costs ~0.1 ms."""
-    colours = colour_lut(cmap)[np.clip((heat_to_unit(heat) * 255).round(), 0, 255).astype(np.uint8)]
-    save_png(Image.fromarray(colours, "RGB"), path)
+    save_png(Image.fromarray(colourise(heat_to_unit(heat), cmap), "RGB"), path)
 
 
 def write_thumbnail(image: Image.Image, path: Path, side: int = THUMB_SIDE) -> None:
@@ -109,10 +113,9 @@ def write_token_map(attention: np.ndarray, num_prefix_tokens: int, cmap: str, pa
     white lines after the prefix tokens. The page's caption and colour bar explain the axes.
     """
     n = attention.shape[0]
-    colours = colour_lut(cmap)[np.clip((heat_to_unit(attention) * 255).round(), 0, 255).astype(np.uint8)]
+    colours = colourise(heat_to_unit(attention), cmap)  # a new array: safe to draw on
     scale = max(1, -(-min_side // n))
     if num_prefix_tokens:
-        colours = colours.copy()
         colours[num_prefix_tokens, :] = colours[:, num_prefix_tokens] = 255
     image = Image.fromarray(colours, "RGB")
     save_png(image.resize((n * scale, n * scale), Image.Resampling.NEAREST) if scale > 1 else image, path)

@@ -215,23 +215,22 @@ def write_site(
     }
     env = environment()
     common = {"run": run, "assets": assets}
-    ok = [r for r in records if not r["error"]]
-    for index, record in enumerate(records):
-        if record["error"]:
-            continue
-        position = ok.index(record)
-        page = env.get_template("image.html").render(
+    # Pages exist for the images that worked; prev/next step through those, in manifest order.
+    ok = [(index, record) for index, record in enumerate(records) if not record["error"]]
+    page_template = env.get_template("image.html")
+    for position, (index, record) in enumerate(ok):
+        page = page_template.render(
             **common,
             image=record,
             index=index,
-            prev=ok[position - 1] if position > 0 else None,
-            next=ok[position + 1] if position + 1 < len(ok) else None,
+            prev=ok[position - 1][1] if position > 0 else None,
+            next=ok[position + 1][1] if position + 1 < len(ok) else None,
         )
         _write_text(out / record["page"], page)
     index_html = env.get_template("index.html").render(
         **common,
         images=records,
-        failed=sum(1 for r in records if r["error"]),
+        failed=len(records) - len(ok),
         pairs=results["pairs"],
         lowered=lowered_record,
     )
