@@ -72,7 +72,7 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
                 failures.append((entry, str(err)))
         return prepared, failures
 
-    figures = _FigureWriter(options.jobs)
+    figures = _FigureWriter(options.jobs, options.batch_size)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-decode") as decoder, figures:
         upcoming = decoder.submit(prepare_batch, batches[0]) if batches else None
         for index in range(len(batches)):
@@ -118,16 +118,20 @@ def _record(item: _Prepared, result: ImageResult | None, written, records, statu
 
 
 class _FigureWriter:
-    """Writes each image's figures in this process, or with ``jobs > 1`` in worker processes,
-    which then overlap with the model's next batches (figures are single-threaded; the model's
-    forward pass is not, so on a few cores the gain is what the figures leave idle)."""
+    """Writes each image's figures in the background while the model runs the next batch: in one
+    thread by default (the forward pass spends its time in torch kernels that release the GIL),
+    or with ``jobs > 1`` in that many worker processes. Figures are single-threaded and the
+    forward pass is not, so on a few cores the gain is the time the forward pass leaves idle."""
 
-    def __init__(self, jobs: int):
-        self._pool = None
+    def __init__(self, jobs: int, batch_size: int):
         if jobs > 1:
             # spawn, not fork: forking a process that runs torch's thread pools is unsafe.
             self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-        self._limit = 2 * jobs  # results waiting for a worker, so memory stays bounded
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-figures")
+        # Images waiting for a worker: about one batch, so memory stays bounded (at most about two
+        # batches of decoded images are alive, this one and the one the model is running).
+        self._limit = batch_size + jobs
         self._pending: deque = deque()
         self._done: list = []
 
@@ -135,13 +139,9 @@ class _FigureWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, item: _Prepared, result: ImageResult, args: tuple) -> None:
-        if self._pool is None:
-            self._done.append((item, result, _call(write_image_figures, args)))
-            return
         self._pending.append((item, result, self._pool.submit(write_image_figures, *args)))
         while len(self._pending) > self._limit:
             self._collect(self._pending.popleft())
@@ -160,13 +160,6 @@ class _FigureWriter:
         except Exception as err:  # re-raised in the worker; reported per image
             written = err
         self._done.append((item, result, written))
-
-
-def _call(function, args: tuple):
-    try:
-        return function(*args)
-    except Exception as err:  # reported per image by _record
-        return err
 
 
 def _prepare(entry: ImageEntry, key: str, data_config: dict) -> _Prepared:

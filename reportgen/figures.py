@@ -9,6 +9,7 @@ arrays, with fixed encoder settings and no timestamps, so identical inputs give 
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,16 +78,33 @@ def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, 
     save_jpeg(overlay(view, heat, cmap, alpha), path)
 
 
-def write_grid(heat: np.ndarray, cmap: str, path: Path) -> None:
-    """A patch-grid map as a tiny colour PNG (one pixel per patch), for the browser to scale and
-    lay over the image: the layer/head explorer needs dozens per image, and this costs ~0.1 ms."""
-    save_png(Image.fromarray(colourise(heat_to_unit(heat), cmap), "RGB"), path)
+def write_explorer_sprite(cls_by_layer: np.ndarray, rollout_by_layer: np.ndarray, cmap: str, path: Path) -> None:
+    """Every patch-grid map of the layer/head explorer in one PNG, one pixel per patch.
+
+    Row ``l`` holds layer ``l``'s tiles: the CLS attention of each head, then the mean over heads,
+    then the rollout through layers ``0..l``; each tile is scaled to
+    its own maximum. The page shows one tile at a time, scaled up by the browser. One file instead
+    of ``L * (H + 2)`` tiny ones: writing (and, on rebuilds, linking) the files cost more than
+    drawing the maps.
+
+    Args:
+        cls_by_layer: ``[L, H, rows, cols]`` CLS attention per layer and head.
+        rollout_by_layer: ``[L, rows, cols]`` rollout through each layer.
+    """
+    layers, heads, rows, cols = cls_by_layer.shape
+    maps = np.concatenate([cls_by_layer, cls_by_layer.mean(axis=1, keepdims=True), rollout_by_layer[:, None]], axis=1)
+    top = maps.max(axis=(2, 3), keepdims=True)
+    unit = np.divide(maps, top, out=np.zeros(maps.shape, dtype=np.float64), where=top > 0)
+    colours = colourise(np.clip(unit, 0.0, 1.0), cmap)  # [L, H + 2, rows, cols, 3]
+    sheet = colours.transpose(0, 2, 1, 3, 4).reshape(layers * rows, (heads + 2) * cols, 3)
+    save_png(Image.fromarray(np.ascontiguousarray(sheet), "RGB"), path)
 
 
-def write_thumbnail(image: Image.Image, path: Path, side: int = THUMB_SIDE) -> None:
-    thumb = image.copy()
-    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
-    save_jpeg(thumb, path)
+def shrink(image: Image.Image, side: int) -> Image.Image:
+    """A copy that fits in ``side`` x ``side`` pixels (never enlarged)."""
+    small = image.copy()
+    small.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return small
 
 
 def write_colourbar(cmap: str, path: Path, width: int = 256, height: int = 12) -> None:
@@ -94,31 +112,24 @@ def write_colourbar(cmap: str, path: Path, width: int = 256, height: int = 12) -
     save_png(Image.fromarray(np.repeat(row[None], height, axis=0), "RGB"), path)
 
 
-def _figure(**kwargs):
-    # Imported here: matplotlib.figure is only needed for the similarity heatmaps.
-    from matplotlib.figure import Figure
-
-    return Figure(**kwargs)
-
-
 def _save_figure(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None}, pil_kwargs=PNG_OPTIONS)
 
 
-def write_token_map(attention: np.ndarray, num_prefix_tokens: int, cmap: str, path: Path, min_side: int = 400) -> None:
-    """Token-to-token attention ``[N, N]`` (rows: queries, columns: keys), one block per token.
+def write_token_map(attention: np.ndarray, num_prefix_tokens: int, cmap: str, path: Path) -> None:
+    """Token-to-token attention ``[N, N]`` (rows: queries, columns: keys), one pixel per token.
 
-    Drawn with numpy/Pillow (a full matplotlib figure costs ~15x more); scaled to its maximum, with
-    white lines after the prefix tokens. The page's caption and colour bar explain the axes.
+    Drawn with numpy/Pillow (a full matplotlib figure costs ~15x more) and scaled up by the browser
+    (pixelated); scaled to its maximum, with a white line between the prefix tokens and the
+    patches. The page's caption and colour bar explain the axes.
     """
-    n = attention.shape[0]
-    colours = colourise(heat_to_unit(attention), cmap)  # a new array: safe to draw on
-    scale = max(1, -(-min_side // n))
+    colours = colourise(heat_to_unit(attention), cmap)
     if num_prefix_tokens:
-        colours[num_prefix_tokens, :] = colours[:, num_prefix_tokens] = 255
-    image = Image.fromarray(colours, "RGB")
-    save_png(image.resize((n * scale, n * scale), Image.Resampling.NEAREST) if scale > 1 else image, path)
+        # An inserted line, not an overwritten one: every token keeps its row and column.
+        colours = np.insert(colours, num_prefix_tokens, 255, axis=0)
+        colours = np.insert(colours, num_prefix_tokens, 255, axis=1)
+    save_png(Image.fromarray(colours, "RGB"), path)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -145,38 +156,89 @@ def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, f
     save_jpeg(canvas, path)
 
 
+class _SimilarityCanvas:
+    """A three-panel seaborn heatmap figure for ``k`` objects, drawn once and then redrawn with
+    each image's values, labels and scales.
+
+    Building a Figure with its axes, ticks and meshes costs about as much as drawing it, and
+    seaborn's tick-overlap check draws the figure a second time; a build draws the same layout for
+    many images, so the figure is kept (per layout) and only its data and texts change. The output
+    is the same bytes as a freshly built figure: nothing in the drawing depends on history.
+    """
+
+    CELL = 0.45  # inches per cell
+    PANELS = ("viridis", "viridis", "RdBu_r")
+
+    def __init__(self, k: int, label_chars: int):
+        import seaborn as sns
+
+        from matplotlib.figure import Figure
+
+        label_width = 0.08 * label_chars + 0.3  # inches of tick-label text
+        panel = self.CELL * k
+        bar, gap = 0.12, 0.55  # colour bar width; gap after a panel (room for the bar's labels)
+        width = label_width + 3 * panel + 3 * gap
+        height = panel + label_width + 0.5
+        self.figure = Figure(figsize=(width, height))
+        self.axes, self.meshes, self.bars = [], [], []
+        ticks = np.arange(k) + 0.5
+        bottom = label_width / height
+        for i, cmap in enumerate(self.PANELS):
+            left = label_width + i * (panel + gap)
+            ax = self.figure.add_axes((left / width, bottom, panel / width, panel / height))
+            # Tick labels are set below, not by seaborn, which would draw the figure to test them
+            # for overlap; rows are the same objects in every panel, so only the first names them.
+            sns.heatmap(np.zeros((k, k)), ax=ax, cmap=cmap, square=True, cbar=False, xticklabels=False, yticklabels=False)
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks if i == 0 else [])
+            ax.tick_params(labelsize=8)
+            mesh = ax.collections[0]
+            cax = self.figure.add_axes(((left + panel + 0.08) / width, bottom, bar / width, panel / height))
+            colourbar = self.figure.colorbar(mesh, cax=cax)
+            colourbar.ax.tick_params(labelsize=7)
+            colourbar.outline.set_visible(False)
+            self.axes.append(ax)
+            self.meshes.append(mesh)
+            self.bars.append(colourbar)
+
+    def draw(self, labels: list[str], panels: list[tuple[str, np.ndarray, float, float]], path: Path) -> None:
+        for i, (ax, mesh, colourbar, (title, matrix, vmin, vmax)) in enumerate(zip(self.axes, self.meshes, self.bars, panels)):
+            mesh.set_array(np.asarray(matrix, dtype=np.float64).ravel())
+            mesh.set_clim(vmin, vmax)
+            colourbar.set_ticks([vmin, 0.0, vmax], labels=[f"{vmin:.2f}", "0", f"{vmax:.2f}"])
+            ax.set_xticklabels(labels, rotation=90)
+            if i == 0:
+                ax.set_yticklabels(labels, rotation=0)
+            ax.set_title(title, fontsize=9)
+        _save_figure(self.figure, path)
+
+
+_similarity_canvases: dict[tuple[int, int], _SimilarityCanvas] = {}
+_similarity_lock = threading.Lock()  # one figure must not be redrawn by two threads at once
+
+
 def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.ndarray, path: Path) -> None:
     """Plain, rollout-weighted and difference cosine-similarity heatmaps side by side (seaborn).
 
-    No colour bars and a fixed layout (instead of tight_layout): together they cost more than the
-    heatmaps. The cells carry their values and the panel titles state each colour scale.
+    The cells are colour only, with a colour bar per panel: the tables next to the figure hold the
+    values (text in every cell would triple the cost of the figure).
     """
-    import seaborn as sns
-
-    k = len(labels)
     labels = [label.replace("$", r"\$") for label in labels]  # user text: "$5" is a price, not mathtext
     bound = max(float(np.abs(rollout - plain).max()), 1e-6)
     panels = [
-        ("plain (−1 to 1)", plain, "viridis", -1.0, 1.0),
-        ("rollout-weighted (−1 to 1)", rollout, "viridis", -1.0, 1.0),
-        (f"rollout − plain (±{bound:.2f})", rollout - plain, "RdBu_r", -bound, bound),
+        ("plain", plain, -1.0, 1.0),
+        ("rollout-weighted", rollout, -1.0, 1.0),
+        ("rollout − plain", rollout - plain, -bound, bound),
     ]
-    cell = 0.45
-    label_width = 0.08 * max(len(label) for label in labels) + 0.3  # inches of tick-label text
-    panel = cell * k
-    width = 3 * (panel + label_width) + 0.4
-    height = panel + label_width + 0.5
-    fig = _figure(figsize=(width, height))
-    for i, (title, matrix, cmap, vmin, vmax) in enumerate(panels):
-        left = (label_width + i * (panel + label_width)) / width
-        ax = fig.add_axes((left, label_width / height, panel / width, panel / height))
-        sns.heatmap(
-            matrix, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=k <= 8, fmt=".2f", square=True,
-            xticklabels=labels, yticklabels=labels, cbar=False, annot_kws={"fontsize": 7},
-        )
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=8)
-    _save_figure(fig, path)
+    # Layouts are shared by label length in steps of 4 characters, so a few figures serve a build.
+    key = (len(labels), -(-max(len(label) for label in labels) // 4) * 4)
+    with _similarity_lock:
+        canvas = _similarity_canvases.get(key)
+        if canvas is None:
+            if len(_similarity_canvases) >= 16:
+                _similarity_canvases.pop(next(iter(_similarity_canvases)))
+            canvas = _similarity_canvases[key] = _SimilarityCanvas(*key)
+        canvas.draw(labels, panels, path)
 
 
 def write_image_figures(
@@ -208,10 +270,11 @@ def write_image_figures(
         return f"{prefix}/{name}"
 
     figures: dict = {}
-    write_thumbnail(original, folder / "thumb.jpg")
-    figures["thumbnail"] = rel("thumb.jpg")
-    write_thumbnail(original, folder / "original.jpg", side=768)
+    shown = shrink(original, 768)
+    save_jpeg(shown, folder / "original.jpg")
     figures["original"] = rel("original.jpg")
+    save_jpeg(shrink(shown, THUMB_SIDE), folder / "thumb.jpg")  # from the smaller copy: 4-40x fewer pixels to filter
+    figures["thumbnail"] = rel("thumb.jpg")
     save_jpeg(view, folder / "input.jpg")
     figures["input"] = rel("input.jpg")
     a, r = result.attention, result.rollout
@@ -222,21 +285,17 @@ def write_image_figures(
     write_token_map(a.token_attention, num_prefix_tokens, cmap, folder / "tokens.png")
     figures["tokens"] = rel("tokens.png")
     # Explorer: every layer's CLS attention per head and mean over heads, and the rollout up to it,
-    # as tiny patch-grid PNGs the page lays over the input image (the last layer's heads are also
-    # the per-head panel).
+    # in one sprite sheet the page lays over the input image (its last row also gives the per-head
+    # panel).
     layers, heads = r.cls_by_layer.shape[:2]
-    for layer, (per_head, rolled) in enumerate(zip(r.cls_by_layer, r.rollout_by_layer)):
-        for h, heat in enumerate(per_head):
-            write_grid(heat, cmap, folder / "explorer" / f"l{layer}-h{h}.png")
-        write_grid(per_head.mean(axis=0), cmap, folder / "explorer" / f"l{layer}-mean.png")
-        write_grid(rolled, cmap, folder / "explorer" / f"l{layer}-rollout.png")
-    figures["heads"] = [rel(f"explorer/l{layers - 1}-h{h}.png") for h in range(heads)]
+    write_explorer_sprite(r.cls_by_layer, r.rollout_by_layer, cmap, folder / "explorer.png")
     figures["explorer"] = {
-        "prefix": rel("explorer/"),
+        "sprite": rel("explorer.png"),
         "layers": int(layers),
         "heads": int(heads),
-        "mean": [rel(f"explorer/l{layer}-mean.png") for layer in range(layers)],
-        "rollout": [rel(f"explorer/l{layer}-rollout.png") for layer in range(layers)],
+        "columns": int(heads) + 2,
+        "mean_column": int(heads),
+        "rollout_column": int(heads) + 1,
     }
     objects = result.objects
     if objects is not None and objects.objects:

@@ -2,26 +2,32 @@
 (function () {
   "use strict";
 
-  // Layer and head explorer: step through pre-rendered maps laid over the model's input.
+  // Layer and head explorer: show one tile of the sprite sheet (rows: layers; columns: heads,
+  // then mean over heads, then rollout) laid over the model's input.
   function setUpExplorer(root) {
-    var prefix = root.getAttribute("data-prefix");
     var layers = parseInt(root.getAttribute("data-layers"), 10);
-    var overlay = root.querySelector(".explorer-map");
+    var columns = {
+      mean: parseInt(root.getAttribute("data-mean-column"), 10),
+      rollout: parseInt(root.getAttribute("data-rollout-column"), 10)
+    };
+    var sprite = root.querySelector(".tile img");
     var layer = root.querySelector("input[name=layer]");
     var map = root.querySelector("select[name=map]");
     var label = root.querySelector(".explorer-label");
     var controls = root.querySelector(".controls");
-    if (!prefix || !overlay || !layer || !map || !label || !controls) { return; }
+    if (!layers || !sprite || !layer || !map || !label || !controls) { return; }
 
     function show() {
       var l = parseInt(layer.value, 10) - 1;
       var kind = map.value;
-      overlay.src = prefix + "l" + l + "-" + kind + ".png";
+      var column = kind in columns ? columns[kind] : parseInt(kind.slice(1), 10);
+      sprite.style.left = (-100 * column) + "%";
+      sprite.style.top = (-100 * l) + "%";
       var what = kind === "mean" ? "CLS attention, mean over heads"
         : kind === "rollout" ? "attention rollout through layers 1 to " + (l + 1)
         : "CLS attention of head " + kind.slice(1);
       var text = "Layer " + (l + 1) + " of " + layers + ": " + what;
-      overlay.alt = text;
+      sprite.alt = text;
       label.textContent = text;
     }
     layer.addEventListener("input", show);

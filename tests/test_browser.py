@@ -118,9 +118,21 @@ def test_explorer_steps_through_layers_and_heads(site, browser):
         "var s = arguments[0]; s.value = 1; s.dispatchEvent(new Event('input'));",
         root.find_element(By.NAME, "layer"),
     )
-    overlay = root.find_element(By.CSS_SELECTOR, ".explorer-map")
-    assert overlay.get_attribute("src").endswith("/explorer/l0-h2.png")
-    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) == 4
+    sprite = root.find_element(By.CSS_SELECTOR, ".tile img")
+    assert sprite.get_attribute("src").endswith("/explorer.png")
+    # Where the sprite sits in its clipping box, in units of the box: head 2 is column 2 of
+    # 3 heads + mean + rollout, layer 1 is row 0 of 2; the box covers the model input exactly.
+    geometry = browser.execute_script(
+        "var s = arguments[0], box = s.parentNode.getBoundingClientRect(), r = s.getBoundingClientRect(),"
+        " base = s.parentNode.parentNode.querySelector('img.base').getBoundingClientRect();"
+        " return [s.complete, s.naturalWidth, s.naturalHeight, (r.left - box.left) / box.width,"
+        " (r.top - box.top) / box.height, r.width / box.width, r.height / box.height,"
+        " box.width / base.width, box.height / base.height];",
+        sprite,
+    )
+    assert geometry[:3] == [True, 5 * 4, 2 * 4]  # a 4x4 patch grid per tile
+    assert geometry[3:] == pytest.approx([-2, 0, 5, 2, 1, 1], abs=1e-3)
+    assert sprite.get_attribute("alt") == "Layer 1 of 2: CLS attention of head 2"
     assert "Layer 1 of 2: CLS attention of head 2" in root.text
 
 

@@ -44,7 +44,7 @@ def test_build_writes_a_complete_consistent_site(two_images, tmp_path):
     assert results["model"]["grid"] == [4, 4] and results["model"]["num_prefix_tokens"] == 1
     assert results["capture"]["layers"] == ["blocks.0.attn", "blocks.1.attn"]
     # Figures exist for each panel, and every local link resolves with nothing external.
-    for name in ("cls-mean.jpg", "cls-max.jpg", "explorer/l1-h2.png", "tokens.png", "rollout.jpg", "objects.jpg", "similarity.png"):
+    for name in ("cls-mean.jpg", "cls-max.jpg", "explorer.png", "tokens.png", "rollout.jpg", "objects.jpg", "similarity.png"):
         assert (out / "figures" / "street-scene" / name).is_file(), name
     assert broken_links(out) == []
     # Every number on the pages is the number in results.json.
@@ -67,6 +67,31 @@ def test_results_are_consistent_with_maths(two_images, tmp_path):
     import math
 
     assert street["rollout"]["rollout_entropy"]["nats"] <= math.log(16) + 1e-6
+
+
+def test_explorer_sprite_tiles_are_the_maps_in_results(two_images, tmp_path):
+    # The last row of the sprite is the last layer: each head, the mean over heads and the
+    # rollout, each scaled to its maximum under the colour map (recomputed here with matplotlib).
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "site"
+    assert _build(two_images, out).exit_code == 0
+    results = json.loads((out / "results.json").read_text())
+    street = results["images"][1]
+    explorer = street["figures"]["explorer"]
+    assert explorer == {"sprite": "figures/street-scene/explorer.png", "layers": 2, "heads": 3,
+                        "columns": 5, "mean_column": 3, "rollout_column": 4}
+    sheet = np.asarray(Image.open(out / explorer["sprite"]).convert("RGB"))
+    assert sheet.shape == (2 * 4, 5 * 4, 3)
+    maps = [*street["attention"]["cls_heads"], street["attention"]["cls_mean"], street["rollout"]["rollout"]]
+    cmap = matplotlib.colormaps[results["settings"]["cmap"]]
+    for column, grid in enumerate(maps):
+        grid = np.asarray(grid, dtype=np.float64)
+        expected = np.round(cmap(np.round(grid / grid.max() * 255).astype(int))[..., :3] * 255)
+        tile = sheet[4:8, 4 * column : 4 * column + 4]
+        assert np.abs(tile.astype(int) - expected).max() <= 1, column
 
 
 def test_rebuild_replaces_own_site_but_never_a_foreign_folder(two_images, tmp_path):
