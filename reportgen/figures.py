@@ -171,7 +171,6 @@ class _SimilarityCanvas:
 
     def __init__(self, k: int, label_chars: int):
         import seaborn as sns
-
         from matplotlib.figure import Figure
 
         label_width = 0.08 * label_chars + 0.3  # inches of tick-label text
