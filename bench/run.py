@@ -305,6 +305,8 @@ def instrumented():
         return factory
 
     prof.patch(capture_mod.AttentionCapture, "_from_qkv", make=timed_hook_factory)
+    # The build's own thread waiting for the figure thread (figures themselves overlap the model).
+    prof.patch(analysis_mod._FigureWriter, "_collect", "waiting for figures")
     # Figure writers, as write_image_figures calls them (names bound in reportgen.figures): the
     # known ones and any other write_* function.
     writers = {"save_png", "overlay", "_save_figure"} | {
@@ -403,12 +405,13 @@ def line(label: str, value: str, note: str = "") -> None:
 
 def print_tree(prof: Profiler, images: int, build_seconds: float) -> None:
     print(f"  {'stage (inclusive; nested stages indented)':<76} {'total':>9} {'calls':>6} {'ms/image':>9} {'share':>6}")
-    for path in sorted(prof.totals, key=lambda p: (p.split(" > ")[0] == "_prepare", p)):
+    background = {"_prepare": "decode thread", "write_image_figures": "figure thread"}
+    for path in sorted(prof.totals, key=lambda p: (p.split(" > ")[0] in background, p)):
         parts = path.split(" > ")
         total = prof.totals[path]
         label = "  " * (len(parts) - 1) + parts[-1]
-        if parts[0] == "_prepare":
-            label += "  [decode thread, overlaps]"
+        if parts[0] in background:
+            label += f"  [{background[parts[0]]}, overlaps]"
         print(f"  {label:<76} {total:8.2f}s {prof.calls[path]:6d} {1000 * total / max(images, 1):9.1f} "
               f"{100 * total / build_seconds:5.1f}%")
 
@@ -533,20 +536,22 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     load = prof.total("load_model")
     experiments = prof.total("_experiments")
     figures = prof.total("write_image_figures")
+    waiting = prof.sum_suffix("waiting for figures")
     pages = prof.total("write_site") + prof.total("write_colourbar") + prof.sum_suffix("image_record")
     report_cost = in_cold - load - net_forward
-    other = in_cold - load - run_total - experiments - figures - pages
+    other = in_cold - load - run_total - experiments - waiting - pages
     print("  summary of the in-process cold build:")
     line("  model load (load_model)", secs(load), f"{100 * load / in_cold:.0f}%")
     line("  model forward, net of capture hooks", secs(net_forward),
          f"{1000 * net_forward / n:.0f} ms/image ({net_forward / floor['seconds']:.2f} x the first floor), {100 * net_forward / in_cold:.0f}%")
     line("  attention capture + rollout (qkv hooks)", secs(hooks), f"{1000 * hooks / n:.0f} ms/image, {100 * hooks / in_cold:.0f}%")
     line("  experiments (attention, rollout, objects)", secs(experiments), f"{1000 * experiments / n:.0f} ms/image, {100 * experiments / in_cold:.0f}%")
-    line("  figures (write_image_figures)", secs(figures), f"{1000 * figures / n:.0f} ms/image, {100 * figures / in_cold:.0f}%")
+    line("  figures (write_image_figures, in the figure thread)", secs(figures), f"{1000 * figures / n:.0f} ms/image, overlapping the model")
+    line("    of which the build waited for", secs(waiting), f"{100 * waiting / in_cold:.0f}%")
     line("  pages + results.json + records (write_site, image_record)", secs(pages), f"{1000 * pages / n:.0f} ms/image, {100 * pages / in_cold:.0f}%")
     line("  everything else (hashing, staging, swap, waiting for decode)", secs(other), f"{100 * other / in_cold:.0f}%")
-    line("  report around the model (total - load - net forward)", secs(report_cost),
-         f"{report_cost / net_forward:.2f} x the model's forward")
+    line("  build minus load minus net forward", secs(report_cost),
+         f"{report_cost / net_forward:.2f} x the net forward (flatters overlap: the figure thread slows the forward)")
 
     print("\n[1b] floor again, now that the build's own forward time is known (best of all passes counts)")
     again = measure_floor(manifest, args.batch_size, args.floor_repeats)
@@ -613,6 +618,11 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     line("(2) cold build (subprocess, incl. imports and model load)", secs(cold["seconds"]),
          f"{cold['seconds'] / floor['seconds']:.2f} x floor")
     line("    cold build in-process (no imports)", secs(in_cold), f"{in_cold / floor['seconds']:.2f} x floor")
+    # What the build costs beyond the model: everything but loading it and the floor's forward
+    # pass. Measured against the floor, not against the build's own forward time, which the
+    # figure thread slows down and so would flatter the ratio.
+    around = in_cold - load - floor["seconds"]
+    line("    report around the model (in-process - load_model - floor)", secs(around), f"{around / floor['seconds']:.2f} x floor")
     line("    cpu seconds: floor / cold subprocess / cold in-process",
          f"{floor['cpu']:.1f} / {cold['cpu']:.1f} / {prof.cpu:.1f} s",
          f"cold = {cold['cpu'] / floor['cpu']:.2f} x floor in cpu time")
@@ -629,9 +639,9 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     targets = [
         (f"cold build <= 1.5 x floor ({cold['seconds']:.2f} s vs limit {1.5 * floor['seconds']:.2f} s; "
          f"{cold['seconds'] / floor['seconds']:.2f} x)", cold["seconds"] <= 1.5 * floor["seconds"]),
-        (f"report around the model <= 0.5 x the model (capture+rollout+experiments+figures+pages+rest "
-         f"{report_cost:.2f} s vs net forward {net_forward:.2f} s; {report_cost / net_forward:.2f} x)",
-         report_cost <= 0.5 * net_forward),
+        (f"report around the model <= 0.5 x the model (in-process build - load_model - floor = {around:.2f} s "
+         f"vs floor {floor['seconds']:.2f} s; {around / floor['seconds']:.2f} x)",
+         around <= 0.5 * floor["seconds"]),
         (f"warm rebuild <= 5% of cold ({warm['seconds']:.2f} s vs limit {0.05 * cold['seconds']:.2f} s; "
          f"{100 * warm['seconds'] / cold['seconds']:.1f}%)", warm["seconds"] <= 0.05 * cold["seconds"]),
         (f"warm rebuild loads no model (in-process: {prof_warm.counters['model loads']} loads, "

@@ -8,8 +8,10 @@ torch or timm.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 from PIL import Image
 
 import reportgen
+from reportgen.cache import model_identity
 from reportgen.capture import CaptureInfo
 from reportgen.errors import ImageError, ModelLoadError
 from reportgen.experiments import (
@@ -57,7 +60,7 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
     Images are decoded in a background thread one batch ahead of the model, and nothing per image
     outlives its batch except its record, so memory does not grow with the number of images.
     """
-    loaded = load_model(manifest.model, options.device)
+    loaded = _load_model(manifest, options, report)
     runner = ModelRunner(loaded, manifest.attention)
     layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
     objects_for = _ObjectSource(manifest, report)
@@ -101,6 +104,23 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
         for item, result, written in figures.finished(wait=True):
             _record(item, result, written, records, status, fail)
     return model_run(loaded, runner.capture_info)
+
+
+def _load_model(manifest: Manifest, options, report) -> LoadedModel:
+    """The model, from ``options.model_cache`` when the caller keeps one and it holds this model;
+    the time a load took goes to ``report.model_load_seconds``."""
+    cache = options.model_cache
+    # The identity hashes a local weights file, so a file replaced under the same name is reloaded.
+    key = json.dumps([model_identity(manifest.model), options.device], sort_keys=True) if cache is not None else None
+    if cache is not None and key in cache:
+        return cache[key]
+    started = time.perf_counter()
+    loaded = load_model(manifest.model, options.device)
+    report.model_load_seconds = time.perf_counter() - started
+    if cache is not None:
+        cache.clear()  # one model at a time: a replaced one is not kept alive
+        cache[key] = loaded
+    return loaded
 
 
 def _record(item: _Prepared, result: ImageResult | None, written, records, status, fail) -> None:

@@ -43,7 +43,10 @@ class BuildOptions:
         batch_size: images per forward pass.
         strict: stop at the first image that fails instead of reporting it on its card.
         force: ignore the previous build's cache and recompute every image.
-        jobs: processes writing figures; above 1, figures overlap with the model's next batches.
+        jobs: figure writers: 1 is a thread, more are processes; either way figures are written
+            while the model runs the next batch.
+        model_cache: a dict the caller keeps across builds (``--watch``): the loaded model is
+            kept in it and reused while the model settings and device stay the same.
     """
 
     output: Path = DEFAULT_OUTPUT
@@ -52,11 +55,14 @@ class BuildOptions:
     strict: bool = False
     force: bool = False
     jobs: int = 1
+    model_cache: dict | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
 class BuildReport:
-    """What a build did: where it wrote, images reused from the cache, which failed and why, warnings."""
+    """What a build did: where it wrote, images reused from the cache, which failed and why,
+    warnings, how long it took and how long of that loading the model (``None``: no model was
+    loaded, because no image needed it or a kept model was used)."""
 
     output: Path
     images: int = 0
@@ -64,6 +70,7 @@ class BuildReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    model_load_seconds: float | None = None
 
 
 ProgressCallback = Callable[[int], None]

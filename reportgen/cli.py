@@ -84,36 +84,58 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first image that fails.")
 @click.option("--force", is_flag=True, help="Ignore the previous build's cache: recompute every image.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--watch", is_flag=True,
+              help="After building, rebuild whenever the manifest, an image or a template changes "
+                   "(the model stays loaded); Ctrl-C stops.")
 def build(manifest: Path, output: Path | None, device: str, batch_size: int, jobs: int, strict: bool, force: bool,
-          quiet: bool, **settings) -> None:
+          quiet: bool, watch: bool, **settings) -> None:
     """Build the site for MANIFEST (a YAML file listing images)."""
-    from reportgen.build import DEFAULT_OUTPUT, BuildOptions
-    from reportgen.build import build as run_build
-    from reportgen.manifest import load_manifest
+    from reportgen.build import BuildOptions
 
     # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
     # the previous handler is put back afterwards (the command may run inside another program).
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    options = BuildOptions(device=device, batch_size=batch_size, strict=strict, force=force, jobs=jobs,
+                           model_cache={} if watch else None)
     try:
-        loaded = load_manifest(manifest)
-        try:
-            loaded = loaded.with_overrides(**_overrides(**settings))
-        except ValueError as err:
-            raise click.UsageError(str(err)) from None
-        out = output or loaded.output.dir or DEFAULT_OUTPUT
-        options = BuildOptions(output=Path(out), device=device, batch_size=batch_size, strict=strict, force=force,
-                               jobs=jobs)
-        report = _run_with_progress(run_build, loaded, options, quiet)
-    except ReportgenError as err:
-        click.echo(f"reportgen: {err}", err=True)
-        sys.exit(EXIT_ERROR)
+        if watch:
+            _watch(manifest, output, options, settings, quiet)  # until Ctrl-C
+        status = _build_once(manifest, output, options, settings, quiet, watching=False)
     except KeyboardInterrupt:
+        if watch:
+            click.echo("reportgen: stopped watching; the site is the last complete build.", err=True)
+            sys.exit(0)
         click.echo("reportgen: interrupted; the previous site (if any) is unchanged.", err=True)
         sys.exit(130)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
+    sys.exit(status)
+
+
+def _build_once(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool, watching: bool) -> int:
+    """Load the manifest, build, print what happened; the exit status (a known error is printed,
+    and with ``watching`` does not end the program)."""
+    import dataclasses
+
+    from reportgen.build import DEFAULT_OUTPUT
+    from reportgen.build import build as run_build
+    from reportgen.manifest import load_manifest
+
+    try:
+        loaded = load_manifest(manifest_path)
+        try:
+            loaded = loaded.with_overrides(**_overrides(**settings))
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        out = output or loaded.output.dir or DEFAULT_OUTPUT
+        report = _run_with_progress(run_build, loaded, dataclasses.replace(options, output=Path(out)), quiet)
+    except ReportgenError as err:
+        click.echo(f"reportgen: {err}", err=True)
+        if watching:
+            click.echo("reportgen: fix it and save; watching for changes.", err=True)
+        return EXIT_ERROR
     for warning in report.warnings:
         click.echo(f"reportgen: warning: {warning}", err=True)
     for image_id, message in report.failed:
@@ -121,9 +143,31 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
     if not quiet:
         ok = report.images - len(report.failed)
         reused = f", {report.reused} unchanged" if report.reused else ""
-        click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images{reused}, {report.seconds:.1f} s)", err=True)
-    if report.failed:
-        sys.exit(EXIT_IMAGES_FAILED)
+        load = f", model loaded in {report.model_load_seconds:.1f} s" if report.model_load_seconds is not None else ""
+        click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images{reused}{load}, {report.seconds:.1f} s)", err=True)
+    return EXIT_IMAGES_FAILED if report.failed else 0
+
+
+def _watch(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool) -> None:
+    """Build, then rebuild whenever an input changes, until interrupted."""
+    from reportgen.errors import ManifestError
+    from reportgen.manifest import load_manifest
+    from reportgen.watch import snapshot, wait_for_change, watched_paths
+
+    while True:
+        try:
+            current = load_manifest(manifest_path)
+        except ManifestError:
+            current = None  # the build reports it; watch the manifest until it is fixed
+        paths = watched_paths(manifest_path, current)
+        before = snapshot(paths)  # before the build reads them: a file saved meanwhile counts
+        _build_once(manifest_path, output, options, settings, quiet, watching=True)
+        if not quiet:
+            click.echo(f"reportgen: watching {manifest_path}, its images and the templates (Ctrl-C stops).", err=True)
+        changed = wait_for_change(paths, before)
+        if not quiet:
+            names = ", ".join(p.name for p in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            click.echo(f"reportgen: changed: {names}; rebuilding.", err=True)
 
 
 def _terminate(signum, frame):
