@@ -34,7 +34,10 @@ import functools
 import gc
 import json
 import os
+import queue
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -175,6 +178,47 @@ def cli_build(manifest: Path, output: Path, batch_size: int, force: bool) -> dic
         sys.stderr.write(result["stderr"][-4000:])
         raise SystemExit(f"bench: reportgen build exited with {result['rc']} ({' '.join(args)})")
     return result
+
+
+def watch_rebuilds(manifest: Path, output: Path, batch_size: int, edits: list) -> list[dict]:
+    """Start ``reportgen build --watch`` on an up-to-date site, wait until it has loaded the model,
+    then apply each edit (a function changing one image) and time it: from the write to the
+    program's "Wrote" line, and the rebuild's own time from that line."""
+    args = [PYTHON, "-m", "reportgen.cli", "build", str(manifest), "-o", str(output), "--batch-size", str(batch_size), "--watch"]
+    proc = subprocess.Popen(args, cwd=manifest.parent, env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put((time.perf_counter(), x.rstrip())) for x in proc.stderr], daemon=True).start()
+
+    def until(text: str, timeout: float = 300) -> tuple[float, str]:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            try:
+                at, found = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if text in found:
+                return at, found
+        raise SystemExit(f"bench: --watch never printed {text!r}")
+
+    results = []
+    try:
+        until("Wrote ")
+        until("watching")  # after the model was loaded and kept
+        for edit in edits:
+            started = time.perf_counter()
+            edit()
+            at, found = until("Wrote ")
+            own = re.search(r", ([0-9.]+) s\)$", found)
+            results.append({"seconds": at - started, "build": float(own.group(1)) if own else float("nan"), "line": found})
+            until("watching")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return results
 
 
 def figure_inodes(output: Path) -> dict[str, int]:
@@ -517,6 +561,15 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     line("(5) rebuild after one caption changed", secs(caption["seconds"]),
          f"images recomputed: {len(caption_recomputed)}, new caption on the page: {caption_in_page}, peak RSS {mib(caption['maxrss'])}")
 
+    print("\n[4w] one image changed, under reportgen build --watch (model loaded once, kept between rebuilds)")
+    edits = [lambda i=i: write_varied(Path(images[i]["source"]), images[i]["file"], seed=30_000 + i) for i in (2, 3, 4)]
+    watched = watch_rebuilds(manifest, out, args.batch_size, edits)
+    for i, w in zip((2, 3, 4), watched):
+        line(f"  {images[i]['entry']['id']} changed: write -> page rewritten", secs(w["seconds"]),
+             f"the rebuild itself {w['build']:.2f} s (the rest is polling and waiting for the write to settle)")
+    watch_one = min(w["build"] for w in watched)
+    watch_wall = max(w["seconds"] for w in watched)
+
     print("\n[mem] cold builds, each in its own subprocess (peak RSS of the child, os.wait4)")
     small = cli_build(manifest_small, work / "site-small", args.batch_size, force=True)
     line(f"cold build, N = {n} images", mib(cold["maxrss"]), f"{cold['seconds']:.2f} s")
@@ -647,8 +700,11 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
         (f"warm rebuild loads no model (in-process: {prof_warm.counters['model loads']} loads, "
          f"{prof_warm.counters['images run through the model']} images run; subprocess: {len(warm_recomputed)} images recomputed)",
          prof_warm.counters["model loads"] == 0 and not warm_recomputed),
-        (f"one image changed <= cold/N + 10% of cold ({one['seconds']:.2f} s vs limit "
+        (f"one image changed, new process, <= cold/N + 10% of cold ({one['seconds']:.2f} s vs limit "
          f"{cold['seconds'] / n + 0.1 * cold['seconds']:.2f} s)", one["seconds"] <= cold["seconds"] / n + 0.1 * cold["seconds"]),
+        (f"one image changed under --watch <= cold/N + 10% of cold (rebuild {watch_one:.2f} s, edit to page at most "
+         f"{watch_wall:.2f} s, vs limit {cold['seconds'] / n + 0.1 * cold['seconds']:.2f} s)",
+         watch_wall <= cold["seconds"] / n + 0.1 * cold["seconds"]),
         (f"one image changed recomputes only that image (subprocess {len(one_recomputed)}, "
          f"in-process {prof_one.counters['images run through the model']} run)",
          len(one_recomputed) == 1 and prof_one.counters["images run through the model"] == 1),

@@ -60,7 +60,7 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
     Images are decoded in a background thread one batch ahead of the model, and nothing per image
     outlives its batch except its record, so memory does not grow with the number of images.
     """
-    loaded = _load_model(manifest, options, report)
+    loaded, report.model_load_seconds = kept_model(manifest, options)
     runner = ModelRunner(loaded, manifest.attention)
     layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
     objects_for = _ObjectSource(manifest, report)
@@ -106,21 +106,42 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
     return model_run(loaded, runner.capture_info)
 
 
-def _load_model(manifest: Manifest, options, report) -> LoadedModel:
-    """The model, from ``options.model_cache`` when the caller keeps one and it holds this model;
-    the time a load took goes to ``report.model_load_seconds``."""
+def kept_model(manifest: Manifest, options) -> tuple[LoadedModel, float | None]:
+    """The model for this manifest and device, and the seconds it took to load (``None`` when it
+    came from ``options.model_cache``, which the caller keeps across builds, as ``--watch`` does).
+
+    Raises:
+        ModelLoadError: if it cannot be loaded.
+    """
     cache = options.model_cache
     # The identity hashes a local weights file, so a file replaced under the same name is reloaded.
     key = json.dumps([model_identity(manifest.model), options.device], sort_keys=True) if cache is not None else None
     if cache is not None and key in cache:
-        return cache[key]
+        return cache[key], None
     started = time.perf_counter()
     loaded = load_model(manifest.model, options.device)
-    report.model_load_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     if cache is not None:
         cache.clear()  # one model at a time: a replaced one is not kept alive
         cache[key] = loaded
-    return loaded
+    return loaded, seconds
+
+
+def prepare_for_rebuilds(manifest: Manifest, options) -> float | None:
+    """Load the model into ``options.model_cache`` ahead of need and run it once on a blank
+    image, so the first rebuild is as quick as the next (a process's first forward pass is
+    several times slower than later ones); the figure libraries are imported too. Returns the
+    seconds the load took, ``None`` if the model was already kept.
+
+    Raises:
+        ModelLoadError: if the model cannot be loaded.
+    """
+    loaded, seconds = kept_model(manifest, options)
+    if seconds is not None:
+        _channels, height, width = loaded.data_config["input_size"]
+        ModelRunner(loaded, manifest.attention).run(torch.zeros(1, 3, height, width))
+        import seaborn  # noqa: F401  (the similarity heatmaps' first import costs about half a second)
+    return seconds
 
 
 def _record(item: _Prepared, result: ImageResult | None, written, records, status, fail) -> None:

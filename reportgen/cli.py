@@ -80,7 +80,8 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per forward pass.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes writing figures; 2 or more overlap figures with the model's next batches.")
+              help="Figure writers: 1 is a thread, 2 or more are processes; either way figures are "
+                   "written while the model runs the next batch.")
 @click.option("--strict", is_flag=True, help="Stop at the first image that fails.")
 @click.option("--force", is_flag=True, help="Ignore the previous build's cache: recompute every image.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
@@ -101,7 +102,7 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
     try:
         if watch:
             _watch(manifest, output, options, settings, quiet)  # until Ctrl-C
-        status = _build_once(manifest, output, options, settings, quiet, watching=False)
+        status, _manifest = _build_once(manifest, output, options, settings, quiet, watching=False)
     except KeyboardInterrupt:
         if watch:
             click.echo("reportgen: stopped watching; the site is the last complete build.", err=True)
@@ -114,15 +115,18 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
     sys.exit(status)
 
 
-def _build_once(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool, watching: bool) -> int:
-    """Load the manifest, build, print what happened; the exit status (a known error is printed,
-    and with ``watching`` does not end the program)."""
+def _build_once(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool,
+                watching: bool) -> tuple[int, object]:
+    """Load the manifest, build, print what happened. Returns the exit status and the manifest
+    built (``None`` if it could not be loaded); a known error is printed, and with ``watching``
+    does not end the program."""
     import dataclasses
 
     from reportgen.build import DEFAULT_OUTPUT
     from reportgen.build import build as run_build
     from reportgen.manifest import load_manifest
 
+    loaded = None
     try:
         loaded = load_manifest(manifest_path)
         try:
@@ -135,7 +139,7 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
         click.echo(f"reportgen: {err}", err=True)
         if watching:
             click.echo("reportgen: fix it and save; watching for changes.", err=True)
-        return EXIT_ERROR
+        return EXIT_ERROR, loaded
     for warning in report.warnings:
         click.echo(f"reportgen: warning: {warning}", err=True)
     for image_id, message in report.failed:
@@ -145,15 +149,17 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
         reused = f", {report.reused} unchanged" if report.reused else ""
         load = f", model loaded in {report.model_load_seconds:.1f} s" if report.model_load_seconds is not None else ""
         click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images{reused}{load}, {report.seconds:.1f} s)", err=True)
-    return EXIT_IMAGES_FAILED if report.failed else 0
+    return (EXIT_IMAGES_FAILED if report.failed else 0), loaded
 
 
 def _watch(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool) -> None:
-    """Build, then rebuild whenever an input changes, until interrupted."""
+    """Build, then rebuild whenever an input changes, until interrupted. The model is loaded
+    while waiting (once per model), so that the first image edited is as quick as the next."""
     from reportgen.errors import ManifestError
     from reportgen.manifest import load_manifest
     from reportgen.watch import snapshot, wait_for_change, watched_paths
 
+    tried: set[str] = set()
     while True:
         try:
             current = load_manifest(manifest_path)
@@ -161,13 +167,28 @@ def _watch(manifest_path: Path, output: Path | None, options, settings: dict, qu
             current = None  # the build reports it; watch the manifest until it is fixed
         paths = watched_paths(manifest_path, current)
         before = snapshot(paths)  # before the build reads them: a file saved meanwhile counts
-        _build_once(manifest_path, output, options, settings, quiet, watching=True)
+        _status, built = _build_once(manifest_path, output, options, settings, quiet, watching=True)
+        if built is not None and repr(built.model) not in tried:
+            tried.add(repr(built.model))
+            _keep_model(built, options, quiet)
         if not quiet:
             click.echo(f"reportgen: watching {manifest_path}, its images and the templates (Ctrl-C stops).", err=True)
         changed = wait_for_change(paths, before)
         if not quiet:
             names = ", ".join(p.name for p in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
             click.echo(f"reportgen: changed: {names}; rebuilding.", err=True)
+
+
+def _keep_model(manifest, options, quiet: bool) -> None:
+    from reportgen.analysis import prepare_for_rebuilds
+
+    try:
+        seconds = prepare_for_rebuilds(manifest, options)
+    except ReportgenError as err:
+        click.echo(f"reportgen: warning: {err}", err=True)
+        return
+    if seconds is not None and not quiet:
+        click.echo(f"reportgen: model loaded in {seconds:.1f} s, kept for rebuilds.", err=True)
 
 
 def _terminate(signum, frame):

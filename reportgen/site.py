@@ -8,6 +8,7 @@ serve the folder as it is.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -43,7 +44,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+@functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
+    """The template environment, made once per process: compiled templates are kept between
+    builds (``--watch``), and a template edited on disk is recompiled (Jinja's auto-reload)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         autoescape=True,  # titles, captions and labels are user text: always escaped

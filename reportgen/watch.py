@@ -48,7 +48,7 @@ def snapshot(paths: Iterable[Path]) -> Snapshot:
 def wait_for_change(
     paths: list[Path],
     before: Snapshot | None = None,
-    interval: float = 0.5,
+    interval: float = 0.25,
     sleep: Callable[[float], None] = time.sleep,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[Path]:

@@ -175,3 +175,26 @@ def test_watch_rebuilds_on_change_and_loads_the_model_only_when_it_changes(tmp_p
         status = program.stop()
     assert status == 0, program.lines
     assert sum("model loaded" in line for line in program.lines) == 2  # the first build's and the new model's
+
+
+def test_watch_on_an_up_to_date_site_loads_the_model_before_the_first_edit(tmp_path):
+    from click.testing import CliRunner
+
+    from reportgen.cli import main
+
+    write_photo(tmp_path / "cat.png", (48, 40), seed=1)
+    write_photo(tmp_path / "dog.png", (40, 48), seed=2)
+    manifest = write_manifest(tmp_path, [{"path": "cat.png"}, {"path": "dog.png"}])
+    out = tmp_path / "site"
+    assert CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"]).exit_code == 0
+    program = _Program(manifest, out)
+    try:
+        line = program.wait_for("Wrote ")
+        assert "2 unchanged" in line and "model loaded" not in line, line  # nothing to compute
+        assert "kept for rebuilds" in program.wait_for("model loaded in")  # then, while idle
+        program.wait_for("watching")
+        write_photo(tmp_path / "cat.png", (48, 40), seed=5)
+        line = program.wait_for("Wrote ")
+        assert "1 unchanged" in line and "model loaded" not in line, line
+    finally:
+        assert program.stop() == 0, program.lines
