@@ -1,0 +1,93 @@
+"""Figure writers: what they draw, checked against matplotlib's colour maps; same inputs, same bytes."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from reportgen import figures
+
+
+def _rgb(cmap: str, unit) -> np.ndarray:
+    """Expected colours the way a colour bar reads: 256 levels of the colour map, rounded."""
+    levels = np.round(np.asarray(unit, dtype=np.float64) * 255).astype(int)
+    return np.round(matplotlib.colormaps[cmap](levels)[..., :3] * 255)
+
+
+def _similarities(seed: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    plain, rollout = rng.uniform(-1, 1, (2, k, k))
+    plain, rollout = (plain + plain.T) / 2, (rollout + rollout.T) / 2
+    np.fill_diagonal(plain, 1.0)
+    np.fill_diagonal(rollout, 1.0)
+    return plain, rollout
+
+
+@pytest.fixture
+def fresh_canvases(monkeypatch):
+    monkeypatch.setattr(figures, "_similarity_canvases", {})
+    return figures._similarity_canvases
+
+
+def test_heatmaps_drawn_on_a_kept_figure_are_the_bytes_of_a_fresh_one(fresh_canvases, tmp_path):
+    a, b = _similarities(1, 4), _similarities(2, 4)
+    labels_a, labels_b = ["cat", "dog", "car", "sign"], ["tree", "bus", "sun", "cup"]  # one layout
+    figures.write_similarity_heatmaps(labels_a, *a, tmp_path / "a1.png")
+    figures.write_similarity_heatmaps(labels_b, *b, tmp_path / "b1.png")
+    figures.write_similarity_heatmaps(labels_a, *a, tmp_path / "a2.png")
+    assert len(fresh_canvases) == 1  # the second and third drawings reused the first figure
+    fresh_canvases.clear()
+    figures.write_similarity_heatmaps(labels_b, *b, tmp_path / "b2.png")
+    assert (tmp_path / "a1.png").read_bytes() == (tmp_path / "a2.png").read_bytes()
+    assert (tmp_path / "b1.png").read_bytes() == (tmp_path / "b2.png").read_bytes()
+    assert (tmp_path / "a1.png").read_bytes() != (tmp_path / "b1.png").read_bytes()
+
+
+def test_heatmap_cells_have_the_colours_of_their_values(fresh_canvases, tmp_path):
+    k = 3
+    plain, rollout = _similarities(3, k)
+    path = tmp_path / "sim.png"
+    figures.write_similarity_heatmaps(["a", "b", "$5 note"], plain, rollout, path)
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    (canvas,) = fresh_canvases.values()
+    bound = np.abs(rollout - plain).max()
+    panels = [(plain, "viridis", -1.0, 1.0), (rollout, "viridis", -1.0, 1.0), (rollout - plain, "RdBu_r", -bound, bound)]
+    for ax, (matrix, cmap, vmin, vmax) in zip(canvas.axes, panels):
+        box = ax.get_window_extent()  # display pixels, origin at the bottom left
+        for i in range(k):
+            for j in range(k):
+                x = int(box.x0 + (j + 0.5) * box.width / k)
+                y = pixels.shape[0] - int(box.y1 - (i + 0.5) * box.height / k)  # row 0 at the top
+                expected = np.round(np.asarray(matplotlib.colormaps[cmap]((matrix[i, j] - vmin) / (vmax - vmin))[:3]) * 255)
+                assert np.abs(pixels[y, x] - expected).max() <= 2, (cmap, i, j)
+
+
+def test_token_map_has_one_pixel_per_token_and_a_line_after_the_prefix(tmp_path):
+    rng = np.random.default_rng(0)
+    attention = rng.dirichlet(np.ones(5), size=5)  # 1 prefix token + 4 patches
+    figures.write_token_map(attention, 1, "viridis", tmp_path / "tokens.png")
+    pixels = np.asarray(Image.open(tmp_path / "tokens.png").convert("RGB")).astype(int)
+    assert pixels.shape == (6, 6, 3)
+    assert (pixels[1] == 255).all() and (pixels[:, 1] == 255).all()
+    kept = np.delete(np.delete(pixels, 1, axis=0), 1, axis=1)  # every token keeps its own pixel
+    assert np.abs(kept - _rgb("viridis", attention / attention.max())).max() <= 1
+
+
+def test_explorer_sprite_layout_and_an_all_zero_map(tmp_path):
+    layers, heads, rows, cols = 2, 3, 2, 4
+    rng = np.random.default_rng(0)
+    cls = rng.uniform(0.01, 1, (layers, heads, rows, cols))
+    cls[1, 2] = 0.0  # a head with no attention on the patches: drawn as zero, not NaN
+    rolled = rng.uniform(0.01, 1, (layers, rows, cols))
+    figures.write_explorer_sprite(cls, rolled, "cividis", tmp_path / "explorer.png")
+    sheet = np.asarray(Image.open(tmp_path / "explorer.png").convert("RGB")).astype(int)
+    assert sheet.shape == (layers * rows, (heads + 2) * cols, 3)
+    for layer in range(layers):
+        tiles = [*cls[layer], cls[layer].mean(axis=0), rolled[layer]]
+        for column, tile in enumerate(tiles):
+            top = tile.max()
+            expected = _rgb("cividis", tile / top if top > 0 else np.zeros_like(tile))
+            got = sheet[layer * rows : (layer + 1) * rows, column * cols : (column + 1) * cols]
+            assert np.abs(got - expected).max() <= 1, (layer, column)
