@@ -60,49 +60,52 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
     Images are decoded in a background thread one batch ahead of the model, and nothing per image
     outlives its batch except its record, so memory does not grow with the number of images.
     """
-    loaded, report.model_load_seconds = kept_model(manifest, options)
-    runner = ModelRunner(loaded, manifest.attention)
-    layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
-    objects_for = _ObjectSource(manifest, report)
-    batches = [todo[i : i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
-
-    def prepare_batch(batch):
-        prepared, failures = [], []
-        for entry, key in batch:
-            try:
-                prepared.append(_prepare(entry, key, loaded.data_config))
-            except ImageError as err:
-                failures.append((entry, str(err)))
-        return prepared, failures
-
     figures = _FigureWriter(options.jobs, options.batch_size)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-decode") as decoder, figures:
-        upcoming = decoder.submit(prepare_batch, batches[0]) if batches else None
-        for index in range(len(batches)):
-            prepared, failures = upcoming.result()
-            upcoming = decoder.submit(prepare_batch, batches[index + 1]) if index + 1 < len(batches) else None
-            for entry, message in failures:
-                fail(entry, message)
-            if prepared:
-                maps = runner.run(torch.stack([p.tensor for p in prepared]))
-                for item, item_maps in zip(prepared, maps):
-                    try:
-                        result = _experiments(item, item_maps, layout, objects_for)
-                    except Exception as err:  # reported per image, as ImageError or internal error
-                        _record(item, None, err, records, status, fail)
-                        continue
-                    figures.submit(
-                        item, result,
-                        (result, item.original, item.view, staging / "figures" / item.entry.slug,
-                         f"figures/{item.entry.slug}", manifest.output.cmap, manifest.output.alpha,
-                         loaded.num_prefix_tokens),
-                    )
-            for item, result, written in figures.finished():
+    with figures:  # shut down however this ends, also if the model cannot be loaded
+        if any(entry.kind == "multi" for entry, _key in todo):
+            figures.preload(_import_seaborn)  # ~1 s of imports, done while the model loads
+        loaded, report.model_load_seconds = kept_model(manifest, options)
+        runner = ModelRunner(loaded, manifest.attention)
+        layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
+        objects_for = _ObjectSource(manifest, report)
+        batches = [todo[i : i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+
+        def prepare_batch(batch):
+            prepared, failures = [], []
+            for entry, key in batch:
+                try:
+                    prepared.append(_prepare(entry, key, loaded.data_config))
+                except ImageError as err:
+                    failures.append((entry, str(err)))
+            return prepared, failures
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-decode") as decoder:
+            upcoming = decoder.submit(prepare_batch, batches[0]) if batches else None
+            for index in range(len(batches)):
+                prepared, failures = upcoming.result()
+                upcoming = decoder.submit(prepare_batch, batches[index + 1]) if index + 1 < len(batches) else None
+                for entry, message in failures:
+                    fail(entry, message)
+                if prepared:
+                    maps = runner.run(torch.stack([p.tensor for p in prepared]))
+                    for item, item_maps in zip(prepared, maps):
+                        try:
+                            result = _experiments(item, item_maps, layout, objects_for)
+                        except Exception as err:  # reported per image, as ImageError or internal error
+                            _record(item, None, err, records, status, fail)
+                            continue
+                        figures.submit(
+                            item, result,
+                            (result, item.original, item.view, staging / "figures" / item.entry.slug,
+                             f"figures/{item.entry.slug}", manifest.output.cmap, manifest.output.alpha,
+                             loaded.num_prefix_tokens),
+                        )
+                for item, result, written in figures.finished():
+                    _record(item, result, written, records, status, fail)
+                if progress:
+                    progress(len(batches[index]))
+            for item, result, written in figures.finished(wait=True):
                 _record(item, result, written, records, status, fail)
-            if progress:
-                progress(len(batches[index]))
-        for item, result, written in figures.finished(wait=True):
-            _record(item, result, written, records, status, fail)
     return model_run(loaded, runner.capture_info)
 
 
@@ -127,6 +130,10 @@ def kept_model(manifest: Manifest, options) -> tuple[LoadedModel, float | None]:
     return loaded, seconds
 
 
+def _import_seaborn() -> None:
+    import seaborn  # noqa: F401  (for the similarity heatmaps: pandas and scipy come with it)
+
+
 def prepare_for_rebuilds(manifest: Manifest, options) -> float | None:
     """Load the model into ``options.model_cache`` ahead of need and run it once on a blank
     image, so the first rebuild is as quick as the next (a process's first forward pass is
@@ -140,7 +147,7 @@ def prepare_for_rebuilds(manifest: Manifest, options) -> float | None:
     if seconds is not None:
         _channels, height, width = loaded.data_config["input_size"]
         ModelRunner(loaded, manifest.attention).run(torch.zeros(1, 3, height, width))
-        import seaborn  # noqa: F401  (the similarity heatmaps' first import costs about half a second)
+        _import_seaborn()
     return seconds
 
 
@@ -181,6 +188,12 @@ class _FigureWriter:
 
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def preload(self, function) -> None:
+        """Run ``function`` in the figure thread ahead of the figures (a no-op with processes,
+        which import what they need when they start)."""
+        if isinstance(self._pool, ThreadPoolExecutor):
+            self._pool.submit(function)
 
     def submit(self, item: _Prepared, result: ImageResult, args: tuple) -> None:
         self._pending.append((item, result, self._pool.submit(write_image_figures, *args)))
