@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import reportgen
-from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, settings_key
+from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
 from reportgen.errors import ImageError, ReportgenError
 from reportgen.figures import write_colourbar
 from reportgen.manifest import ImageEntry, Manifest
@@ -128,7 +128,10 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
         ordered = [records[entry.slug] for entry in manifest.images]
         tables = _object_tables(ordered)
         colourbar = "assets/colourbar.png"
-        write_colourbar(manifest.output.cmap, staging / colourbar)
+        # It depends only on the colour map, which is in the settings key: a rebuild with the
+        # same settings links the old one (and so needs no matplotlib at all).
+        if previous is None or not reuse_file(output, staging, colourbar):
+            write_colourbar(manifest.output.cmap, staging / colourbar)
         write_site(
             staging,
             run=run_metadata(manifest, status.model_run),

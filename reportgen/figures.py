@@ -13,7 +13,6 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -40,6 +39,8 @@ def save_jpeg(image: Image.Image, path: Path) -> None:
 @lru_cache(maxsize=8)
 def colour_lut(cmap: str) -> np.ndarray:
     """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map (read-only, shared)."""
+    import matplotlib  # here, not at the top: a rebuild with nothing to draw never imports it
+
     lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
     lut.flags.writeable = False
     return lut

@@ -132,7 +132,7 @@ def test_failed_images_are_retried(project, counting):
     assert counting["images"] == 3  # 2 good the first time, then only the repaired one
 
 
-def test_unchanged_rebuild_does_not_even_import_torch(project):
+def test_unchanged_rebuild_does_not_even_import_torch_or_matplotlib(project):
     import subprocess
     import sys
 
@@ -144,7 +144,7 @@ def test_unchanged_rebuild_does_not_even_import_torch(project):
         "from reportgen.cli import main\n"
         f"try:\n    main(['build', {str(manifest)!r}, '-o', {str(folder / 'site')!r}, '--quiet'])\n"
         "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
-        "print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'timm', 'transformers', 'matplotlib', 'seaborn') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
