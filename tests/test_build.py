@@ -227,3 +227,14 @@ def test_figure_workers_write_the_same_site(two_images, tmp_path, monkeypatch):
         return {p.relative_to(site): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
 
     assert files(one) == files(two)
+
+
+def test_results_json_is_json_with_one_image_per_line():
+    from reportgen.site import results_json
+
+    results = {"format": 1, "title": "Kätzchen <b>", "images": [{"id": "a", "x": [1.5, None]}, {"id": "b"}], "pairs": []}
+    text = results_json(results)
+    assert json.loads(text) == results
+    lines = text.splitlines()
+    assert lines[lines.index('"images": [') + 1] == '{"id": "a", "x": [1.5, null]},'
+    assert json.loads(results_json({**results, "images": []}))["images"] == []
