@@ -60,10 +60,11 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
     Images are decoded in a background thread one batch ahead of the model, and nothing per image
     outlives its batch except its record, so memory does not grow with the number of images.
     """
-    figures = _FigureWriter(options.jobs, options.batch_size)
-    with figures:  # shut down however this ends, also if the model cannot be loaded
+    # Entered first, so the figure writer is shut down however this ends (also if the model
+    # cannot be loaded); its thread imports seaborn while the model loads.
+    with _FigureWriter(options.jobs, options.batch_size) as figures:
         if any(entry.kind == "multi" for entry, _key in todo):
-            figures.preload(_import_seaborn)  # ~1 s of imports, done while the model loads
+            figures.preload(_import_seaborn)  # ~1 s of imports (pandas, scipy)
         loaded, report.model_load_seconds = kept_model(manifest, options)
         runner = ModelRunner(loaded, manifest.attention)
         layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
