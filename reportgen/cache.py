@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import reportgen
-from reportgen.hashing import sha256_file
+from reportgen.hashing import file_sha256
 from reportgen.manifest import ImageEntry, Manifest, ModelSettings
 from reportgen.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 1
+STATUS_FORMAT = 2  # 2: one explorer sprite sheet per image
 FIGURE_SUFFIXES = (".png", ".jpg")
 
 
@@ -42,7 +42,7 @@ def model_identity(settings: ModelSettings) -> dict[str, Any]:
     if settings.name == IMGFOCUS_NAME:
         weights = IMGFOCUS_ONNX_SHA256
     elif settings.weights is not None and settings.weights.is_file():
-        weights = sha256_file(settings.weights)
+        weights = file_sha256(settings.weights)
     else:
         weights = "hub" if settings.pretrained else "random"
     return {
@@ -72,7 +72,7 @@ def image_key(entry: ImageEntry, global_key: str) -> str:
     return _digest(
         {
             "global": global_key,
-            "image": sha256_file(entry.path),
+            "image": file_sha256(entry.path),
             "kind": entry.kind,
             "slug": entry.slug,
             "objects": [[b.label, *b.as_tuple()] for b in entry.objects],

@@ -16,7 +16,7 @@ import timm
 import torch
 
 from reportgen.errors import ModelLoadError
-from reportgen.hashing import sha256_file
+from reportgen.hashing import file_sha256
 from reportgen.hub import cached_file, hub_offline, probe_hub, summarise_error
 from reportgen.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
 from reportgen.manifest import ModelSettings
@@ -224,7 +224,7 @@ def _load_weights_file(model: torch.nn.Module, path: Path) -> str:
         raise ModelLoadError(
             f"{path}: weights do not match the architecture ({' '.join(line.strip() for line in first)})"
         ) from None
-    return sha256_file(path)
+    return file_sha256(path)
 
 
 def _fit_classifier(model: torch.nn.Module, state: dict) -> None:
