@@ -155,6 +155,8 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
 def _watch(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool) -> None:
     """Build, then rebuild whenever an input changes, until interrupted. The model is loaded
     while waiting (once per model), so that the first image edited is as quick as the next."""
+    import dataclasses
+
     from reportgen.errors import ManifestError
     from reportgen.manifest import load_manifest
     from reportgen.watch import snapshot, wait_for_change, watched_paths
@@ -168,6 +170,7 @@ def _watch(manifest_path: Path, output: Path | None, options, settings: dict, qu
         paths = watched_paths(manifest_path, current)
         before = snapshot(paths)  # before the build reads them: a file saved meanwhile counts
         _status, built = _build_once(manifest_path, output, options, settings, quiet, watching=True)
+        options = dataclasses.replace(options, force=False)  # --force is for the first build only
         if built is not None and repr(built.model) not in tried:
             tried.add(repr(built.model))
             _keep_model(built, options, quiet)

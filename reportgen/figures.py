@@ -83,10 +83,9 @@ def write_explorer_sprite(cls_by_layer: np.ndarray, rollout_by_layer: np.ndarray
     """Every patch-grid map of the layer/head explorer in one PNG, one pixel per patch.
 
     Row ``l`` holds layer ``l``'s tiles: the CLS attention of each head, then the mean over heads,
-    then the rollout through layers ``0..l``; each tile is scaled to
-    its own maximum. The page shows one tile at a time, scaled up by the browser. One file instead
-    of ``L * (H + 2)`` tiny ones: writing (and, on rebuilds, linking) the files cost more than
-    drawing the maps.
+    then the rollout through layers ``0..l``; each tile is scaled to its own maximum. The page
+    shows one tile at a time, scaled up by the browser. One file instead of ``L * (H + 2)`` tiny
+    ones: writing (and, on rebuilds, linking) the files cost more than drawing the maps.
 
     Args:
         cls_by_layer: ``[L, H, rows, cols]`` CLS attention per layer and head.
