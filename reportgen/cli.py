@@ -6,6 +6,7 @@ images failed exits with status 2 after writing the site (their cards say why).
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -120,8 +121,6 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
     """Load the manifest, build, print what happened. Returns the exit status and the manifest
     built (``None`` if it could not be loaded); a known error is printed, and with ``watching``
     does not end the program."""
-    import dataclasses
-
     from reportgen.build import DEFAULT_OUTPUT
     from reportgen.build import build as run_build
     from reportgen.manifest import load_manifest
@@ -155,8 +154,6 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
 def _watch(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool) -> None:
     """Build, then rebuild whenever an input changes, until interrupted. The model is loaded
     while waiting (once per model), so that the first image edited is as quick as the next."""
-    import dataclasses
-
     from reportgen.errors import ManifestError
     from reportgen.manifest import load_manifest
     from reportgen.watch import snapshot, wait_for_change, watched_paths
