@@ -106,7 +106,7 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
         status, _manifest = _build_once(manifest, output, options, settings, quiet, watching=False)
     except KeyboardInterrupt:
         if watch:
-            click.echo("reportgen: stopped watching; the site is the last complete build.", err=True)
+            click.echo("reportgen: stopped watching.", err=True)  # a build cut short left the site as it was
             sys.exit(0)
         click.echo("reportgen: interrupted; the previous site (if any) is unchanged.", err=True)
         sys.exit(130)
