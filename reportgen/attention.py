@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-HEAD_FUSIONS = ("mean", "max", "min")
+from reportgen.manifest import HEAD_FUSIONS  # the settings' own list: one place names the fusions
 
 
 def fuse_heads(attn: torch.Tensor, how: str = "mean") -> torch.Tensor:

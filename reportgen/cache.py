@@ -171,8 +171,6 @@ def _figure_files(figures: dict[str, Any]) -> list[str]:
     for value in figures.values():
         if isinstance(value, str) and value.endswith(FIGURE_SUFFIXES):
             files.append(value)
-        elif isinstance(value, list):
-            files.extend(v for v in value if isinstance(v, str) and v.endswith(FIGURE_SUFFIXES))
         elif isinstance(value, dict):
             files.extend(_figure_files(value))
     return files

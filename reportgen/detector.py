@@ -138,11 +138,9 @@ def load_detector(name: str, threshold: float) -> Detector:
         with torch.random.fork_rng(devices=[]):
             model = DetrForObjectDetection.from_pretrained(source, local_files_only=offline)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
-        if not hasattr(processor, "post_process_object_detection"):
-            raise TypeError(f"its image processor {type(processor).__name__} is not a DETR image processor")
+        return Detector(model, processor, threshold, name)  # checks the processor is DETR's
     except Exception as err:
         raise ModelLoadError(_load_failure_message(name, err)) from err
-    return Detector(model, processor, threshold, name)
 
 
 def _load_failure_message(name: str, err: BaseException) -> str:

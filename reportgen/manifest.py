@@ -294,11 +294,9 @@ class OutputSettings:
             raise ValueError(f"output title must be a string, got {self.title!r}")
         if not isinstance(self.cmap, str) or not self.cmap:
             raise ValueError(f"cmap must be a colour-map name, got {self.cmap!r}")
-        known = _colormap_names() if self.cmap != "inferno" else None  # skip the import for the default
-        if known is not None and self.cmap not in known:
-            close = difflib.get_close_matches(self.cmap, sorted(known), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"unknown matplotlib colour map {self.cmap!r}{hint}")
+        unknown = _unknown_colormap(self.cmap) if self.cmap != "inferno" else None  # no import for the default
+        if unknown:
+            raise ValueError(unknown)
         alpha = _as_float(self.alpha)
         if not _is_number(alpha) or not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be a number with 0 < a <= 1, got {self.alpha!r}")
@@ -687,11 +685,8 @@ class _Validator:
         if not _is_number(value):
             self.problem(where, f"expected a number, got {_show(value)}")
             return None
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
+        number = _finite(value)
+        if number is None:
             self.problem(where, f"expected a finite number, got {_show(value)}")
             return None
         above = number >= low if low_ok else number > low
@@ -873,11 +868,9 @@ class _Validator:
         if section.get("cmap") is not None:
             cmap = self.string(section["cmap"], "output.cmap", allow_empty=False)
             if cmap is not None:
-                known = _colormap_names()
-                if known is not None and cmap not in known:
-                    close = difflib.get_close_matches(cmap, sorted(known), n=3)
-                    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                    self.problem("output.cmap", f"unknown matplotlib colour map {_show(cmap)}{hint}")
+                unknown = _unknown_colormap(cmap)
+                if unknown:
+                    self.problem("output.cmap", unknown)
                 else:
                     values["cmap"] = cmap
         if section.get("alpha") is not None:
@@ -1034,11 +1027,8 @@ class _Validator:
             if not _is_number(value):
                 self.problem(where, f"{name} must be a number, got {_show(value)}")
                 continue
-            try:
-                number = float(value)
-            except OverflowError:
-                number = math.inf
-            if not math.isfinite(number):
+            number = _finite(value)
+            if number is None:
                 self.problem(where, f"{name} must be a finite number, got {_show(value)}")
             elif number < 0:
                 self.problem(where, f"{name} must not be negative, got {_show(value)}")
@@ -1060,6 +1050,15 @@ class _Validator:
         return (x0, y0, x1, y1) if ok else None
 
 
+def _finite(value: int | float) -> float | None:
+    """``value`` as a float, or None for inf, NaN or an int too large for a float."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _num(value: float) -> str:
     # 40.0 reads better as 40 in a message about pixel coordinates.
     return f"{value:g}" if value != int(value) else str(int(value))
@@ -1072,6 +1071,16 @@ def _is_option_scalar(value: Any) -> bool:
 
 
 _COLORMAPS: frozenset[str] | None = None
+
+
+def _unknown_colormap(cmap: str) -> str | None:
+    """The problem with a colour-map name matplotlib does not know (with close matches), or None."""
+    known = _colormap_names()
+    if known is None or cmap in known:
+        return None
+    close = difflib.get_close_matches(cmap, sorted(known), n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return f"unknown matplotlib colour map {_show(cmap)}{hint}"
 
 
 def _colormap_names() -> frozenset[str] | None:

@@ -55,10 +55,6 @@ class LoadedModel:
     device: torch.device
 
     @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
     def depth(self) -> int:
         return len(getattr(self.model, "blocks", ()))
 
