@@ -1,10 +1,19 @@
 """Shared fixtures: tiny randomly initialised timm ViTs (no download)."""
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def source_env() -> dict:
+    """The environment for a ``python -m reportgen.cli`` subprocess: this checkout first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def make_tiny_vit(img_size=(32, 48), patch_size=8, depth=2, embed_dim=24, num_heads=3, seed=0, **kwargs):

@@ -10,7 +10,6 @@ traceback, no staging folder left) and SIGTERM.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,14 +18,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_manifest, write_photo
+from conftest import source_env, write_manifest, write_photo
 from sitecheck import broken_links, parse
 
 from reportgen.cli import main
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGES = 40
 
 
@@ -54,7 +52,7 @@ def previous_site(tmp_path):
 
 
 def _start_build(manifest: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = source_env()
     return subprocess.Popen(
         [sys.executable, "-m", "reportgen.cli", "build", str(manifest), "-o", str(out), "--batch-size", "1"],
         cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

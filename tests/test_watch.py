@@ -12,12 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import write_manifest, write_photo
+from conftest import source_env, write_manifest, write_photo
 
 from reportgen.watch import wait_for_change, watched_paths
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # --- polling, on real files; the "sleep" is where the test changes them --------------------------
 
@@ -89,7 +86,7 @@ class _Program:
     """``reportgen build --watch`` in a subprocess, its stderr read line by line."""
 
     def __init__(self, manifest: Path, out: Path):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = source_env()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "reportgen.cli", "build", str(manifest), "-o", str(out), "--watch"],
             cwd=out.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
