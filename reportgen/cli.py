@@ -1,7 +1,8 @@
 """Command line: parses options, applies them over the manifest, calls :func:`reportgen.build.build`.
 
-Errors reportgen knows about are printed as plain messages with exit status 1; a build where some
-images failed exits with status 2 after writing the site (their cards say why).
+Exit status: 0 every image done; 1 an error stopped the build (printed as one plain message, the
+previous site intact); 2 a usage error (an unknown option or a value the settings reject); 3 the
+site was written but some images failed (their cards say why).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from reportgen import __version__
 from reportgen.errors import ReportgenError
 
 EXIT_ERROR = 1
-EXIT_IMAGES_FAILED = 2
+EXIT_USAGE = 2  # click's own code for usage errors
+EXIT_IMAGES_FAILED = 3
 
 
 def _overrides(**options) -> dict:
@@ -59,7 +61,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("manifest", type=click.Path(path_type=Path))  # load_manifest says what is wrong with it
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Site folder to write (default: the manifest's output.dir, else ./site).")
 @click.option("--model", default=None, help="timm ViT name, or imgfocus-vits14 for the offline model.")

@@ -121,7 +121,7 @@ def test_box_outside_the_image_fails_only_that_image(tmp_path):
     )
     out = tmp_path / "out"
     result = _build(manifest, out)
-    _clean_exit(result, 2)
+    _clean_exit(result, 3)
     assert "'small' failed" in result.output and "outside the 48x40 image" in result.output
     card = _error_card(out / "index.html", "small.png")
     assert "Not processed" in card and "objects[0]" in card and "outside the 48x40 image" in card
@@ -198,7 +198,7 @@ def test_bad_image_gets_a_card_others_complete(tmp_path, case):
     started = time.perf_counter()
     result = _build(manifest, out)
     assert time.perf_counter() - started < 30
-    _clean_exit(result, 2)
+    _clean_exit(result, 3)
     assert f"image 'bad' failed: {name}" in result.output and message in result.output
     card = _error_card(out / "index.html", name)
     assert "Not processed" in card and message in card
@@ -219,7 +219,7 @@ def test_modest_image_over_a_lowered_pixel_limit_is_refused(tmp_path, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     out = tmp_path / "out"
     result = _build(manifest, out)
-    _clean_exit(result, 2)
+    _clean_exit(result, 3)
     card = _error_card(out / "index.html", "big.png")
     assert "decompression bomb: 1920 pixels, more than Pillow&#39;s limit of 1000" in card
     assert (out / "first.html").is_file()
@@ -228,7 +228,7 @@ def test_modest_image_over_a_lowered_pixel_limit_is_refused(tmp_path, monkeypatc
 def test_image_errors_do_not_publish_local_paths(tmp_path):
     manifest = _three_images(tmp_path, "notes.jpg", _bad_text)
     out = tmp_path / "out"
-    _clean_exit(_build(manifest, out), 2)
+    _clean_exit(_build(manifest, out), 3)
     for page in [*out.glob("*.html"), out / "results.json"]:
         assert str(tmp_path) not in page.read_text(encoding="utf-8"), page.name
 
@@ -257,7 +257,7 @@ def test_every_image_failing_still_writes_the_cards(tmp_path):
     manifest = write_manifest(tmp_path, [{"path": "zero.png"}, {"path": "text.png"}])
     out = tmp_path / "out"
     result = _build(manifest, out)
-    _clean_exit(result, 2)
+    _clean_exit(result, 3)
     assert "empty" in _error_card(out / "index.html", "zero.png")
     assert "not an image" in _error_card(out / "index.html", "text.png")
     assert broken_links(out) == []
@@ -582,7 +582,7 @@ def test_hostile_text_in_title_caption_label_id_and_file_name_is_escaped(tmp_pat
     manifest = write_manifest(tmp_path, images, title=PAYLOADS[4])
     out = tmp_path / "out"
     result = _build(manifest, out, "--title", PAYLOADS[0] + PAYLOADS[2])
-    _clean_exit(result, 2)  # the broken image fails, on its card
+    _clean_exit(result, 3)  # the broken image fails, on its card
 
     pages = sorted(out.glob("*.html"))
     assert len(pages) == len(PAYLOADS) + 2

@@ -113,7 +113,7 @@ def test_bad_image_gets_a_card_and_nonzero_exit(two_images, tmp_path):
     (tmp_path / "cat.png").write_bytes(b"not a png")
     out = tmp_path / "site"
     result = _build(two_images, out)
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert "cat.png" in result.output
     index = (out / "index.html").read_text()
     assert "Not processed" in index and "cat.png" in index

@@ -126,7 +126,7 @@ def test_missing_figure_means_recompute(project, counting):
 def test_failed_images_are_retried(project, counting):
     folder, images = project
     (folder / "img0.png").write_bytes(b"broken")
-    assert _build(folder, images).exit_code == 2
+    assert _build(folder, images).exit_code == 3
     write_photo(folder / "img0.png", (40, 32), seed=0)
     assert _build(folder, images).exit_code == 0
     assert counting["images"] == 3  # 2 good the first time, then only the repaired one
