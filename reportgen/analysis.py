@@ -157,6 +157,8 @@ def _record(item: _Prepared, result: ImageResult | None, written, records, statu
     the exception that stopped them)."""
     if isinstance(written, ImageError):
         fail(item.entry, str(written))
+    elif isinstance(written, OSError):  # the output cannot be written (disk full ...): stops the build
+        raise written
     elif isinstance(written, BaseException):  # a bug must cost one image, not the whole site
         log.debug("figures of %s failed", item.entry.id, exc_info=written)
         fail(item.entry, f"internal error in reportgen ({type(written).__name__}: {written})")

@@ -11,7 +11,9 @@ when it is empty or carries reportgen's marker file: a user's own folder is neve
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ import numpy as np
 
 import reportgen
 from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
-from reportgen.errors import ImageError, ReportgenError
+from reportgen.errors import ImageError, OutputError, ReportgenError
 from reportgen.figures import write_colourbar
 from reportgen.manifest import ImageEntry, Manifest
 from reportgen.site import failure_record, write_site
@@ -31,6 +33,8 @@ from reportgen.summary import ObjectTable, fraction_lowered, summarise_pairs
 
 MARKER = ".reportgen-site"
 DEFAULT_OUTPUT = Path("site")
+#: Devices a build can run on; whether one is present is checked when the model is loaded.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,17 @@ class BuildOptions:
     jobs: int = 1
     model_cache: dict | None = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(
+                f"--device {self.device!r}: expected auto, cpu, cuda, cuda:N or mps"
+                + (" (the meta device holds no data, so there would be no attention to show)" if self.device == "meta" else "")
+            )
+        for name in ("batch_size", "jobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+
 
 @dataclass
 class BuildReport:
@@ -76,6 +91,21 @@ class BuildReport:
 ProgressCallback = Callable[[int], None]
 
 
+def _output_errors(function):
+    """Report an OSError of the build (read-only or full disk, no permission, a file where a
+    folder should be, a name too long) as one sentence naming the output and the cause."""
+
+    @functools.wraps(function)
+    def wrapper(manifest: Manifest, options: BuildOptions, *args, **kwargs):
+        try:
+            return function(manifest, options, *args, **kwargs)
+        except OSError as err:
+            raise OutputError.from_os_error(err, options.output) from None
+
+    return wrapper
+
+
+@_output_errors
 def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback | None = None) -> BuildReport:
     """Build the site for ``manifest``.
 

@@ -98,10 +98,13 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
 
     # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
     # the previous handler is put back afterwards (the command may run inside another program).
+    try:
+        options = BuildOptions(device=device, batch_size=batch_size, strict=strict, force=force, jobs=jobs,
+                               model_cache={} if watch else None)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
-    options = BuildOptions(device=device, batch_size=batch_size, strict=strict, force=force, jobs=jobs,
-                           model_cache={} if watch else None)
     try:
         if watch:
             _watch(manifest, output, options, settings, quiet)  # until Ctrl-C

@@ -6,6 +6,8 @@ Every error a user can cause (bad manifest, missing model, unreadable image) is 
 
 from __future__ import annotations
 
+import errno
+
 
 class ReportgenError(Exception):
     """Base class for errors that are reported to the user as a plain message."""
@@ -37,3 +39,27 @@ class CaptureError(ReportgenError):
 
 class ImageError(ReportgenError):
     """An image could not be read or used."""
+
+
+class OutputError(ReportgenError):
+    """The output folder cannot be written (read-only, no permission, disk full, bad path)."""
+
+    @classmethod
+    def from_os_error(cls, err: OSError, output) -> "OutputError":
+        """One sentence naming the output folder, the path that failed and the cause."""
+        cause = _OS_ERROR_CAUSES.get(err.errno, err.strerror or str(err))
+        where = "" if err.filename in (None, str(output)) else f" ({err.filename})"
+        return cls(f"{output}: cannot write the site{where}: {cause}. The previous site (if any) is unchanged.")
+
+
+_OS_ERROR_CAUSES = {
+    errno.ENOSPC: "no space left on the device (the disk is full)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only; choose another output folder with --output",
+    errno.EACCES: "permission denied; choose a folder you can write to with --output",
+    errno.EPERM: "operation not permitted; choose a folder you can write to with --output",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter --output",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another --output",
+    errno.EEXIST: "a part of the path is a file, not a folder; choose another --output",
+    errno.EIO: "input/output error (the disk may be failing)",
+}

@@ -60,13 +60,28 @@ class LoadedModel:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps``
+    must be present on this machine (the spelling is checked by :class:`~reportgen.build.BuildOptions`).
+
+    Raises:
+        ModelLoadError: the device is not available here.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ModelLoadError(f"unknown device {device!r}: {err}") from None
+    target = torch.device(device)
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelLoadError(
+                f"--device {device}: no CUDA device is available on this machine "
+                f"(torch {torch.__version__}{'' if torch.version.cuda else ', built without CUDA'}). "
+                "Use --device cpu, or --device auto to take CUDA only when it is there."
+            )
+        if target.index is not None and target.index >= count:
+            raise ModelLoadError(f"--device {device}: this machine has {count} CUDA device(s), numbered from 0.")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"--device {device}: Apple's MPS backend is not available on this machine; use --device cpu.")
+    return target
 
 
 def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
@@ -92,6 +107,13 @@ def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
     _check_vit(model, settings.name)
     patch_size = tuple(int(p) for p in model.patch_embed.patch_size)
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    if min(grid) < 1:
+        built = tuple(int(s) for s in model.patch_embed.img_size)
+        raise ModelLoadError(
+            f"model.input_size (--input-size) {settings.input_size or built[0]}: smaller than the model's "
+            f"{patch_size[0]}x{patch_size[1]} patch, so the image would have no patches. "
+            f"Use an input size of at least {max(patch_size)}, or leave it unset for the model's own."
+        )
     # The pretrained config still names the size the weights were trained at; the model's own
     # patch embedding knows the size it was built for (e.g. --input-size).
     loaded["data_config"] = {**loaded["data_config"], "input_size": (3, *(int(s) for s in model.patch_embed.img_size))}
