@@ -1,7 +1,6 @@
 """Broken environments get one sentence, not a traceback (issue 11).
 
-Each case runs the real command line (click's runner, or a ``python3 -m reportgen.cli``
-subprocess where privileges or a file system must differ) and checks: exit status 1 (2 for an
+Each case runs the real command line (a ``python3 -m reportgen.cli build`` process) and checks: exit status 1 (2 for an
 option value that is never valid), one message naming the path or option and the cause, the
 previous site unchanged, and no staging folder left beside the output.
 
@@ -16,13 +15,11 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from conftest import source_env, write_manifest, write_photo
-
-from reportgen.cli import main
 
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT or shutil.which("mount") is None, reason="mounting a tmpfs needs root")
@@ -39,8 +36,19 @@ def _manifest(folder: Path, count: int = 1, size=(48, 40)) -> Path:
     return write_manifest(folder, [{"path": f"photo-{i}.png"} for i in range(count)])
 
 
-def _cli(*args: str):
-    return CliRunner().invoke(main, ["build", *args, "--quiet"])
+@dataclass
+class _Run:
+    exit_code: int
+    output: str  # what the user saw on stderr (and stdout)
+
+
+def _cli(*args: str, prefix: tuple[str, ...] = ()) -> _Run:
+    """Run ``reportgen build ARGS --quiet`` as a new process, as a user would."""
+    process = subprocess.run(
+        [*prefix, sys.executable, "-m", "reportgen.cli", "build", *args, "--quiet"],
+        env=source_env(), capture_output=True, text=True, timeout=300,
+    )
+    return _Run(process.returncode, process.stderr + process.stdout)
 
 
 def _one_message(output: str, *needles: str) -> None:
@@ -175,14 +183,11 @@ def test_parent_folder_without_write_permission(tmp_path, previous):
     parent.chmod(0o555)
     try:
         # Root ignores permissions; without its capabilities it is an ordinary user here.
-        process = subprocess.run(
-            ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--",
-             sys.executable, "-m", "reportgen.cli", "build", str(previous), "-o", str(out), "--force", "--quiet"],
-            env=source_env(), capture_output=True, text=True, timeout=300,
-        )
+        result = _cli(str(previous), "-o", str(out), "--force",
+                      prefix=("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"))
     finally:
         parent.chmod(0o755)
-    assert process.returncode == 1, process.stderr
-    _one_message(process.stderr, str(out), "permission denied")
+    assert result.exit_code == 1, result.output
+    _one_message(result.output, str(out), "permission denied")
     assert _snapshot(out) == before
     _no_leftovers(parent, "site")
