@@ -63,6 +63,21 @@ def _no_leftovers(parent: Path, name: str) -> None:
     assert not [p.name for p in parent.glob(f".{name}.*")], "a staging folder was left beside the output"
 
 
+def _site(manifest: Path, out: Path) -> dict[str, bytes | None]:
+    """Build a site at ``out``; its snapshot."""
+    result = _cli(str(manifest), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    return _snapshot(out)
+
+
+def _assert_refused(result: _Run, out: Path, before: dict, *needles: str) -> None:
+    """Exit 1 with one message holding ``needles``; the site at ``out`` as ``before``; nothing left beside it."""
+    assert result.exit_code == 1, result.output
+    _one_message(result.output, *needles)
+    assert _snapshot(out) == before
+    _no_leftovers(out.parent, out.name)
+
+
 @pytest.fixture
 def previous(tmp_path):
     """A manifest and a finished site from it."""
@@ -96,13 +111,9 @@ def test_input_size_below_the_patch_size(tmp_path, previous):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_machine_without_cuda(tmp_path, previous):
     out = tmp_path / "site"
-    assert _cli(str(previous), "-o", str(out)).exit_code == 0
-    before = _snapshot(out)
+    before = _site(previous, out)
     result = _cli(str(previous), "-o", str(out), "--device", "cuda", "--force")
-    assert result.exit_code == 1
-    _one_message(result.output, "--device cuda", "no CUDA device")
-    assert _snapshot(out) == before
-    _no_leftovers(tmp_path, "site")
+    _assert_refused(result, out, before, "--device cuda", "no CUDA device")
 
 
 @pytest.mark.parametrize("device", ["meta", "gpu", "cuda:x", ""])
@@ -149,28 +160,20 @@ def tmpfs(tmp_path):
 def test_read_only_file_system_leaves_the_previous_site(tmp_path, previous, tmpfs):
     mnt = tmpfs("4m")
     out = mnt / "site"
-    assert _cli(str(previous), "-o", str(out)).exit_code == 0
-    before = _snapshot(out)
+    before = _site(previous, out)
     subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
     result = _cli(str(previous), "-o", str(out), "--force")
-    assert result.exit_code == 1
-    _one_message(result.output, str(out), "read-only")
-    assert _snapshot(out) == before
-    _no_leftovers(mnt, "site")
+    _assert_refused(result, out, before, str(out), "read-only")
 
 
 @needs_root
 def test_full_disk_leaves_the_previous_site(tmp_path, previous, tmpfs):
     mnt = tmpfs("600k")
     out = mnt / "site"
-    assert _cli(str(previous), "-o", str(out)).exit_code == 0
-    before = _snapshot(out)
+    before = _site(previous, out)
     bigger = _manifest(tmp_path / "many", count=24, size=(320, 240))  # noise photos: far more than 600 kB of figures
     result = _cli(str(bigger), "-o", str(out))
-    assert result.exit_code == 1
-    _one_message(result.output, str(out), "no space left")
-    assert _snapshot(out) == before
-    _no_leftovers(mnt, "site")
+    _assert_refused(result, out, before, str(out), "no space left")
 
 
 @needs_root
@@ -178,8 +181,7 @@ def test_parent_folder_without_write_permission(tmp_path, previous):
     parent = tmp_path / "locked"
     parent.mkdir()
     out = parent / "site"
-    assert _cli(str(previous), "-o", str(out)).exit_code == 0
-    before = _snapshot(out)
+    before = _site(previous, out)
     parent.chmod(0o555)
     try:
         # Root ignores permissions; without its capabilities it is an ordinary user here.
@@ -187,7 +189,4 @@ def test_parent_folder_without_write_permission(tmp_path, previous):
                       prefix=("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"))
     finally:
         parent.chmod(0o755)
-    assert result.exit_code == 1, result.output
-    _one_message(result.output, str(out), "permission denied")
-    assert _snapshot(out) == before
-    _no_leftovers(parent, "site")
+    _assert_refused(result, out, before, str(out), "permission denied")
