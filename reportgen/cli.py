@@ -24,26 +24,29 @@ EXIT_USAGE = 2  # click's own code for usage errors
 EXIT_IMAGES_FAILED = 3
 
 
+# Each option that overrides a manifest setting, and the (section, field) it sets.
+_SETTING_OPTIONS = {
+    "model": ("model", "name"),
+    "weights": ("model", "weights"),
+    "input_size": ("model", "input_size"),
+    "random_weights": ("model", "pretrained"),
+    "head_fusion": ("attention", "head_fusion"),
+    "discard_ratio": ("attention", "discard_ratio"),
+    "detector": ("detector", "name"),
+    "detector_threshold": ("detector", "threshold"),
+    "cmap": ("output", "cmap"),
+    "alpha": ("output", "alpha"),
+    "title": ("output", "title"),
+}
+
+
 def _overrides(**options) -> dict:
     """Manifest overrides from options the user actually gave (None = not given)."""
     sections: dict[str, dict] = {"model": {}, "attention": {}, "detector": {}, "output": {}}
-    mapping = {
-        "model": ("model", "name"),
-        "weights": ("model", "weights"),
-        "input_size": ("model", "input_size"),
-        "random_weights": ("model", "pretrained"),
-        "head_fusion": ("attention", "head_fusion"),
-        "discard_ratio": ("attention", "discard_ratio"),
-        "detector": ("detector", "name"),
-        "detector_threshold": ("detector", "threshold"),
-        "cmap": ("output", "cmap"),
-        "alpha": ("output", "alpha"),
-        "title": ("output", "title"),
-    }
     for option, value in options.items():
         if value is None:
             continue
-        section, key = mapping[option]
+        section, key = _SETTING_OPTIONS[option]
         if option == "random_weights":
             value = not value
         if option == "detector" and value.lower() == "none":
@@ -52,6 +55,33 @@ def _overrides(**options) -> dict:
             value = Path(value).resolve()
         sections[section][key] = value
     return sections
+
+
+def _check_overrides(sections: dict) -> None:
+    """Check the options' values with the settings' own rules (those of the manifest), before
+    anything is read: an override over a bound is a usage error naming the option."""
+    from reportgen.manifest import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings
+
+    types = {"model": ModelSettings, "attention": AttentionSettings, "detector": DetectorSettings, "output": OutputSettings}
+    for section, values in sections.items():
+        try:
+            types[section](**values)
+        except ValueError as err:
+            raise _usage_error(err) from None
+
+
+def _usage_error(err: ValueError) -> click.UsageError:
+    """A settings error as a usage error naming the option (``--input-size``) it came from."""
+    from reportgen.manifest import SettingsError
+
+    if not isinstance(err, SettingsError):
+        return click.UsageError(str(err))
+    options = {target: option for option, target in _SETTING_OPTIONS.items()}
+    key, message = err.problems[0]
+    option = options.get((err.section, key.split(".", 1)[0]))
+    if option is None:
+        return click.UsageError(str(err))
+    return click.BadParameter(message, param_hint=f"'--{option.replace('_', '-')}'")
 
 
 @click.group()
@@ -96,6 +126,7 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
     """Build the site for MANIFEST (a YAML file listing images)."""
     from reportgen.build import BuildOptions
 
+    _check_overrides(_overrides(**settings))
     # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
     # the previous handler is put back afterwards (the command may run inside another program).
     try:
@@ -136,7 +167,7 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
         try:
             loaded = loaded.with_overrides(**_overrides(**settings))
         except ValueError as err:
-            raise click.UsageError(str(err)) from None
+            raise _usage_error(err) from None
         out = output or loaded.output.dir or DEFAULT_OUTPUT
         report = _run_with_progress(run_build, loaded, dataclasses.replace(options, output=Path(out)), quiet)
     except ReportgenError as err:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from reportgen.errors import ModelLoadError
 from reportgen.hub import hub_offline, is_cached, probe_hub, summarise_error
-from reportgen.manifest import ObjectBox
+from reportgen.manifest import MAX_LABEL_LENGTH, MAX_OBJECTS, ObjectBox
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image
@@ -60,7 +60,8 @@ class Detector:
 
     def detect(self, image: Image.Image) -> list[ObjectBox]:
         """Objects with score >= threshold, boxes in the given image's pixel coordinates (clipped to the image),
-        labels from model.config.id2label, sorted by descending score. Runs under torch.inference_mode()."""
+        labels from model.config.id2label (cut to MAX_LABEL_LENGTH), sorted by descending score, at most
+        MAX_OBJECTS of them. Runs under torch.inference_mode()."""
         import torch
 
         if image.mode != "RGB":
@@ -89,10 +90,11 @@ class Detector:
             y0, y1 = _clip(y0, height), _clip(y1, height)
             if not (x1 > x0 and y1 > y0):  # nothing of the box is left inside the image
                 continue
-            name = id2label.get(label, id2label.get(str(label), f"LABEL_{label}"))
-            found.append(ObjectBox(label=str(name), x0=x0, y0=y0, x1=x1, y1=y1, score=score))
-        # sorted() is stable: equal scores keep the model's query order.
-        return sorted(found, key=lambda box: box.score, reverse=True)
+            name = str(id2label.get(label, id2label.get(str(label), f"LABEL_{label}")))[:MAX_LABEL_LENGTH]
+            found.append(ObjectBox(label=name, x0=x0, y0=y0, x1=x1, y1=y1, score=score))
+        # sorted() is stable: equal scores keep the model's query order. The manifest's bounds on
+        # objects per image and label length hold for detections too (a detector config is input).
+        return sorted(found, key=lambda box: box.score, reverse=True)[:MAX_OBJECTS]
 
 
 def _clip(value: float, limit: int) -> float:

@@ -156,6 +156,21 @@ def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, f
     save_jpeg(canvas, path)
 
 
+#: Longest tick label of the similarity figure; longer labels end with an ellipsis (the tables
+#: beside the figure give them whole).
+TICK_LABEL_CHARS = 32
+
+#: Largest similarity figure, whatever the number of objects (at most
+#: :data:`~reportgen.manifest.MAX_OBJECTS`, or more from a detector) and the length of their labels:
+#: three panels of at most ``_SimilarityCanvas.MAX_PANEL`` inches and tick labels of at most
+#: :data:`TICK_LABEL_CHARS` characters, at 100 dpi.
+MAX_SIMILARITY_SIZE = (3500, 1400)
+
+
+def _tick_label(label: str) -> str:
+    return label if len(label) <= TICK_LABEL_CHARS else label[: TICK_LABEL_CHARS - 1].rstrip() + "…"
+
+
 class _SimilarityCanvas:
     """A three-panel seaborn heatmap figure for ``k`` objects, drawn once and then redrawn with
     each image's values, labels and scales.
@@ -166,15 +181,18 @@ class _SimilarityCanvas:
     is the same bytes as a freshly built figure: nothing in the drawing depends on history.
     """
 
-    CELL = 0.45  # inches per cell
+    CELL = 0.45  # inches per cell, while a panel fits in MAX_PANEL
+    MAX_PANEL = 10.0  # inches: beyond 22 objects the cells shrink instead of the figure growing
     PANELS = ("viridis", "viridis", "RdBu_r")
 
     def __init__(self, k: int, label_chars: int):
         import seaborn as sns
         from matplotlib.figure import Figure
 
-        label_width = 0.08 * label_chars + 0.3  # inches of tick-label text
-        panel = self.CELL * k
+        label_width = 0.08 * min(label_chars, TICK_LABEL_CHARS) + 0.3  # inches of tick-label text
+        cell = min(self.CELL, self.MAX_PANEL / max(k, 1))
+        font = min(8.0, cell * 72 * 0.8)  # points: a tick label fits in its cell
+        panel = cell * k
         bar, gap = 0.12, 0.55  # colour bar width; gap after a panel (room for the bar's labels)
         width = label_width + 3 * panel + 3 * gap
         height = panel + label_width + 0.5
@@ -190,7 +208,7 @@ class _SimilarityCanvas:
             sns.heatmap(np.zeros((k, k)), ax=ax, cmap=cmap, square=True, cbar=False, xticklabels=False, yticklabels=False)
             ax.set_xticks(ticks)
             ax.set_yticks(ticks if i == 0 else [])
-            ax.tick_params(labelsize=8)
+            ax.tick_params(labelsize=font)
             mesh = ax.collections[0]
             cax = self.figure.add_axes(((left + panel + 0.08) / width, bottom, bar / width, panel / height))
             colourbar = self.figure.colorbar(mesh, cax=cax)
@@ -222,7 +240,7 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
     The cells are colour only, with a colour bar per panel: the tables next to the figure hold the
     values (text in every cell would triple the cost of the figure).
     """
-    labels = [label.replace("$", r"\$") for label in labels]  # user text: "$5" is a price, not mathtext
+    labels = [_tick_label(label).replace("$", r"\$") for label in labels]  # user text: "$5" is a price, not mathtext
     bound = max(float(np.abs(rollout - plain).max()), 1e-6)
     panels = [
         ("plain", plain, -1.0, 1.0),

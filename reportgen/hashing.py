@@ -9,8 +9,10 @@ reads only the files that changed, and a weights file is read once, not once per
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -24,10 +26,22 @@ _lock = threading.Lock()
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """sha256 of a regular file's bytes.
+
+    Raises:
+        OSError: the file cannot be read, or is not a regular file (a FIFO would block for ever,
+            a device such as /dev/zero never ends); opened without blocking and checked on the
+            open descriptor.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(chunk_size), b""):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        for chunk in iter(lambda: os.read(fd, chunk_size), b""):
             digest.update(chunk)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 

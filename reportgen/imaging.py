@@ -9,7 +9,9 @@ original pixels to model-input pixels that boxes and overlays need (:class:`Geom
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,11 @@ _INTERPOLATION = {
 #: on the file, and untrusted PostScript is a classic way into a machine.
 REFUSED_FORMATS = frozenset({"EPS"})
 
+#: Largest image file read. Larger than the manifest's cap (10 MiB) on purpose: a camera TIFF or
+#: a large PNG is often 20-100 MiB, and an uncompressed 8-bit RGB image at Pillow's pixel limit
+#: (89.5 megapixels) is 256 MiB. A bigger file fails its image without being read.
+MAX_IMAGE_BYTES = 320 * 1024 * 1024
+
 #: Key in ``Image.info`` of a decoded image: its upright size before any downscaling to
 #: :data:`MAX_SIDE` (see :func:`source_size`).
 SOURCE_SIZE = "reportgen.source_size"
@@ -55,7 +62,9 @@ def open_image(path: Path) -> Image.Image:
     larger than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused
     before their pixels are decoded; images with a side longer than :data:`MAX_SIDE` are
     downscaled to it (their size before that is in ``info[SOURCE_SIZE]``, see
-    :func:`source_size`). Formats in :data:`REFUSED_FORMATS` are never opened.
+    :func:`source_size`). Formats in :data:`REFUSED_FORMATS` are never opened. Only regular files
+    of at most :data:`MAX_IMAGE_BYTES` are read (a FIFO or a device is refused without waiting);
+    a floating-point image with a NaN or infinite pixel is refused rather than shown black.
 
     Raises:
         ImageError: naming the file (by its name only, as the message may be published on the
@@ -64,18 +73,19 @@ def open_image(path: Path) -> Image.Image:
     path = Path(path)
     name = path.name
     try:
-        if path.is_file() and path.stat().st_size == 0:
-            raise ImageError(f"{name}: the file is empty (0 bytes)")
-        with warnings.catch_warnings():
+        with _open_regular(path) as fh, warnings.catch_warnings():
             # Belt and braces: the explicit size check below is what guarantees the limit
             # (warning filters are process-wide, and images are decoded in a worker thread).
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=_allowed_formats()) as im:
-                _check_pixels(im.size)
-                im.seek(0)
-                im = _upright(im)
-                im.load()
-                rgb = _to_rgb(im)
+            try:
+                with Image.open(fh, formats=_allowed_formats()) as im:
+                    _check_pixels(im.size)
+                    im.seek(0)
+                    im = _upright(im)
+                    im.load()
+                    rgb = _to_rgb(im)
+            except Image.UnidentifiedImageError:
+                raise _Refused(_unidentified(fh)) from None
     except ImageError:
         raise
     except FileNotFoundError:
@@ -88,8 +98,6 @@ def open_image(path: Path) -> Image.Image:
         raise ImageError(f"{name}: {err}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{name}: {_bomb_message(err)}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: {_unidentified(path)}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{name}: could not decode the image ({err})") from None
     except MemoryError:
@@ -145,10 +153,36 @@ def _upright(im: Image.Image) -> Image.Image:
         return im
 
 
-def _unidentified(path: Path) -> str:
+def _open_regular(path: Path):
+    """The image file opened for reading, if it is a regular, non-empty file of at most
+    :data:`MAX_IMAGE_BYTES`; checked on the open descriptor, so the file checked is the file read.
+
+    Opened without blocking: a FIFO would otherwise wait for a writer for ever.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise _Refused("not a regular file (a FIFO, device or socket); only regular files are read")
+        if info.st_size == 0:
+            raise _Refused("the file is empty (0 bytes)")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise _Refused(
+                f"the file is {info.st_size / 2**20:.0f} MiB, more than the limit of "
+                f"{MAX_IMAGE_BYTES // 2**20} MiB (reportgen.imaging.MAX_IMAGE_BYTES)"
+            )
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _unidentified(fh) -> str:
+    try:
+        fh.seek(0)
+        head = fh.read(16)
     except OSError:
         head = b""
     if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
@@ -161,6 +195,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # Scale 16-bit / float greyscale to 8 bits by its own range rather than clipping.
         arr = np.asarray(im, dtype=np.float64)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            # Scaled by its range, one NaN or inf would make the whole image black (or NaN).
+            raise _Refused(f"{bad} of its {arr.size} pixels are NaN or infinite (a floating-point image); "
+                           "only finite pixel values can be shown")
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         return Image.fromarray(arr.round().astype(np.uint8), "L").convert("RGB")

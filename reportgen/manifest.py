@@ -30,6 +30,7 @@ import math
 import os
 import re
 import reprlib
+import stat
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,7 +53,10 @@ __all__ = [
     "ModelSettings",
     "ObjectBox",
     "OutputSettings",
+    "SettingsError",
     "load_manifest",
+    "number_problem",
+    "text_problem",
     "slugify",
 ]
 
@@ -72,6 +76,37 @@ _SEPARATOR_RUN = re.compile(r"[._-]{2,}")
 #: Longest slug, including any "-2" suffix added to make it unique.
 MAX_SLUG_LENGTH = 80
 
+# --------------------------------------------------------------------------------------------
+# Bounds: every size a manifest (or the command line) can set. A value over a bound is a located
+# manifest error (or a usage error for an option), never a slow build, a huge figure or a crash.
+# --------------------------------------------------------------------------------------------
+
+#: Largest manifest file read: a manifest of thousands of images is well under 1 MiB; anything
+#: bigger is not a manifest (and /dev/zero would otherwise be read until memory runs out).
+MAX_MANIFEST_BYTES = 10 * 1024 * 1024
+
+#: Longest image id. An id is also the default title and is shown on every card; 200 characters
+#: is a long sentence (a file-name stem used as the id is bounded by it too).
+MAX_ID_LENGTH = 200
+
+#: Longest object label: labels are tick labels of the similarity figure and rows of its tables.
+MAX_LABEL_LENGTH = 200
+
+#: Longest report or image title.
+MAX_TITLE_LENGTH = 500
+
+#: Longest image caption (a paragraph).
+MAX_CAPTION_LENGTH = 2000
+
+#: Longest name of a model, detector or colour map, and longest text value of a model option.
+MAX_NAME_LENGTH = 200
+
+#: Longest path written in the manifest (Linux's PATH_MAX).
+MAX_PATH_LENGTH = 4096
+
+#: Most objects (boxes) on one image: the similarity figure and tables grow with its square.
+MAX_OBJECTS = 64
+
 #: Largest model.input_size accepted; anything bigger is a typo that would only fail later
 #: with an out-of-memory error deep inside the model.
 MAX_INPUT_SIZE = 4096
@@ -79,9 +114,23 @@ MAX_INPUT_SIZE = 4096
 # timm.create_model arguments that have their own manifest keys; passing them twice through
 # model.options would either clash or silently override the documented setting.
 _RESERVED_OPTIONS = {
-    "model_name": "model.name",
-    "pretrained": "model.pretrained",
-    "img_size": "model.input_size",
+    "model_name": "set this with model.name instead",
+    "pretrained": "set this with model.pretrained instead",
+    "img_size": "set this with model.input_size instead",
+}
+
+# timm.create_model arguments (timm 1.0) that choose a file, folder, URL or hub repository the
+# weights are read from. Weights must come through model.weights / --weights, whose file is
+# hashed for the cache, named on the site and protected from deletion; these would bypass all that.
+_WEIGHTS_HINT = "weights from a file must be given with model.weights (or --weights)"
+_FILE_OPTIONS = {
+    "checkpoint_path": f"names a weights file: {_WEIGHTS_HINT}",
+    "pretrained_cfg": (
+        f"chooses where the weights come from: {_WEIGHTS_HINT}; a pretrained tag goes in model.name "
+        "(e.g. vit_base_patch16_224.augreg_in21k)"
+    ),
+    "pretrained_cfg_overlay": f"can name a weights file, URL or hub repository: {_WEIGHTS_HINT}",
+    "cache_dir": f"names a folder weights are read from: {_WEIGHTS_HINT} (or set HF_HOME for the hub cache)",
 }
 
 _TOP_KEYS = ("title", "model", "attention", "detector", "output", "images")
@@ -164,13 +213,97 @@ class ImageEntry:
     objects: tuple[ObjectBox, ...]
 
 
-def _as_float(value: Any) -> Any:
-    # ints are fine where floats are expected; convert so the dataclasses hold one type.
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class SettingsError(ValueError):
+    """Settings with impossible values, each problem with the key it is about.
+
+    The settings dataclasses raise it from ``__post_init__``; the manifest validator reports each
+    problem under its manifest key, the command line under its option. Their rules live only here.
+
+    Attributes:
+        section: "model", "attention", "detector" or "output".
+        problems: ``(key, message)`` pairs; ``key`` is a field name ("input_size") or a dotted
+            path below one ("options.checkpoint_path").
+    """
+
+    def __init__(self, section: str, problems: list[tuple[str, str]]):
+        self.section = section
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{section}.{key}: {message}" for key, message in self.problems))
+
+
+def text_problem(value: Any, limit: int, *, allow_empty: bool = True) -> str | None:
+    """What is wrong with ``value`` as a piece of text of at most ``limit`` characters, or None.
+
+    Text must be a ``str`` without lone surrogates: those come from ``\\ud800``-style escapes or
+    from file names that are not UTF-8, and could not be written to a UTF-8 page later.
+    """
+    if not isinstance(value, str):
+        return f"expected a string, got {_show(value)}{_quote_hint(value)}"
+    if not allow_empty and not value.strip():
+        return "must not be empty"
+    if len(value) > limit:
+        return f"too long: {len(value)} characters, more than the limit of {limit}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"contains U+{ord(value[err.start]):04X} at position {err.start}, which is not a character "
+            "(a lone surrogate, from a \\u escape or a file name that is not UTF-8)"
+        )
+    return None
+
+
+def _path_problem(value: Any, what: str) -> str | None:
+    if not isinstance(value, os.PathLike):
+        return f"expected a path to {what}, got {_show(value)}"
+    name = os.fspath(value)
+    return text_problem(name, MAX_PATH_LENGTH, allow_empty=False) if isinstance(name, str) else f"expected a text path, got {_show(name)}"
+
+
+def number_problem(value: Any, *, low: float, high: float, low_ok: bool, high_ok: bool) -> str | None:
+    """What is wrong with ``value`` as a finite number between ``low`` and ``high``, or None."""
+    if not _is_number(value):
+        return f"expected a number, got {_show(value)}"
+    number = _finite(value)
+    if number is None:
+        return f"expected a finite number, got {_show(value)}"
+    above = number >= low if low_ok else number > low
+    below = number <= high if high_ok else number < high
+    if not (above and below):
+        rule = f"{low:g} {'<=' if low_ok else '<'} value {'<=' if high_ok else '<'} {high:g}"
+        return f"must satisfy {rule}, got {_show(value)}"
+    return None
+
+
+def _options_problems(options: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The options as a plain dict (lists become tuples), and the problems with them."""
+    if not isinstance(options, Mapping):
+        return {}, [("options", f"expected a mapping of timm.create_model arguments, got {_show(options)}")]
+    result: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for key, value in options.items():
+        if not isinstance(key, str) or not key.isidentifier() or text_problem(key, MAX_NAME_LENGTH):
+            problems.append(("options", f"{_show(key)} is not a valid keyword argument name"))
+            continue
+        where = f"options.{key}"
+        refused = _RESERVED_OPTIONS.get(key) or _FILE_OPTIONS.get(key)
+        if refused:
+            problems.append((where, refused))
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(_is_option_scalar(v) for v in values):
+            problems.append((where, f"expected a number, string, true/false, null or a list of those, got {_show(value)}"))
+            continue
+        texts = [text_problem(v, MAX_NAME_LENGTH) for v in values if isinstance(v, str)]
+        if any(texts):
+            problems.append((where, next(t for t in texts if t)))
+            continue
+        result[key] = tuple(value) if isinstance(value, list) else value  # a tuple keeps the settings immutable
+    return result, problems
 
 
 @dataclass(frozen=True)
@@ -180,12 +313,14 @@ class ModelSettings:
     Attributes:
         name: a timm model name, or "imgfocus-vits14" for the offline model.
         weights: local weights file (safetensors or torch state dict), or None.
-        input_size: square input size in pixels; None for the model's default.
+        input_size: square input size in pixels, at most :data:`MAX_INPUT_SIZE`; None for the
+            model's default.
         pretrained: False builds the model with random weights (tests, timing).
-        options: extra keyword arguments for ``timm.create_model`` (read-only mapping).
+        options: extra keyword arguments for ``timm.create_model`` (read-only mapping); none that
+            names a weights file (see :data:`_FILE_OPTIONS`).
 
     Raises:
-        ValueError: a field has an impossible value (also from :meth:`Manifest.with_overrides`).
+        SettingsError: a field has an impossible value (also from :meth:`Manifest.with_overrides`).
     """
 
     name: str = "vit_base_patch16_224"
@@ -196,22 +331,29 @@ class ModelSettings:
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
+        problems: list[tuple[str, str]] = []
+        name = text_problem(self.name, MAX_NAME_LENGTH, allow_empty=False)
+        if name:
+            problems.append(("name", name))
         if isinstance(self.weights, str):
             object.__setattr__(self, "weights", Path(self.weights))
-        if self.weights is not None and not isinstance(self.weights, os.PathLike):
-            raise ValueError(f"model weights must be a path or None, got {self.weights!r}")
-        if self.input_size is not None and (
-            isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size <= 0
-        ):
-            raise ValueError(f"model input_size must be a positive integer or None, got {self.input_size!r}")
+        weights = _path_problem(self.weights, "a weights file") if self.weights is not None else None
+        if weights:
+            problems.append(("weights", weights))
+        size = self.input_size
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                problems.append(("input_size", f"expected a positive integer, got {_show(size)}"))
+            elif size > MAX_INPUT_SIZE:
+                problems.append(("input_size", f"{_show(size)} is too large (at most {MAX_INPUT_SIZE})"))
         if not isinstance(self.pretrained, bool):
-            raise ValueError(f"model pretrained must be true or false, got {self.pretrained!r}")
-        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
-            raise ValueError(f"model options must be a mapping with string keys, got {self.options!r}")
+            problems.append(("pretrained", f"expected true or false, got {_show(self.pretrained)}"))
+        options, option_problems = _options_problems(self.options)
+        problems += option_problems
+        if problems:
+            raise SettingsError("model", problems)
         # A private copy behind a read-only view keeps the frozen dataclass really frozen.
-        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        object.__setattr__(self, "options", MappingProxyType(options))
 
 
 @dataclass(frozen=True)
@@ -224,19 +366,22 @@ class AttentionSettings:
         discard_ratio: fraction of the weakest attention weights rollout drops, 0 <= r < 1.
 
     Raises:
-        ValueError: a field has an impossible value.
+        SettingsError: a field has an impossible value.
     """
 
     head_fusion: str = "mean"
     discard_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.head_fusion not in HEAD_FUSIONS:
-            raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {self.head_fusion!r}")
-        ratio = _as_float(self.discard_ratio)
-        if not _is_number(ratio) or not 0.0 <= ratio < 1.0:
-            raise ValueError(f"discard_ratio must be a number with 0 <= r < 1, got {self.discard_ratio!r}")
-        object.__setattr__(self, "discard_ratio", ratio)
+        problems: list[tuple[str, str]] = []
+        if not isinstance(self.head_fusion, str) or self.head_fusion not in HEAD_FUSIONS:
+            problems.append(("head_fusion", f"expected one of {', '.join(HEAD_FUSIONS)}, got {_show(self.head_fusion)}"))
+        ratio = number_problem(self.discard_ratio, low=0, high=1, low_ok=True, high_ok=False)
+        if ratio:
+            problems.append(("discard_ratio", ratio))
+        if problems:
+            raise SettingsError("attention", problems)
+        object.__setattr__(self, "discard_ratio", float(self.discard_ratio))
 
 
 @dataclass(frozen=True)
@@ -249,21 +394,25 @@ class DetectorSettings:
         threshold: minimum detector confidence, 0 < t <= 1.
 
     Raises:
-        ValueError: a field has an impossible value.
+        SettingsError: a field has an impossible value.
     """
 
     name: str | None = "facebook/detr-resnet-50"
     threshold: float = 0.9
 
     def __post_init__(self) -> None:
+        problems: list[tuple[str, str]] = []
         if isinstance(self.name, str) and self.name.strip().lower() == "none":
             object.__setattr__(self, "name", None)
-        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
-            raise ValueError(f"detector name must be a non-empty string or None, got {self.name!r}")
-        threshold = _as_float(self.threshold)
-        if not _is_number(threshold) or not 0.0 < threshold <= 1.0:
-            raise ValueError(f"detector threshold must be a number with 0 < t <= 1, got {self.threshold!r}")
-        object.__setattr__(self, "threshold", threshold)
+        name = text_problem(self.name, MAX_NAME_LENGTH, allow_empty=False) if self.name is not None else None
+        if name:
+            problems.append(("name", name))
+        threshold = number_problem(self.threshold, low=0, high=1, low_ok=False, high_ok=True)
+        if threshold:
+            problems.append(("threshold", threshold))
+        if problems:
+            raise SettingsError("detector", problems)
+        object.__setattr__(self, "threshold", float(self.threshold))
 
 
 @dataclass(frozen=True)
@@ -272,12 +421,12 @@ class OutputSettings:
 
     Attributes:
         dir: output folder, or None to let the command line choose.
-        title: title of the report.
+        title: title of the report, at most :data:`MAX_TITLE_LENGTH` characters.
         cmap: matplotlib colour-map name for the heat maps.
         alpha: opacity of the heat-map overlay, 0 < a <= 1.
 
     Raises:
-        ValueError: a field has an impossible value.
+        SettingsError: a field has an impossible value.
     """
 
     dir: Path | None = None
@@ -286,21 +435,26 @@ class OutputSettings:
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
+        problems: list[tuple[str, str]] = []
         if isinstance(self.dir, str):
             object.__setattr__(self, "dir", Path(self.dir))
-        if self.dir is not None and not isinstance(self.dir, os.PathLike):
-            raise ValueError(f"output dir must be a path or None, got {self.dir!r}")
-        if not isinstance(self.title, str):
-            raise ValueError(f"output title must be a string, got {self.title!r}")
-        if not isinstance(self.cmap, str) or not self.cmap:
-            raise ValueError(f"cmap must be a colour-map name, got {self.cmap!r}")
-        unknown = _unknown_colormap(self.cmap) if self.cmap != "inferno" else None  # no import for the default
-        if unknown:
-            raise ValueError(unknown)
-        alpha = _as_float(self.alpha)
-        if not _is_number(alpha) or not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be a number with 0 < a <= 1, got {self.alpha!r}")
-        object.__setattr__(self, "alpha", alpha)
+        folder = _path_problem(self.dir, "a folder") if self.dir is not None else None
+        if folder:
+            problems.append(("dir", folder))
+        title = text_problem(self.title, MAX_TITLE_LENGTH)
+        if title:
+            problems.append(("title", title))
+        cmap = text_problem(self.cmap, MAX_NAME_LENGTH, allow_empty=False)
+        if not cmap and self.cmap != "inferno":  # no matplotlib import for the default
+            cmap = _unknown_colormap(self.cmap)
+        if cmap:
+            problems.append(("cmap", cmap))
+        alpha = number_problem(self.alpha, low=0, high=1, low_ok=False, high_ok=True)
+        if alpha:
+            problems.append(("alpha", alpha))
+        if problems:
+            raise SettingsError("output", problems)
+        object.__setattr__(self, "alpha", float(self.alpha))
 
 
 _SECTION_TYPES = {
@@ -497,13 +651,19 @@ def _read_yaml(path: Path) -> tuple[Any, list[str]]:
         ManifestError: the file cannot be read or is not valid YAML.
     """
     try:
-        raw = path.read_bytes()
+        raw = _read_regular_file(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ManifestError(path, ["manifest file not found"]) from None
     except IsADirectoryError:
         raise ManifestError(path, ["is a directory, not a manifest file"]) from None
     except PermissionError:
         raise ManifestError(path, ["cannot read the manifest file: permission denied"]) from None
+    except _NotRegular as exc:
+        raise ManifestError(path, [f"is {exc}, not a manifest file; only regular files are read"]) from None
+    except _TooLarge:
+        raise ManifestError(
+            path, [f"is larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB, the limit for a manifest"]
+        ) from None
     except (OSError, ValueError) as exc:
         raise ManifestError(path, [f"cannot read the manifest file: {getattr(exc, 'strerror', None) or exc}"]) from None
     try:
@@ -537,6 +697,49 @@ def _read_yaml(path: Path) -> tuple[Any, list[str]]:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+class _NotRegular(OSError):
+    """The path is not a regular file (its kind is the message)."""
+
+
+class _TooLarge(OSError):
+    """The file is larger than allowed."""
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes.
+
+    Opened without blocking (a FIFO would otherwise wait for a writer for ever) and checked on
+    the open descriptor, so the file checked is the file read; at most ``limit + 1`` bytes are
+    read, so a file that grows meanwhile cannot exhaust memory either.
+
+    Raises:
+        _NotRegular: a folder, FIFO, device or socket.
+        _TooLarge: more than ``limit`` bytes.
+        OSError: the file cannot be opened or read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise _NotRegular(_file_kind(info.st_mode))
+        if info.st_size > limit:
+            raise _TooLarge()
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise _TooLarge()
+    return b"".join(chunks)
 
 
 def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
@@ -672,49 +875,35 @@ class _Validator:
             return {}
         return value
 
-    def string(self, value: Any, where: str, *, allow_empty: bool = True) -> str | None:
-        if not isinstance(value, str):
-            self.problem(where, f"expected a string, got {_show(value)}{_quote_hint(value)}")
-            return None
-        if not allow_empty and not value.strip():
-            self.problem(where, "must not be empty")
+    def string(self, value: Any, where: str, *, limit: int, allow_empty: bool = True) -> str | None:
+        problem = text_problem(value, limit, allow_empty=allow_empty)
+        if problem:
+            self.problem(where, problem)
             return None
         return value
 
-    def number(self, value: Any, where: str, *, low: float, high: float, low_ok: bool, high_ok: bool) -> float | None:
-        if not _is_number(value):
-            self.problem(where, f"expected a number, got {_show(value)}")
-            return None
-        number = _finite(value)
-        if number is None:
-            self.problem(where, f"expected a finite number, got {_show(value)}")
-            return None
-        above = number >= low if low_ok else number > low
-        below = number <= high if high_ok else number < high
-        if not (above and below):
-            rule = f"{low:g} {'<=' if low_ok else '<'} value {'<=' if high_ok else '<'} {high:g}"
-            self.problem(where, f"must satisfy {rule}, got {_show(value)}")
-            return None
-        return number
-
     def existing_file(self, value: Any, where: str, what: str) -> Path | None:
-        written = self.string(value, where, allow_empty=False)
+        written = self.string(value, where, limit=MAX_PATH_LENGTH, allow_empty=False)
         if written is None:
             return None
         resolved = self.resolve(written, where)
         if resolved is None:
             return None
+        # stat, never open: opening a FIFO waits for a writer for ever, and a device such as
+        # /dev/zero never ends. Only regular files are read later.
         try:
-            if resolved.is_file():
-                return resolved
-            exists = resolved.exists()
-        except (OSError, ValueError):  # e.g. a name too long for the file system
-            exists = False
-        if exists:
-            self.problem(where, f"{_show(written)} (resolved to {resolved}) is not a file")
-        else:
+            mode = os.stat(resolved).st_mode
+        except FileNotFoundError:
             self.problem(where, f"{what} not found: {_show(written)} (resolved to {resolved})")
-        return None
+            return None
+        except (OSError, ValueError) as exc:  # e.g. a name too long for the file system
+            self.problem(where, f"{what} cannot be read: {_show(written)} (resolved to {resolved}): "
+                                f"{_short(getattr(exc, 'strerror', None) or str(exc))}")
+            return None
+        if not stat.S_ISREG(mode):
+            self.problem(where, f"{_show(written)} (resolved to {resolved}) is not a file but {_file_kind(mode)}")
+            return None
+        return resolved
 
     def resolve(self, written: str, where: str) -> Path | None:
         try:
@@ -747,103 +936,44 @@ class _Validator:
         )
         return self.problems, manifest
 
+    def settings(self, settings_type: type, values: dict[str, Any], keys: Mapping[str, str] | None = None) -> Any:
+        """Build a settings dataclass, reporting each of its problems under its manifest key."""
+        try:
+            return settings_type(**values)
+        except SettingsError as err:
+            for key, message in err.problems:
+                self.problem((keys or {}).get(key, f"{err.section}.{key}"), message)
+            return None
+
     def model(self, section: Mapping) -> ModelSettings | None:
         self.check_keys(section, _MODEL_KEYS, "model")
         before = len(self.problems)
-        values: dict[str, Any] = {}
-        if section.get("name") is not None:
-            values["name"] = self.string(section["name"], "model.name", allow_empty=False)
+        values = {key: section[key] for key in ("name", "input_size", "pretrained", "options") if section.get(key) is not None}
         if section.get("weights") is not None:
-            values["weights"] = self.existing_file(section["weights"], "model.weights", "weights file")
-        if section.get("input_size") is not None:
-            size = section["input_size"]
-            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-                self.problem("model.input_size", f"expected a positive integer, got {_show(size)}")
-            elif size > MAX_INPUT_SIZE:
-                self.problem("model.input_size", f"{_show(size)} is too large (at most {MAX_INPUT_SIZE})")
-            else:
-                values["input_size"] = size
-        if section.get("pretrained") is not None:
-            pretrained = section["pretrained"]
-            if not isinstance(pretrained, bool):
-                self.problem("model.pretrained", f"expected true or false, got {_show(pretrained)}")
-            else:
-                values["pretrained"] = pretrained
-        if section.get("options") is not None:
-            values["options"] = self.options(section["options"])
-        if len(self.problems) > before:
-            return None
-        return ModelSettings(**values)
-
-    def options(self, options: Any) -> dict[str, Any] | None:
-        if not isinstance(options, Mapping):
-            self.problem("model.options", f"expected a mapping of timm.create_model arguments, got {_show(options)}")
-            return None
-        result: dict[str, Any] = {}
-        for key, value in options.items():
-            if not isinstance(key, str) or not key.isidentifier():
-                self.problem("model.options", f"{_show(key)} is not a valid keyword argument name")
-                continue
-            where = f"model.options.{key}"
-            if key in _RESERVED_OPTIONS:
-                self.problem(where, f"set this with {_RESERVED_OPTIONS[key]} instead")
-                continue
-            if _is_option_scalar(value):
-                result[key] = value
-            elif isinstance(value, list) and all(_is_option_scalar(v) for v in value):
-                result[key] = tuple(value)  # a tuple keeps the settings immutable
-            else:
-                self.problem(
-                    where, f"expected a number, string, true/false, null or a list of those, got {_show(value)}"
-                )
-        return result
+            weights = self.existing_file(section["weights"], "model.weights", "weights file")
+            if weights is not None:
+                values["weights"] = weights
+        settings = self.settings(ModelSettings, values)
+        return settings if len(self.problems) == before else None
 
     def attention(self, section: Mapping) -> AttentionSettings | None:
         self.check_keys(section, _ATTENTION_KEYS, "attention")
-        before = len(self.problems)
-        values: dict[str, Any] = {}
-        if section.get("head_fusion") is not None:
-            fusion = section["head_fusion"]
-            if fusion not in HEAD_FUSIONS:
-                self.problem(
-                    "attention.head_fusion", f"expected one of {', '.join(HEAD_FUSIONS)}, got {_show(fusion)}"
-                )
-            else:
-                values["head_fusion"] = fusion
-        if section.get("discard_ratio") is not None:
-            values["discard_ratio"] = self.number(
-                section["discard_ratio"], "attention.discard_ratio", low=0, high=1, low_ok=True, high_ok=False
-            )
-        if len(self.problems) > before:
-            return None
-        return AttentionSettings(**values)
+        values = {key: section[key] for key in ("head_fusion", "discard_ratio") if section.get(key) is not None}
+        return self.settings(AttentionSettings, values)
 
     def detector(self, section: Mapping) -> DetectorSettings | None:
         self.check_keys(section, _DETECTOR_KEYS, "detector")
-        before = len(self.problems)
-        values: dict[str, Any] = {}
-        if "name" in section:
-            name = section["name"]
-            if name is None:  # "name: null" can only mean "no detector"
-                values["name"] = None
-            else:
-                text = self.string(name, "detector.name", allow_empty=False)
-                if text is not None:
-                    values["name"] = None if text.strip().lower() == "none" else text
-        if section.get("threshold") is not None:
-            values["threshold"] = self.number(
-                section["threshold"], "detector.threshold", low=0, high=1, low_ok=False, high_ok=True
-            )
-        if len(self.problems) > before:
-            return None
-        return DetectorSettings(**values)
+        values = {key: section[key] for key in ("threshold",) if section.get(key) is not None}
+        if "name" in section:  # "name: null" can only mean "no detector"
+            values["name"] = section["name"]
+        return self.settings(DetectorSettings, values)
 
     def output(self, section: Mapping, top_title: Any) -> OutputSettings | None:
         self.check_keys(section, _OUTPUT_KEYS, "output")
         before = len(self.problems)
-        values: dict[str, Any] = {}
+        values = {key: section[key] for key in ("cmap", "alpha") if section.get(key) is not None}
         if section.get("dir") is not None:
-            written = self.string(section["dir"], "output.dir", allow_empty=False)
+            written = self.string(section["dir"], "output.dir", limit=MAX_PATH_LENGTH, allow_empty=False)
             if written is not None:
                 resolved = self.resolve(written, "output.dir")
                 if resolved is not None:
@@ -855,29 +985,15 @@ class _Validator:
                         self.problem("output.dir", f"{_show(written)} (resolved to {resolved}) is a file, not a folder")
                     else:
                         values["dir"] = resolved
-        title = None
-        if top_title is not _MISSING and top_title is not None:
-            title = self.string(top_title, "title")
-        if section.get("title") is not None:
-            output_title = self.string(section["title"], "output.title")
-            if title is not None and output_title is not None and output_title != title:
-                self.problem("title", "given both as 'title' and as 'output.title' with different values; keep one")
-            title = output_title if output_title is not None else title
-        if title is not None:
-            values["title"] = title
-        if section.get("cmap") is not None:
-            cmap = self.string(section["cmap"], "output.cmap", allow_empty=False)
-            if cmap is not None:
-                unknown = _unknown_colormap(cmap)
-                if unknown:
-                    self.problem("output.cmap", unknown)
-                else:
-                    values["cmap"] = cmap
-        if section.get("alpha") is not None:
-            values["alpha"] = self.number(section["alpha"], "output.alpha", low=0, high=1, low_ok=False, high_ok=True)
-        if len(self.problems) > before:
-            return None
-        return OutputSettings(**values)
+        titles = [(key, value) for key, value in (("title", top_title), ("output.title", section.get("title")))
+                  if value is not _MISSING and value is not None]
+        title_key = "output.title"
+        if len(titles) == 2 and titles[0][1] != titles[1][1]:
+            self.problem("title", "given both as 'title' and as 'output.title' with different values; keep one")
+        elif titles:
+            title_key, values["title"] = titles[0]
+        settings = self.settings(OutputSettings, values, keys={"title": title_key})
+        return settings if len(self.problems) == before else None
 
     # -- images -------------------------------------------------------------------------------
 
@@ -935,15 +1051,17 @@ class _Validator:
         derived = False
         id_problem = None
         if raw_id is not None:
-            if not isinstance(raw_id, str):
-                id_problem = f"id: expected a string, got {_show(raw_id)}{_quote_hint(raw_id)}"
-            elif not raw_id.strip():
-                id_problem = "id: must not be empty"
+            id_problem = text_problem(raw_id, MAX_ID_LENGTH, allow_empty=False)
+            if id_problem:
+                id_problem = f"id: {id_problem}"
             else:
                 image_id = raw_id
-        elif isinstance(raw_path, str) and raw_path.strip():
+        elif isinstance(raw_path, str) and raw_path.strip() and not text_problem(raw_path, MAX_PATH_LENGTH):
             stem = Path(raw_path.strip()).stem
-            if stem:
+            if len(stem) > MAX_ID_LENGTH:
+                id_problem = (f"id: too long: the file name's stem, used as the id, has {len(stem)} characters, more than "
+                              f"the limit of {MAX_ID_LENGTH}; give the entry a shorter 'id'")
+            elif stem:
                 image_id, derived = stem, True
         if image_id is not None:
             label = f"images[{index}] (id {_show(image_id)})"
@@ -961,10 +1079,10 @@ class _Validator:
 
         title = image_id or ""
         if entry.get("title") is not None:
-            title = self.string(entry["title"], f"{label}: title")
+            title = self.string(entry["title"], f"{label}: title", limit=MAX_TITLE_LENGTH)
         caption = ""
         if entry.get("caption") is not None:
-            caption = self.string(entry["caption"], f"{label}: caption")
+            caption = self.string(entry["caption"], f"{label}: caption", limit=MAX_CAPTION_LENGTH)
         kind = "single"
         if entry.get("kind") is not None:
             kind = entry["kind"]
@@ -998,6 +1116,9 @@ class _Validator:
         if not isinstance(raw, list):
             self.problem(label, f"objects: expected a list of {{label, box}} mappings, got {_show(raw)}")
             return ()
+        if len(raw) > MAX_OBJECTS:
+            self.problem(label, f"objects: {len(raw)} objects, more than the limit of {MAX_OBJECTS} per image")
+            return ()
         boxes = []
         for number, item in enumerate(raw):
             where = f"objects[{number}]"
@@ -1009,7 +1130,7 @@ class _Validator:
             if item.get("label") is None:
                 self.problem(label, f"{where}: missing required key 'label'")
             else:
-                name = self.string(item["label"], f"{label}: {where}.label", allow_empty=False)
+                name = self.string(item["label"], f"{label}: {where}.label", limit=MAX_LABEL_LENGTH, allow_empty=False)
             coords = self.box(item.get("box", _MISSING), f"{label}: {where}.box")
             if name is not None and coords is not None:
                 boxes.append(ObjectBox(name, *coords))
@@ -1062,6 +1183,15 @@ def _finite(value: int | float) -> float | None:
 def _num(value: float) -> str:
     # 40.0 reads better as 40 in a message about pixel coordinates.
     return f"{value:g}" if value != int(value) else str(int(value))
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _is_option_scalar(value: Any) -> bool:

@@ -23,6 +23,7 @@ from PIL import Image
 from sitecheck import broken_links
 
 from reportgen.cli import main
+from reportgen.manifest import MAX_ID_LENGTH
 
 
 def _build(manifest, out, *args):
@@ -471,7 +472,7 @@ sys.addaudithook(_audit)
 HOSTILE_IDS = [
     "../../x", "../../../escaped", "a/b", "a\\..\\..\\b", "/", ".", "..", "~", "*", "C:\\Windows\\x", "CON",
     "index", "index.html", "results", "results.json", "assets", "figures", ".reportgen-site", ".nojekyll",
-    "a" * 300, "\u202eevil", "line\nbreak",
+    "a" * MAX_ID_LENGTH, "\u202eevil", "line\nbreak",
 ]
 
 

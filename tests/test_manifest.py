@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from reportgen.errors import ManifestError
 from reportgen.manifest import (
     HEAD_FUSIONS,
+    MAX_ID_LENGTH,
     AttentionSettings,
     DetectorSettings,
     ImageEntry,
@@ -543,7 +544,7 @@ SAFE_SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 def test_slugs_are_safe_and_unique_for_nasty_ids(folder: Path):
     nasty = ["../../x", "/abs", "/etc/passwd", "a/b", "a\\b", "..", ".", ".hidden", "index", "results", "INDEX",
-             "Café 猫", "猫", "🐱", "🐶", "A b", "a-b", "a b", "x" * 300, "x" * 300 + "y", "con", "a..b", "-", "_x_"]
+             "Café 猫", "猫", "🐱", "🐶", "A b", "a-b", "a b", "x" * (MAX_ID_LENGTH - 1), "x" * (MAX_ID_LENGTH - 1) + "y", "con", "a..b", "-", "_x_"]
     # JSON strings are valid double-quoted YAML strings.
     entries = "\n".join(f"  - {{path: cat.png, id: {json.dumps(i, ensure_ascii=False)}}}" for i in nasty)
     path = write_manifest(folder, f"images:\n{entries}\n")
