@@ -37,3 +37,7 @@ class CaptureError(ReportgenError):
 
 class ImageError(ReportgenError):
     """An image could not be read or used."""
+
+
+class OutputBusyError(ReportgenError):
+    """Another build holds the output folder's lock, and this one was told not to wait."""
