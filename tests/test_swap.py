@@ -153,6 +153,20 @@ def test_an_interrupted_two_rename_swap_is_put_back_and_said_so(two_sites):
     assert _beside(out) == []
 
 
+def test_a_site_moved_aside_by_a_killed_swap_is_put_back_even_when_the_next_build_fails(two_sites):
+    out, manifest_a, _ = two_sites
+    (pid,) = _dead_pids(1)
+    os.rename(out, out.parent / f".out.old-{pid}")  # as a two-rename swap killed half-way leaves it
+    broken = out.parent / "broken"
+    broken.mkdir()
+    (broken / "cat.png").write_bytes(b"not an image")
+    manifest = write_manifest(broken, [{"path": "cat.png"}])
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--strict"])
+    assert result.exit_code == 1, result.output
+    _assert_complete(out, "A")
+    assert _beside(out) == []
+
+
 def _dead_pids(count: int) -> list[int]:
     """Process ids that no process has now."""
     found = []
