@@ -100,7 +100,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
     lock = OutputLock(output).acquire(wait=options.wait, on_wait=options.on_wait, warnings=report.warnings)
     staging = None
     try:
-        restored = recover(output)  # before anything else
+        restored = recover(output, locked=lock.held)  # before anything else
         if restored is not None:
             report.warnings.append(f"{output}: put back the site that an interrupted build left in {restored.name}.")
         check_replaceable(output, manifest)

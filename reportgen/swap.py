@@ -114,10 +114,17 @@ class OutputLock:
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # the holder deleted the file we waited on: wait on the current one
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the id only names the holder in other builds' messages
         self._fd = fd
         return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def release(self) -> None:
         """Let go of the lock (deleting the lock file first, while it is still ours)."""
@@ -186,17 +193,20 @@ def is_complete(folder: Path) -> bool:
     return is_ours(folder) and _has_file(folder, STATUS_FILE)
 
 
-def restore_output(output: Path) -> Path | None:
+def restore_output(output: Path, locked: bool) -> Path | None:
     """Put back the site a build killed in the middle of a two-rename swap left beside ``output``.
 
     Only when nothing is at the output path. The previous site (``.NAME.old-PID``) comes first,
-    since the build that moved it aside never finished; else a complete staging folder. Returns
-    the folder put back, or ``None``.
+    since the build that moved it aside never finished; else a complete staging folder. Holding
+    the output's lock, no other build can be in its swap, so any such folder is a killed build's
+    (whatever process now has its id); without the lock, only folders of ended processes are
+    taken. Returns the folder put back, or ``None``.
     """
     if os.path.lexists(output):
         return None
     candidates = [(kind == _OLD, os.lstat(path).st_ctime_ns, path)
-                  for kind, _pid, path in _leftovers(output) if is_complete(path)]
+                  for kind, pid, path in _leftovers(output)
+                  if is_complete(path) and (locked or not _running(pid))]
     if not candidates:
         return None
     source = max(candidates)[2]
@@ -204,10 +214,10 @@ def restore_output(output: Path) -> Path | None:
     return source
 
 
-def recover(output: Path) -> Path | None:
-    """What a build does first, under the lock: put back a site a killed swap left beside
-    ``output`` (:func:`restore_output`, whose result it returns), then delete the leftovers."""
-    restored = restore_output(output)
+def recover(output: Path, locked: bool) -> Path | None:
+    """What a build does first: put back a site a killed swap left beside ``output``
+    (:func:`restore_output`, whose result it returns), then delete the leftovers."""
+    restored = restore_output(output, locked)
     remove_leftovers(output)
     return restored
 
