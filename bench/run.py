@@ -323,7 +323,7 @@ def instrumented():
     prof = Profiler()
     # Orchestration stages, as build.py calls them (names bound in reportgen.build).
     for attr in ("load_model", "_prepare", "_experiments", "write_image_figures", "write_colourbar", "write_site",
-                 "image_record", "image_key", "read_status", "reuse", "_swap_in", "_staging_dir",
+                 "image_record", "image_key", "read_status", "reuse", "swap_in", "make_staging",
                  "attention_experiment", "rollout_experiment", "objects_experiment"):
         prof.patch(build_mod, attr)
         prof.patch(analysis_mod, attr)  # the model stage lives in reportgen.analysis

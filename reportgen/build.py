@@ -5,8 +5,9 @@ preprocess, run the model with attention capture, the three experiments, figures
 results.json -> the finished folder swapped in for the old one.
 
 The site is built in a staging folder beside the output and swapped in only when complete, so an
-interrupted or failed build leaves the previous site as it was. An output folder is only replaced
-when it is empty or carries reportgen's marker file: a user's own folder is never deleted.
+interrupted or failed build leaves the previous site as it was; one build at a time holds the
+output folder's lock (see :mod:`reportgen.swap`). An output folder is only replaced when it is
+empty or carries reportgen's marker file: a user's own folder is never deleted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,8 +30,8 @@ from reportgen.figures import write_colourbar
 from reportgen.manifest import ImageEntry, Manifest
 from reportgen.site import failure_record, write_site
 from reportgen.summary import ObjectTable, fraction_lowered, summarise_pairs
+from reportgen.swap import MARKER, OutputLock, make_staging, recover, remove_tree, swap_in
 
-MARKER = ".reportgen-site"
 DEFAULT_OUTPUT = Path("site")
 #: Devices a build can run on; whether one is present is checked when the model is loaded.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -51,6 +51,8 @@ class BuildOptions:
             while the model runs the next batch.
         model_cache: a dict the caller keeps across builds (``--watch``): the loaded model is
             kept in it and reused while the model settings and device stay the same.
+        wait: when another build holds the output folder's lock, wait for it (else fail at once).
+        on_wait: called with a message when the build has to wait for that lock.
     """
 
     output: Path = DEFAULT_OUTPUT
@@ -60,6 +62,8 @@ class BuildOptions:
     force: bool = False
     jobs: int = 1
     model_cache: dict | None = field(default=None, compare=False, repr=False)
+    wait: bool = True
+    on_wait: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
@@ -116,16 +120,23 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
 
     Raises:
         ReportgenError: for an output folder that must not be replaced, a model that cannot be
-            loaded, or (with ``strict``) the first failing image.
+            loaded, (with ``strict``) the first failing image, or (without ``wait``) an output
+            folder another build is writing.
     """
     started = time.perf_counter()
     output = options.output.resolve()
-    check_replaceable(output, manifest)
     report = BuildReport(output=output)
-    global_key = settings_key(manifest)
-    previous = None if options.force else read_status(output, global_key, report.warnings)
-    staging = _staging_dir(output)
+    # Everything from here to the swap happens under the output folder's lock.
+    lock = OutputLock(output).acquire(wait=options.wait, on_wait=options.on_wait, warnings=report.warnings)
+    staging = None
     try:
+        restored = recover(output, locked=lock.held)  # before anything else
+        if restored is not None:
+            report.warnings.append(f"{output}: put back the site that an interrupted build left in {restored.name}.")
+        check_replaceable(output, manifest)
+        global_key = settings_key(manifest)
+        previous = None if options.force else read_status(output, global_key, report.warnings)
+        staging = make_staging(output)
         status = Status(settings_key=global_key)
         records: dict[str, dict] = {}
         todo: list[tuple[ImageEntry, str]] = []
@@ -170,12 +181,12 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
             lowered=fraction_lowered(tables),
             colourbar=colourbar,
         )
-        (staging / MARKER).write_text("This folder was written by reportgen and is replaced by each build.\n")
         (staging / STATUS_FILE).write_text(status.to_json() + "\n", encoding="utf-8")  # written last
-        _swap_in(staging, output)
+        swap_in(staging, output)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None and staging.exists():
+            remove_tree(staging)
+        lock.release()
     report.images = len(manifest.images)
     report.seconds = time.perf_counter() - started
     return report
@@ -227,42 +238,6 @@ def check_replaceable(output: Path, manifest: Manifest) -> None:
                 f"{output}: holds this build's own input {path}; replacing the folder would delete it. "
                 "Choose another output folder with --output."
             )
-
-
-def _staging_dir(output: Path) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.*-*"):
-        kind, _, pid = stale.name.rpartition("-")
-        if kind in (f".{output.name}.building", f".{output.name}.old") and pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = output.parent / f".{output.name}.building-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    return staging
-
-
-def _running(pid: int) -> bool:
-    """Whether a process with this id exists (a staging folder of a running build is left alone)."""
-    if pid == os.getpid():
-        return False  # our own leftover from an earlier build in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _swap_in(staging: Path, output: Path) -> None:
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        os.rename(output, old)
-        os.rename(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, output)
 
 
 def generated_at() -> str:

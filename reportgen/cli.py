@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from reportgen import __version__
-from reportgen.errors import ReportgenError
+from reportgen.errors import OutputBusyError, ReportgenError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # click's own code for usage errors
@@ -118,11 +118,14 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first image that fails.")
 @click.option("--force", is_flag=True, help="Ignore the previous build's cache: recompute every image.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--no-wait", is_flag=True,
+              help="If another build is writing the same output folder, fail at once (exit 1) instead of "
+                   "waiting for it to finish.")
 @click.option("--watch", is_flag=True,
               help="After building, rebuild whenever the manifest, an image or a template changes "
                    "(the model stays loaded); Ctrl-C stops.")
 def build(manifest: Path, output: Path | None, device: str, batch_size: int, jobs: int, strict: bool, force: bool,
-          quiet: bool, watch: bool, **settings) -> None:
+          quiet: bool, no_wait: bool, watch: bool, **settings) -> None:
     """Build the site for MANIFEST (a YAML file listing images)."""
     from reportgen.build import BuildOptions
 
@@ -131,7 +134,8 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
     # the previous handler is put back afterwards (the command may run inside another program).
     try:
         options = BuildOptions(device=device, batch_size=batch_size, strict=strict, force=force, jobs=jobs,
-                               model_cache={} if watch else None)
+                               model_cache={} if watch else None, wait=not no_wait,
+                               on_wait=lambda message: click.echo(f"reportgen: {message}", err=True))
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
@@ -172,7 +176,9 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
         report = _run_with_progress(run_build, loaded, dataclasses.replace(options, output=Path(out)), quiet)
     except ReportgenError as err:
         click.echo(f"reportgen: {err}", err=True)
-        if watching:
+        if watching and isinstance(err, OutputBusyError):
+            click.echo("reportgen: not built; watching for changes (the next one tries again).", err=True)
+        elif watching:
             click.echo("reportgen: fix it and save; watching for changes.", err=True)
         return EXIT_ERROR, loaded
     for warning in report.warnings:

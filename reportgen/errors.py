@@ -63,3 +63,7 @@ _OS_ERROR_CAUSES = {
     errno.EEXIST: "a part of the path is a file, not a folder; choose another --output",
     errno.EIO: "input/output error (the disk may be failing)",
 }
+
+
+class OutputBusyError(ReportgenError):
+    """Another build holds the output folder's lock, and this one was told not to wait."""
