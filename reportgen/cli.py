@@ -59,7 +59,8 @@ def _overrides(**options) -> dict:
 
 def _check_overrides(sections: dict) -> None:
     """Check the options' values with the settings' own rules (those of the manifest), before
-    anything is read: an override over a bound is a usage error naming the option."""
+    anything is read: an override over a bound is a usage error naming the option. The options
+    themselves only parse types, so that each rule lives in one place."""
     from reportgen.manifest import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings
 
     types = {"model": ModelSettings, "attention": AttentionSettings, "detector": DetectorSettings, "output": OutputSettings}
@@ -97,22 +98,22 @@ def main() -> None:
 @click.option("--model", default=None, help="timm ViT name, or imgfocus-vits14 for the offline model.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Local weights file (safetensors or torch state dict) for --model's architecture.")
-@click.option("--input-size", type=click.IntRange(min=1), default=None, help="Square input size in pixels.")
+@click.option("--input-size", type=int, default=None, help="Square input size in pixels.")
 @click.option("--random-weights", is_flag=True, default=None,
               help="Random initialisation instead of pretrained weights (for testing and timing).")
-@click.option("--head-fusion", type=click.Choice(["mean", "max", "min"]), default=None, help="Rollout head fusion.")
-@click.option("--discard-ratio", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+@click.option("--head-fusion", default=None, help="Rollout head fusion: mean, max or min.")
+@click.option("--discard-ratio", type=float, default=None,
               help="Rollout: drop this fraction of lowest attentions per layer (vit-explain style).")
 @click.option("--detector", default=None,
               help="DETR model name or folder for images without boxes; 'none' uses manifest boxes only.")
-@click.option("--detector-threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+@click.option("--detector-threshold", type=float, default=None,
               help="Minimum detector score.")
 @click.option("--cmap", default=None, help="Matplotlib colour map for overlays (e.g. cividis for colour-blind readers).")
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Overlay opacity.")
+@click.option("--alpha", type=float, default=None, help="Overlay opacity, 0 < alpha <= 1.")
 @click.option("--title", default=None, help="Site title.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per forward pass.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
+@click.option("--jobs", type=int, default=1, show_default=True,
               help="Figure writers: 1 is a thread, 2 or more are processes; either way figures are "
                    "written while the model runs the next batch.")
 @click.option("--strict", is_flag=True, help="Stop at the first image that fails.")
