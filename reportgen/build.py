@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import reportgen
+from reportgen import outdir
 from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
 from reportgen.errors import ImageError, ReportgenError
 from reportgen.figures import write_colourbar
@@ -106,7 +107,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
                 _fail(entry, f"{entry.path.name}: could not be read ({err.strerror or err})", options, report, records)
                 _advance(progress)
                 continue
-            record = reuse(previous, entry, key, output, staging) if previous else None
+            record = reuse(previous, entry, key, output, staging, report.warnings) if previous else None
             if record is None:
                 todo.append((entry, key))
                 continue
@@ -131,7 +132,8 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
         # It depends only on the colour map, which is in the settings key: a rebuild with the
         # same settings links the old one (and so needs no matplotlib at all).
         if previous is None or not reuse_file(output, staging, colourbar):
-            write_colourbar(manifest.output.cmap, staging / colourbar)
+            with outdir.open_new(staging, colourbar) as file:
+                write_colourbar(manifest.output.cmap, file)
         write_site(
             staging,
             run=run_metadata(manifest, status.model_run),
@@ -140,8 +142,8 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
             lowered=fraction_lowered(tables),
             colourbar=colourbar,
         )
-        (staging / MARKER).write_text("This folder was written by reportgen and is replaced by each build.\n")
-        (staging / STATUS_FILE).write_text(status.to_json() + "\n", encoding="utf-8")  # written last
+        outdir.write_text(staging, MARKER, "This folder was written by reportgen and is replaced by each build.\n")
+        outdir.write_text(staging, STATUS_FILE, status.to_json() + "\n")  # written last
         _swap_in(staging, output)
     finally:
         if staging.exists():
