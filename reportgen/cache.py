@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import reportgen
 from reportgen import outdir
@@ -98,14 +98,10 @@ def image_key(entry: ImageEntry, global_key: str) -> str:
     )
 
 
-def _text(value: str) -> str:
-    value.encode("utf-8")  # a lone surrogate cannot be written to a page: UnicodeEncodeError is a ValueError
-    return value
-
-
 # Strict types: "1" is not a number and true is not a count; JSON's NaN and Infinity are refused
-# (results.json and the records write them as null).
-Text = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_text)]
+# (results.json and the records write them as null), and so are strings with lone surrogates,
+# which could not be written to a page.
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Number = Finite | None
 Share = Annotated[float, Field(ge=0.0, le=1.0)] | None  # scores, visible shares, overlaps

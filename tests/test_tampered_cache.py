@@ -64,7 +64,7 @@ def _page_links(site):
 
 
 def test_tampered_records_are_recomputed_with_one_warning_each_and_write_nothing_outside(tmp_path):
-    ids = ["abs", "up", "js", "m-label", "types", "nan", "other", "figs", "m-good", "good"]
+    ids = ["abs", "up", "js", "m-label", "m-utf", "types", "nan", "other", "figs", "m-good", "good"]
     manifest = _project(tmp_path, ids)
     site = tmp_path / "out" / "site"
     first = _cli(manifest, site)
@@ -80,13 +80,14 @@ def test_tampered_records_are_recomputed_with_one_warning_each_and_write_nothing
     records["up"]["page"] = "../../x.html"
     records["js"]["page"] = "javascript:alert(document.cookie)"
     records["m-label"]["objects"]["labels"][0] = records["m-label"]["objects"]["objects"][0]["label"] = "w" * 5000
+    records["m-utf"]["objects"]["objects"][1]["base_label"] = "\ud800"  # a lone surrogate
     records["types"]["size"] = "40x32"
     records["nan"]["rollout"]["spearman"] = float("nan")
     status["entries"]["other"]["record"] = records["good"]  # another image's record under this slug
     records["figs"]["figures"]["thumbnail"] = "../../../etc/passwd"
     records["figs"]["figures"]["explorer"]["heads"] = 10**9
     (site / STATUS_FILE).write_text(json.dumps(status), encoding="utf-8")  # NaN as JSON's NaN literal
-    tampered = {"abs", "up", "js", "m-label", "types", "nan", "other", "figs"}
+    tampered = {"abs", "up", "js", "m-label", "m-utf", "types", "nan", "other", "figs"}
 
     before = _tree(tmp_path, site)
     second = _cli(manifest, site)
