@@ -97,8 +97,8 @@ def analyse(manifest: Manifest, options, todo, staging: Path, report, records, s
                             continue
                         figures.submit(
                             item, result,
-                            (result, item.original, item.view, staging / "figures" / item.entry.slug,
-                             f"figures/{item.entry.slug}", manifest.output.cmap, manifest.output.alpha,
+                            (result, item.original, item.view, staging, f"figures/{item.entry.slug}",
+                             manifest.output.cmap, manifest.output.alpha,
                              loaded.num_prefix_tokens),
                         )
                 for item, result, written in figures.finished():

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import reportgen
+from reportgen import outdir
 from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
 from reportgen.errors import ImageError, OutputError, ReportgenError
 from reportgen.figures import write_colourbar
@@ -147,7 +148,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
                 _fail(entry, f"{entry.path.name}: could not be read ({err.strerror or err})", options, report, records)
                 _advance(progress)
                 continue
-            record = reuse(previous, entry, key, output, staging) if previous else None
+            record = reuse(previous, entry, key, output, staging, report.warnings) if previous else None
             if record is None:
                 todo.append((entry, key))
                 continue
@@ -172,7 +173,8 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
         # It depends only on the colour map, which is in the settings key: a rebuild with the
         # same settings links the old one (and so needs no matplotlib at all).
         if previous is None or not reuse_file(output, staging, colourbar):
-            write_colourbar(manifest.output.cmap, staging / colourbar)
+            with outdir.open_new(staging, colourbar) as file:
+                write_colourbar(manifest.output.cmap, file)
         write_site(
             staging,
             run=run_metadata(manifest, status.model_run),
@@ -181,7 +183,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
             lowered=fraction_lowered(tables),
             colourbar=colourbar,
         )
-        (staging / STATUS_FILE).write_text(status.to_json() + "\n", encoding="utf-8")  # written last
+        outdir.write_text(staging, STATUS_FILE, status.to_json() + "\n")  # written last
         swap_in(staging, output)
     finally:
         if staging is not None and staging.exists():

@@ -12,9 +12,12 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from reportgen import outdir
 
 # Figures are built with matplotlib's object API (Figure, not pyplot), so no backend is switched
 # and no global figure state is touched in the user's process.
@@ -26,13 +29,23 @@ JPEG_OPTIONS = {"quality": 90, "optimize": False, "progressive": False, "subsamp
 BOX_COLOURS = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#FFFFFF"]
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+# Every writer takes a destination: a path, or a binary file opened for writing (a build passes
+# files from reportgen.outdir, which checks that they lie inside its staging folder).
+Destination = Path | BinaryIO
+
+
+def _make_parent(path: Destination) -> None:
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def save_png(image: Image.Image, path: Destination) -> None:
+    _make_parent(path)
     image.save(path, format="PNG", **PNG_OPTIONS)
 
 
-def save_jpeg(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_jpeg(image: Image.Image, path: Destination) -> None:
+    _make_parent(path)
     image.save(path, format="JPEG", **JPEG_OPTIONS)
 
 
@@ -75,11 +88,11 @@ def overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float) -> Ima
     return Image.fromarray(blended.round().astype(np.uint8), "RGB")
 
 
-def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, path: Path) -> None:
+def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, path: Destination) -> None:
     save_jpeg(overlay(view, heat, cmap, alpha), path)
 
 
-def write_explorer_sprite(cls_by_layer: np.ndarray, rollout_by_layer: np.ndarray, cmap: str, path: Path) -> None:
+def write_explorer_sprite(cls_by_layer: np.ndarray, rollout_by_layer: np.ndarray, cmap: str, path: Destination) -> None:
     """Every patch-grid map of the layer/head explorer in one PNG, one pixel per patch.
 
     Row ``l`` holds layer ``l``'s tiles: the CLS attention of each head, then the mean over heads,
@@ -107,17 +120,17 @@ def shrink(image: Image.Image, side: int) -> Image.Image:
     return small
 
 
-def write_colourbar(cmap: str, path: Path, width: int = 256, height: int = 12) -> None:
+def write_colourbar(cmap: str, path: Destination, width: int = 256, height: int = 12) -> None:
     row = colour_lut(cmap)[np.linspace(0, 255, width).round().astype(int)]
     save_png(Image.fromarray(np.repeat(row[None], height, axis=0), "RGB"), path)
 
 
-def _save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save_figure(fig, path: Destination) -> None:
+    _make_parent(path)
     fig.savefig(path, format="png", dpi=100, metadata={"Software": None}, pil_kwargs=PNG_OPTIONS)
 
 
-def write_token_map(attention: np.ndarray, num_prefix_tokens: int, cmap: str, path: Path) -> None:
+def write_token_map(attention: np.ndarray, num_prefix_tokens: int, cmap: str, path: Destination) -> None:
     """Token-to-token attention ``[N, N]`` (rows: queries, columns: keys), one pixel per token.
 
     Drawn with numpy/Pillow (a full matplotlib figure costs ~15x more) and scaled up by the browser
@@ -139,7 +152,7 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, float, float], float | None]], path: Path) -> None:
+def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, float, float], float | None]], path: Destination) -> None:
     """The original image with labelled boxes (label and, for detections, the score)."""
     canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
@@ -218,7 +231,7 @@ class _SimilarityCanvas:
             self.meshes.append(mesh)
             self.bars.append(colourbar)
 
-    def draw(self, labels: list[str], panels: list[tuple[str, np.ndarray, float, float]], path: Path) -> None:
+    def draw(self, labels: list[str], panels: list[tuple[str, np.ndarray, float, float]], path: Destination) -> None:
         for i, (ax, mesh, colourbar, (title, matrix, vmin, vmax)) in enumerate(zip(self.axes, self.meshes, self.bars, panels)):
             mesh.set_array(np.asarray(matrix, dtype=np.float64).ravel())
             mesh.set_clim(vmin, vmax)
@@ -234,7 +247,7 @@ _similarity_canvases: dict[tuple[int, int], _SimilarityCanvas] = {}
 _similarity_lock = threading.Lock()  # one figure must not be redrawn by two threads at once
 
 
-def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.ndarray, path: Path) -> None:
+def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.ndarray, path: Destination) -> None:
     """Plain, rollout-weighted and difference cosine-similarity heatmaps side by side (seaborn).
 
     The cells are colour only, with a colour bar per panel: the tables next to the figure hold the
@@ -258,11 +271,50 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
         canvas.draw(labels, panels, path)
 
 
+def figure_index(prefix: str, layers: int, heads: int, objects: int) -> dict:
+    """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
+    the explorer sprite's layout. The only place figure file names are made (the build cache
+    checks a reused record against it).
+
+    Args:
+        prefix: the relative URL of the image's figure folder from the site root.
+        layers / heads: layers and heads of the explorer sprite.
+        objects: how many objects the image has (boxes from 1, similarity heat maps from 2).
+    """
+    figures: dict = {
+        "original": f"{prefix}/original.jpg",
+        "thumbnail": f"{prefix}/thumb.jpg",
+        "input": f"{prefix}/input.jpg",
+        "cls_mean": f"{prefix}/cls-mean.jpg",
+        "cls_max": f"{prefix}/cls-max.jpg",
+        "rollout": f"{prefix}/rollout.jpg",
+        "tokens": f"{prefix}/tokens.png",
+        "explorer": {
+            "sprite": f"{prefix}/explorer.png",
+            "layers": int(layers),
+            "heads": int(heads),
+            "columns": int(heads) + 2,
+            "mean_column": int(heads),
+            "rollout_column": int(heads) + 1,
+        },
+    }
+    if objects:
+        figures["objects"] = f"{prefix}/objects.jpg"
+    if objects > 1:
+        figures["similarity"] = f"{prefix}/similarity.png"
+    return figures
+
+
+def figure_files(figures: dict) -> list[str]:
+    """The relative paths of the files in a :func:`figure_index`."""
+    return [value for value in figures.values() if isinstance(value, str)] + [figures["explorer"]["sprite"]]
+
+
 def write_image_figures(
     result,
     original: Image.Image,
     view: Image.Image,
-    folder: Path,
+    root: Path,
     prefix: str,
     cmap: str,
     alpha: float,
@@ -274,51 +326,43 @@ def write_image_figures(
         result: the image's results.
         original: the upright original image.
         view: the model's view of it (model-input size).
-        folder: where to write the PNGs.
-        prefix: the relative URL of ``folder`` from the site root.
+        root: the (staging) site folder; every file is written through :mod:`reportgen.outdir`.
+        prefix: the relative path of the image's figure folder in ``root`` (and its URL).
         cmap / alpha: overlay colour map and opacity.
         num_prefix_tokens: prefix tokens at the start of the token map.
 
     Returns:
-        Relative paths by figure name (``heads`` is a list, one per head).
+        The image's :func:`figure_index`.
     """
-
-    def rel(name: str) -> str:
-        return f"{prefix}/{name}"
-
-    figures: dict = {}
-    shown = shrink(original, 768)
-    save_jpeg(shown, folder / "original.jpg")
-    figures["original"] = rel("original.jpg")
-    save_jpeg(shrink(shown, THUMB_SIDE), folder / "thumb.jpg")  # from the smaller copy: 4-40x fewer pixels to filter
-    figures["thumbnail"] = rel("thumb.jpg")
-    save_jpeg(view, folder / "input.jpg")
-    figures["input"] = rel("input.jpg")
     a, r = result.attention, result.rollout
-    for name, heat in (("cls_mean", a.mean), ("cls_max", a.max), ("rollout", r.rollout)):
-        file = name.replace("_", "-") + ".jpg"
-        write_overlay(view, heat, cmap, alpha, folder / file)
-        figures[name] = rel(file)
-    write_token_map(a.token_attention, num_prefix_tokens, cmap, folder / "tokens.png")
-    figures["tokens"] = rel("tokens.png")
+    objects = result.objects.objects if result.objects is not None else []
     # Explorer: every layer's CLS attention per head and mean over heads, and the rollout up to it,
     # in one sprite sheet the page lays over the input image (its last row also gives the per-head
     # panel).
     layers, heads = r.cls_by_layer.shape[:2]
-    write_explorer_sprite(r.cls_by_layer, r.rollout_by_layer, cmap, folder / "explorer.png")
-    figures["explorer"] = {
-        "sprite": rel("explorer.png"),
-        "layers": int(layers),
-        "heads": int(heads),
-        "columns": int(heads) + 2,
-        "mean_column": int(heads),
-        "rollout_column": int(heads) + 1,
-    }
-    objects = result.objects
-    if objects is not None and objects.objects:
-        write_boxes(original, [(o.label, o.box, o.score) for o in objects.objects], folder / "objects.jpg")
-        figures["objects"] = rel("objects.jpg")
-        if len(objects.objects) > 1:
-            write_similarity_heatmaps(objects.labels, objects.plain_similarity, objects.rollout_similarity, folder / "similarity.png")
-            figures["similarity"] = rel("similarity.png")
+    figures = figure_index(prefix, layers, heads, len(objects))
+
+    def out(name: str) -> BinaryIO:
+        return outdir.open_new(root, figures[name] if name != "explorer" else figures[name]["sprite"])
+
+    shown = shrink(original, 768)
+    with out("original") as file:
+        save_jpeg(shown, file)
+    with out("thumbnail") as file:
+        save_jpeg(shrink(shown, THUMB_SIDE), file)  # from the smaller copy: 4-40x fewer pixels to filter
+    with out("input") as file:
+        save_jpeg(view, file)
+    for name, heat in (("cls_mean", a.mean), ("cls_max", a.max), ("rollout", r.rollout)):
+        with out(name) as file:
+            write_overlay(view, heat, cmap, alpha, file)
+    with out("tokens") as file:
+        write_token_map(a.token_attention, num_prefix_tokens, cmap, file)
+    with out("explorer") as file:
+        write_explorer_sprite(r.cls_by_layer, r.rollout_by_layer, cmap, file)
+    if objects:
+        with out("objects") as file:
+            write_boxes(original, [(o.label, o.box, o.score) for o in objects], file)
+    if len(objects) > 1:
+        with out("similarity") as file:
+            write_similarity_heatmaps(result.objects.labels, result.objects.plain_similarity, result.objects.rollout_similarity, file)
     return figures

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import numpy as np
 
+from reportgen import outdir
 from reportgen.manifest import ImageEntry
 from reportgen.summary import PairSummary
 
@@ -80,11 +81,16 @@ def plain(value: Any) -> Any:
     return value
 
 
+def page_name(slug: str) -> str:
+    """The file (and relative URL) of an image's page."""
+    return f"{slug}.html"
+
+
 def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
     return {
         "id": entry.id,
         "slug": entry.slug,
-        "page": f"{entry.slug}.html",
+        "page": page_name(entry.slug),
         "source_name": entry.path.name,
         "title": entry.title,
         "caption": entry.caption,
@@ -185,16 +191,12 @@ def results_json(results: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _hashed_asset(source: Path, target_dir: Path, stem: str) -> str:
-    """Copy an asset with a content hash in its name, so browsers never show a stale one."""
+def _hashed_asset(source: Path, out: Path, stem: str) -> str:
+    """Copy an asset into ``out``'s assets with a content hash in its name, so browsers never show a stale one."""
     data = source.read_bytes()
-    name = f"{stem}.{hashlib.sha256(data).hexdigest()[:10]}{source.suffix}"
-    (target_dir / name).write_bytes(data)
-    return f"assets/{name}"
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8", newline="\n")
+    relative = f"assets/{stem}.{hashlib.sha256(data).hexdigest()[:10]}{source.suffix}"
+    outdir.write_bytes(out, relative, data)
+    return relative
 
 
 def write_site(
@@ -215,11 +217,10 @@ def write_site(
         lowered: (pairs where rollout lowered the similarity, all pairs).
         colourbar: relative path of the colour-bar image.
     """
-    assets_dir = out / "assets"
-    assets_dir.mkdir(parents=True, exist_ok=True)
+    # Every file goes through reportgen.outdir, which refuses anything outside ``out``.
     assets = {
-        "css": _hashed_asset(template_dir() / "style.css", assets_dir, "style"),
-        "js": _hashed_asset(template_dir() / "report.js", assets_dir, "report"),
+        "css": _hashed_asset(template_dir() / "style.css", out, "style"),
+        "js": _hashed_asset(template_dir() / "report.js", out, "report"),
         "colourbar": colourbar,
     }
     lowered_record = {
@@ -247,7 +248,7 @@ def write_site(
             prev=ok[position - 1][1] if position > 0 else None,
             next=ok[position + 1][1] if position + 1 < len(ok) else None,
         )
-        _write_text(out / record["page"], page)
+        outdir.write_text(out, record["page"], page)
     index_html = env.get_template("index.html").render(
         **common,
         images=records,
@@ -255,6 +256,6 @@ def write_site(
         pairs=results["pairs"],
         lowered=lowered_record,
     )
-    _write_text(out / "index.html", index_html)
-    _write_text(out / "results.json", results_json(results))
-    _write_text(out / ".nojekyll", "")
+    outdir.write_text(out, "index.html", index_html)
+    outdir.write_text(out, "results.json", results_json(results))
+    outdir.write_text(out, ".nojekyll", "")

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from reportgen import outdir
 from reportgen.cache import STATUS_FILE
 from reportgen.errors import OutputBusyError, ReportgenError
 
@@ -278,7 +279,7 @@ def make_staging(output: Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     _clear_own(staging)
     staging.mkdir()
-    (staging / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+    outdir.write_text(staging, MARKER, MARKER_TEXT)
     return staging
 
 
