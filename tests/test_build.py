@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_manifest, write_photo
+from conftest import cosine, coverage_by_hand, hand_attention, hand_rollout, write_manifest, write_photo
 from sitecheck import broken_links, disagreements, parse
 
 from reportgen.cli import main
@@ -57,16 +57,58 @@ def test_build_writes_a_complete_consistent_site(two_images, tmp_path):
     assert "qkv projection" in (out / "index.html").read_text()
 
 
-def test_results_are_consistent_with_maths(two_images, tmp_path):
+def test_results_agree_with_an_independent_computation(two_images, tmp_path):
+    # The tiny model's attention, tokens and rollout recomputed here by hand (timm's own transform
+    # for the input, hand_attention's softmax of q·k, numpy for the rest) against results.json.
+    import math
+
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    from reportgen.manifest import load_manifest
+    from reportgen.models import load_model
+
     out = tmp_path / "site"
     assert _build(two_images, out).exit_code == 0
     street = json.loads((out / "results.json").read_text())["images"][1]
-    sim = street["objects"]["plain_similarity"]
-    assert [sim[i][i] for i in range(3)] == [1.0, 1.0, 1.0]
-    assert all(sim[i][j] == sim[j][i] for i in range(3) for j in range(3))
-    import math
+    manifest = load_manifest(two_images)
+    loaded = load_model(manifest.model, "cpu")  # the same seeded random weights the build used
+    image = Image.open(manifest.images[1].path).convert("RGB")
+    x = create_transform(**loaded.data_config, is_training=False)(image)[None]
+    attentions, features = hand_attention(loaded.model, x)
+    tokens = features[0, 1:].double().numpy()  # 16 patch tokens after the final norm
 
-    assert street["rollout"]["rollout_entropy"]["nats"] <= math.log(16) + 1e-6
+    # Experiments 1 and 2: the head-mean CLS map of the last layer, the rollout, their entropies.
+    cls_mean = attentions[-1][0, :, 0, 1:].double().numpy().mean(axis=0)
+    rollout = hand_rollout(attentions)
+    assert np.ravel(street["attention"]["cls_mean"]) == pytest.approx(cls_mean, abs=2e-6)
+    assert np.ravel(street["rollout"]["rollout"]) == pytest.approx(rollout, abs=2e-6)
+    for shown, weights in ((street["attention"]["mean_entropy"], cls_mean), (street["rollout"]["rollout_entropy"], rollout)):
+        p = weights / weights.sum()
+        nats = float(-(p * np.log(p)).sum())
+        assert shown["nats"] == pytest.approx(nats, abs=2e-6)
+        assert shown["normalised"] == pytest.approx(nats / math.log(16), abs=2e-6)
+
+    # Experiment 3. Geometry by hand: vit_tiny centre-crops with crop_pct 0.9, so the 64x36 photo is
+    # resized to shorter side floor(32 / 0.9) = 35, i.e. 62x35, and its middle 32x32 kept (15 px cut
+    # on the left, round(1.5) = 2 px at the top); boxes are clipped to the crop.
+    assert loaded.data_config["crop_mode"] == "center" and loaded.data_config["crop_pct"] == 0.9
+    plain, rolled = [], []
+    for obj, shown in zip(manifest.images[1].objects, street["objects"]["objects"]):
+        box = [min(max(v, 0.0), 32.0) for v in (obj.x0 * 62 / 64 - 15, obj.y0 * 35 / 36 - 2, obj.x1 * 62 / 64 - 15, obj.y1 * 35 / 36 - 2)]
+        assert shown["input_box"] == pytest.approx(box, abs=1e-5)
+        cover = coverage_by_hand(box, (4, 4), 8)
+        plain.append(cover @ tokens / cover.sum())
+        weights = cover * rollout
+        rolled.append(weights @ tokens / weights.sum())
+    assert len(plain) == len(street["objects"]["objects"]) == 3
+    for i in range(3):
+        for j in range(3):
+            assert street["objects"]["plain_similarity"][i][j] == pytest.approx(cosine(plain[i], plain[j]), abs=2e-5)
+            assert street["objects"]["rollout_similarity"][i][j] == pytest.approx(cosine(rolled[i], rolled[j]), abs=2e-5)
+    # Guard: the objects really differ, so the check above compares more than ones.
+    assert min(min(row) for row in street["objects"]["plain_similarity"]) < 0.99
 
 
 def test_explorer_sprite_tiles_are_the_maps_in_results(two_images, tmp_path):
