@@ -262,3 +262,23 @@ def test_load_detector_missing_or_empty_folder(tmp_path):
     with pytest.raises(ModelLoadError) as caught:
         load_detector(str(tmp_path), 0.5)
     assert f"local folder {tmp_path}" in str(caught.value)
+
+
+def test_unavailable_reason_names_folders_as_given(tmp_path, monkeypatch, empty_hf_cache):
+    """The one-line reason published on the site names no local path the user did not write."""
+    from reportgen.detector import DetectorUnavailable
+
+    home = tmp_path / "home"
+    (home / "detr").mkdir(parents=True)  # there, but empty
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(DetectorUnavailable) as caught:
+        load_detector("~/detr", 0.5)
+    reason = caught.value.reason
+    assert reason.startswith("could not be loaded from the local folder ~/detr: ") and "model.safetensors" in reason
+    assert str(tmp_path) not in reason and "\n" not in reason
+    assert str(home / "detr") in str(caught.value)  # the build's own message gives the full path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DetectorUnavailable) as caught:
+        load_detector("no-such-org/no-such-detr-model", 0.5)
+    assert "offline mode is on" in caught.value.reason and str(tmp_path) not in caught.value.reason
