@@ -25,7 +25,7 @@ from PIL import Image
 import reportgen
 from reportgen.cache import model_identity
 from reportgen.capture import CaptureInfo
-from reportgen.errors import ImageError, ModelLoadError
+from reportgen.errors import ImageError
 from reportgen.experiments import (
     ImageResult,
     TokenLayout,
@@ -165,6 +165,8 @@ def _record(item: _Prepared, result: ImageResult | None, written, records, statu
     else:
         record = image_record(result, written)
         records[item.entry.slug] = record
+        if result.objects is not None and result.objects.detector_unavailable:
+            return  # not cached as complete: the next build tries the detector again
         status.entries[item.entry.slug] = {"key": item.key, "record": record}
 
 
@@ -240,8 +242,8 @@ def _experiments(item: _Prepared, maps, layout: TokenLayout, objects_for: "_Obje
     entry = item.entry
     objects = None
     if entry.kind == "multi":
-        boxes, source, notes = objects_for(entry, item.original)
-        objects = objects_experiment(maps, layout, item.geometry, boxes, source, notes)
+        boxes, source, unavailable = objects_for(entry, item.original)
+        objects = objects_experiment(maps, layout, item.geometry, boxes, source, unavailable)
     return ImageResult(
         entry=entry,
         size=item.original.size,
@@ -259,25 +261,27 @@ class _ObjectSource:
         self.settings = manifest.detector
         self.report = report
         self._detector = None
+        self._unavailable: str | None = None
         self._tried = False
 
-    def __call__(self, entry: ImageEntry, image) -> tuple[tuple[ObjectBox, ...], str, tuple[tuple[str, str], ...]]:
-        """(boxes, where they came from, notes on objects that could not be found)."""
+    def __call__(self, entry: ImageEntry, image) -> tuple[tuple[ObjectBox, ...], str, str | None]:
+        """(boxes, where they came from, why the detector could not be loaded or None)."""
         if entry.objects or self.settings.name is None:
-            return entry.objects, "manifest", ()
+            return entry.objects, "manifest", None
         detector = self._load()
         if detector is None:
-            return (), self.settings.name, (("objects", "none found: the detector could not be loaded (see the build's warning)"),)
-        return tuple(detector.detect(image)), self.settings.name, ()
+            return (), self.settings.name, self._unavailable
+        return tuple(detector.detect(image)), self.settings.name, None
 
     def _load(self):
         if not self._tried:
             self._tried = True  # a detector that failed to load is not retried for every image
-            from reportgen.detector import load_detector
+            from reportgen.detector import DetectorUnavailable, load_detector
 
             try:
                 self._detector = load_detector(self.settings.name, self.settings.threshold)
-            except ModelLoadError as err:
+            except DetectorUnavailable as err:
+                self._unavailable = err.reason  # published on the image's page and the index
                 self.report.warnings.append(
                     f"{err} Images with boxes in the manifest still get the objects experiment."
                 )

@@ -177,7 +177,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
                 write_colourbar(manifest.output.cmap, file)
         write_site(
             staging,
-            run=run_metadata(manifest, status.model_run),
+            run=run_metadata(manifest, status.model_run, ordered),
             records=ordered,
             pairs=summarise_pairs(tables),
             lowered=fraction_lowered(tables),
@@ -249,14 +249,19 @@ def generated_at() -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def run_metadata(manifest: Manifest, model_run: dict | None) -> dict:
-    """Everything about the run a reader (or script) needs to interpret the numbers."""
+def run_metadata(manifest: Manifest, model_run: dict | None, records: list[dict]) -> dict:
+    """Everything about the run a reader (or script) needs to interpret the numbers.
+
+    ``records`` are the site's image records: what the detector did is read from them, so it
+    describes the pages as they are, cached or not.
+    """
     if model_run is None:  # every image failed on the first build: nothing was run
         model_run = {"model": None, "capture": None, "versions": {"reportgen": reportgen.__version__}}
     return {
         "title": manifest.output.title,
         "generated": generated_at(),
         **model_run,
+        "detector": _detector_run(manifest, records),
         "settings": {
             "head_fusion": manifest.attention.head_fusion,
             "discard_ratio": manifest.attention.discard_ratio,
@@ -265,4 +270,21 @@ def run_metadata(manifest: Manifest, model_run: dict | None) -> dict:
             "cmap": manifest.output.cmap,
             "alpha": manifest.output.alpha,
         },
+    }
+
+
+def _detector_run(manifest: Manifest, records: list[dict]) -> dict | None:
+    """The detector asked for, and whether it was ``used``, ``not needed`` (every ``multi`` image
+    has boxes in the manifest) or ``not available`` (with the reason, published with the site,
+    since its readers never see the build's warning); None with ``--detector none``."""
+    if manifest.detector.name is None:
+        return None
+    found = [r["objects"] for r in records if r.get("objects") and r["objects"]["source"] != "manifest"]
+    reasons = [o["detector_unavailable"] for o in found if o.get("detector_unavailable")]
+    return {
+        "name": manifest.detector.name,
+        "threshold": manifest.detector.threshold,
+        "status": "not available" if reasons else "used" if found else "not needed",
+        "reason": reasons[0] if reasons else None,
+        "images_without_objects": len(reasons),
     }

@@ -5,8 +5,9 @@ local folder written by ``save_pretrained``) together with its own image process
 :meth:`Detector.detect` turns one PIL image into :class:`~reportgen.manifest.ObjectBox` objects in
 that image's pixel coordinates.
 
-Any failure to load the detector is raised as a single :class:`~reportgen.errors.ModelLoadError`
-whose message says what to do; the original exception is kept as ``__cause__``.
+Any failure to load the detector is raised as a single :class:`DetectorUnavailable` (a
+:class:`~reportgen.errors.ModelLoadError`) whose message says what to do and whose ``reason`` says
+why in one line fit to publish on the site; the original exception is kept as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ DEFAULT_DETECTOR = "facebook/detr-resnet-50"
 # post_process_object_detection keeps scores strictly *greater* than its threshold; we ask it for a
 # little more than we need and apply ``score >= threshold`` ourselves, exactly.
 _POSTPROCESS_MARGIN = 1e-3
+
+
+class DetectorUnavailable(ModelLoadError):
+    """The detector could not be loaded.
+
+    Args:
+        message: the whole message for the person running the build, with what to do.
+        reason: why, in one line for the readers of the site: it names a folder only as the user
+            gave it, and the home folder and Hugging Face cache by name, not by path.
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Detector:
@@ -122,10 +137,11 @@ def load_detector(name: str, threshold: float) -> Detector:
         import torch
         from transformers import AutoImageProcessor, DetrForObjectDetection
     except Exception as err:  # transformers missing or broken
-        raise ModelLoadError(
-            f"Could not load the object detector {name!r}: torch or transformers could not be "
-            f"imported ({summarise_error(err)}). Install reportgen's dependencies (pip install reportgen), "
-            "or pass --detector none to use only the boxes given in the manifest."
+        cause = f"torch or transformers could not be imported ({summarise_error(err)})"
+        raise DetectorUnavailable(
+            f"Could not load the object detector {name!r}: {cause}. Install reportgen's dependencies "
+            "(pip install reportgen), or pass --detector none to use only the boxes given in the manifest.",
+            _public(cause, name),
         ) from err
 
     source = os.path.expanduser(name)
@@ -142,21 +158,50 @@ def load_detector(name: str, threshold: float) -> Detector:
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline)
         return Detector(model, processor, threshold, name)  # checks the processor is DETR's
     except Exception as err:
-        raise ModelLoadError(_load_failure_message(name, err)) from err
+        raise DetectorUnavailable(
+            _load_failure_message(name, err),
+            f"could not be loaded {_where(name, name)}: {_public(summarise_error(err), name)}",
+        ) from err
+
+
+def _where(name: str, folder: str) -> str:
+    """Where loading was tried, naming a local folder as ``folder``."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return f"from the local folder {folder}"
+    if _looks_like_path(name):
+        return f"(there is no folder {folder}, and it is not a model name on the Hugging Face hub)"
+    where = "from the Hugging Face hub or the local Hugging Face cache"
+    if hub_offline():
+        where += " (offline mode is on, so only the cache was tried)"
+    return where
+
+
+def _public(text: str, name: str) -> str:
+    """``text`` without local paths the user did not give: the detector's folder is named as given,
+    the Hugging Face cache and the home folder by name."""
+    replacements = [(os.path.expanduser("~"), "~")]
+    try:
+        from huggingface_hub import constants
+
+        replacements += [(str(constants.HF_HUB_CACHE), "the Hugging Face cache"), (str(constants.HF_HOME), "HF_HOME")]
+    except ImportError:  # reported by the caller
+        pass
+    # Longest first, so a path inside another is replaced whole.
+    replacements.sort(key=lambda item: len(item[0]), reverse=True)
+
+    def hide(part: str) -> str:
+        for path, shown in replacements:
+            if len(path) > 1:
+                part = part.replace(path, shown)
+        return part
+
+    folder = os.path.expanduser(name)
+    return name.join(hide(part) for part in text.split(folder)) if folder else hide(text)
 
 
 def _load_failure_message(name: str, err: BaseException) -> str:
-    expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded):
-        where = f"from the local folder {expanded}"
-    elif _looks_like_path(name):
-        where = f"(there is no folder {expanded}, and it is not a model name on the Hugging Face hub)"
-    else:
-        where = "from the Hugging Face hub or the local Hugging Face cache"
-        if hub_offline():
-            where += " (offline mode is on, so only the cache was tried)"
     return (
-        f"Could not load the object detector {name!r} {where}: {summarise_error(err)}. "
+        f"Could not load the object detector {name!r} {_where(name, os.path.expanduser(name))}: {summarise_error(err)}. "
         "To fix this, either run reportgen once with internet access so the detector is downloaded "
         "and cached (or set HF_HOME to a Hugging Face cache that already has it), "
         "pass --detector none to use only the boxes given in the manifest, "

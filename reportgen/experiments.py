@@ -166,6 +166,8 @@ class ObjectsResult:
         skipped: ``(label, reason)`` for objects that could not be used.
         plain_similarity / rollout_similarity: ``[K, K]`` cosine similarities.
         difference: rollout minus plain.
+        detector_unavailable: why the detector that should have found the objects could not be
+            loaded (then there are none), or None.
     """
 
     source: str
@@ -173,6 +175,7 @@ class ObjectsResult:
     skipped: tuple[tuple[str, str], ...]
     plain_similarity: np.ndarray
     rollout_similarity: np.ndarray
+    detector_unavailable: str | None = None
 
     @property
     def difference(self) -> np.ndarray:
@@ -268,16 +271,17 @@ def objects_experiment(
     geometry: Geometry,
     boxes: tuple[ObjectBox, ...],
     source: str,
-    notes: tuple[tuple[str, str], ...] = (),
+    detector_unavailable: str | None = None,
 ) -> ObjectsResult:
     """Experiment 3: embeddings of the objects in ``boxes`` (original-image pixels).
 
-    ``notes`` are ``(label, reason)`` pairs for objects that could not be found at all.
+    ``detector_unavailable`` is why the detector named by ``source`` could not be loaded, when the
+    image had no boxes of its own and so has none.
     """
     patch_tokens = maps.tokens[layout.num_prefix_tokens :].double().numpy()  # [P, C]
     rollout_patches = _grid(maps.rollout_cls[-1], layout)
     labels = number_duplicates([b.label for b in boxes])
-    objects, skipped = [], list(notes)
+    objects, skipped = [], []
     for label, box in zip(labels, boxes):
         input_box, visible = geometry.map_box(box.as_tuple())
         if input_box is None:
@@ -305,4 +309,5 @@ def objects_experiment(
         skipped=tuple(skipped),
         plain_similarity=plain,
         rollout_similarity=rolled,
+        detector_unavailable=detector_unavailable,
     )

@@ -165,6 +165,7 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
             "plain_similarity": plain(o.plain_similarity),
             "rollout_similarity": plain(o.rollout_similarity),
             "difference": plain(o.difference),
+            "detector_unavailable": o.detector_unavailable,
         }
     return record
 

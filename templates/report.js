@@ -37,6 +37,33 @@
   }
 
   // Sortable tables: click a column header to sort by it (numbers numerically), again to reverse.
+  // A row with nothing in the column (a failed image's row has one wide cell; "—" or "n/a" mark a
+  // missing value) goes after the others in either direction.
+  var MISSING = ["", "\u2014", "n/a"];
+
+  function sortKey(row, column) {
+    var start = 0;
+    for (var i = 0; i < row.cells.length; i++) {
+      var cell = row.cells[i];
+      if (column < start + cell.colSpan) {
+        if (cell.colSpan > 1) { return null; }
+        var text = cell.hasAttribute("data-sort") ? cell.getAttribute("data-sort") : cell.textContent.trim();
+        if (MISSING.indexOf(text) >= 0) { return null; }
+        var number = Number(text);
+        return isFinite(number) ? number : text;
+      }
+      start += cell.colSpan;
+    }
+    return null;
+  }
+
+  function compareKeys(x, y) {
+    if (typeof x === "number" && typeof y === "number") { return x - y; }
+    if (typeof x === "number") { return -1; }  // numbers before text, so the order is consistent
+    if (typeof y === "number") { return 1; }
+    return x.localeCompare(y);
+  }
+
   function setUpSorting(table) {
     var headers = table.querySelectorAll("thead th");
     Array.prototype.forEach.call(headers, function (th, column) {
@@ -50,15 +77,15 @@
         Array.prototype.forEach.call(headers, function (h) { h.removeAttribute("aria-sort"); });
         th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
         var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows);
+        var rows = Array.prototype.map.call(body.rows, function (row) {
+          return { row: row, key: sortKey(row, column) };
+        });
         rows.sort(function (a, b) {
-          var x = a.cells[column].getAttribute("data-sort") || a.cells[column].textContent.trim();
-          var y = b.cells[column].getAttribute("data-sort") || b.cells[column].textContent.trim();
-          var nx = parseFloat(x), ny = parseFloat(y);
-          var order = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+          if (a.key === null || b.key === null) { return (a.key === null) - (b.key === null); }
+          var order = compareKeys(a.key, b.key);
           return ascending ? order : -order;
         });
-        rows.forEach(function (row) { body.appendChild(row); });
+        rows.forEach(function (item) { body.appendChild(item.row); });
       });
     });
   }

@@ -4,6 +4,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -86,3 +87,31 @@ def hand_attention(model, x):
             h = block(h)
         features = model.norm(h)
     return expected, features
+
+
+def hand_rollout(attentions):
+    """CLS row of the rollout (heads fused by mean, no discarding) over the patches, from the paper's
+    formula written out with numpy: per layer 0.5*A + 0.5*I, rows renormalised, multiplied in turn."""
+    n = attentions[0].shape[-1]
+    joint = np.eye(n)
+    for a in attentions:
+        step = 0.5 * a[0].double().numpy().mean(axis=0) + 0.5 * np.eye(n)
+        step /= step.sum(axis=1, keepdims=True)
+        joint = step @ joint
+    return joint[0, 1:]
+
+
+def coverage_by_hand(box, grid, patch):
+    """Area of each patch inside the box, divided by the patch area, by explicit loops."""
+    rows, cols = grid
+    cover = np.zeros(rows * cols)
+    for r in range(rows):
+        for c in range(cols):
+            w = max(0.0, min(box[2], (c + 1) * patch) - max(box[0], c * patch))
+            h = max(0.0, min(box[3], (r + 1) * patch) - max(box[1], r * patch))
+            cover[r * cols + c] = w * h / patch**2
+    return cover
+
+
+def cosine(a, b):
+    return float(a @ b / math.sqrt((a @ a) * (b @ b)))

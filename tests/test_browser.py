@@ -25,15 +25,20 @@ def site(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
     write_photo(folder / "one.png", (48, 40), seed=1)
     write_photo(folder / "two.jpg", (64, 36), seed=2)
+    write_photo(folder / "three.png", (40, 48), seed=3)
+    (folder / "broken.png").write_bytes(b"")  # fails: its card and summary row say why
     manifest = write_manifest(
         folder,
         [{"path": "one.png", "id": "one", "title": "One <b>bold</b>"},
+         {"path": "broken.png", "id": "broken", "title": "Broken"},
          {"path": "two.jpg", "id": "two", "kind": "multi",
-          "objects": [{"label": "a", "box": [0, 0, 30, 30]}, {"label": "b", "box": [20, 4, 60, 34]}]}],
+          "objects": [{"label": "a", "box": [0, 0, 30, 30]}, {"label": "b", "box": [20, 4, 60, 34]}]},
+         {"path": "three.png", "id": "three", "title": "Three"}],
     )
     out = folder / "site"
     result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # written, with one failed image
+    assert "broken.png" in result.output
     return out
 
 
@@ -144,8 +149,61 @@ def test_summary_table_sorts_without_a_server(site, browser):
     header = browser.find_elements(By.CSS_SELECTOR, "table.summary thead th button")[2]
     header.click()
     first_rows = [r.text.split("\n")[0] for r in browser.find_elements(By.CSS_SELECTOR, "table.summary tbody th")]
-    by_entropy = sorted(results["images"], key=lambda i: i["attention"]["mean_entropy"]["normalised"])
+    ok = [i for i in results["images"] if not i["error"]]
+    by_entropy = sorted(ok, key=lambda i: i["attention"]["mean_entropy"]["normalised"])
     assert first_rows[0].startswith(by_entropy[0]["title"].split(" <")[0])
     header.click()
     first_rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "table.summary tbody th")]
     assert first_rows[0].startswith(by_entropy[-1]["title"].split(" <")[0])
+
+
+# What each column of the summary table shows of an image (None: nothing to sort by). A failed
+# image has its title and kind, and nothing else.
+SUMMARY_COLUMNS = [
+    lambda i: i["title"],
+    lambda i: i["kind"],
+    lambda i: i["attention"]["mean_entropy"]["normalised"],
+    lambda i: i["attention"]["max_entropy"]["normalised"],
+    lambda i: i["rollout"]["rollout_entropy"]["normalised"],
+    lambda i: i["rollout"]["entropy_change"],
+    lambda i: i["rollout"]["spearman"],
+    lambda i: len(i["objects"]["objects"]) if i["objects"] else None,
+    lambda i: i["objects"]["mean_plain_similarity"] if i["objects"] else None,
+    lambda i: i["objects"]["mean_rollout_similarity"] if i["objects"] else None,
+]
+
+
+def _shown(image, column):
+    if image["error"] and column >= 2:
+        return None
+    return SUMMARY_COLUMNS[column](image)
+
+
+def test_every_summary_column_sorts_with_a_failed_image(site, browser):
+    """Each header, clicked once (ascending) and again (descending): no script error, the images
+    that have a value in that column in order, and the rows without one (a failed image's row
+    has a single wide cell) after them."""
+    from selenium.webdriver.common.by import By
+
+    _open(browser, site / "index.html")
+    results = json.loads((site / "results.json").read_text())
+    assert any(i["error"] for i in results["images"])  # the site really has a failed image
+    by_title = {i["title"]: i for i in results["images"]}
+    buttons = browser.find_elements(By.CSS_SELECTOR, "table.summary thead th button")
+    assert len(buttons) == len(SUMMARY_COLUMNS)
+    for column, button in enumerate(buttons):
+        for ascending in (True, False):
+            button.click()
+            errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+            assert errors == [], f"column {column}: {errors}"
+            titles = browser.execute_script(
+                "return Array.from(document.querySelectorAll('table.summary tbody tr'))"
+                ".map(r => r.cells[0].textContent.trim())"
+            )
+            assert sorted(titles) == sorted(by_title), column  # no row lost or doubled
+            shown = [_shown(by_title[t], column) for t in titles]
+            known = [v for v in shown if v is not None]
+            assert shown == known + [None] * (len(shown) - len(known)), f"column {column}: {titles}"
+            key = str.lower if column < 2 else None
+            assert known == sorted(known, key=key, reverse=not ascending), f"column {column}: {titles}"
+            assert button.find_element(By.XPATH, "..").get_attribute("aria-sort") == ("ascending" if ascending else "descending")

@@ -4,7 +4,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_manifest, write_photo
+from conftest import cosine, coverage_by_hand, hand_attention, hand_rollout, write_manifest, write_photo
+from markupsafe import escape
 from sitecheck import broken_links, disagreements, parse
 
 from reportgen.cli import main
@@ -57,16 +58,58 @@ def test_build_writes_a_complete_consistent_site(two_images, tmp_path):
     assert "qkv projection" in (out / "index.html").read_text()
 
 
-def test_results_are_consistent_with_maths(two_images, tmp_path):
+def test_results_agree_with_an_independent_computation(two_images, tmp_path):
+    # The tiny model's attention, tokens and rollout recomputed here by hand (timm's own transform
+    # for the input, hand_attention's softmax of q·k, numpy for the rest) against results.json.
+    import math
+
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    from reportgen.manifest import load_manifest
+    from reportgen.models import load_model
+
     out = tmp_path / "site"
     assert _build(two_images, out).exit_code == 0
     street = json.loads((out / "results.json").read_text())["images"][1]
-    sim = street["objects"]["plain_similarity"]
-    assert [sim[i][i] for i in range(3)] == [1.0, 1.0, 1.0]
-    assert all(sim[i][j] == sim[j][i] for i in range(3) for j in range(3))
-    import math
+    manifest = load_manifest(two_images)
+    loaded = load_model(manifest.model, "cpu")  # the same seeded random weights the build used
+    image = Image.open(manifest.images[1].path).convert("RGB")
+    x = create_transform(**loaded.data_config, is_training=False)(image)[None]
+    attentions, features = hand_attention(loaded.model, x)
+    tokens = features[0, 1:].double().numpy()  # 16 patch tokens after the final norm
 
-    assert street["rollout"]["rollout_entropy"]["nats"] <= math.log(16) + 1e-6
+    # Experiments 1 and 2: the head-mean CLS map of the last layer, the rollout, their entropies.
+    cls_mean = attentions[-1][0, :, 0, 1:].double().numpy().mean(axis=0)
+    rollout = hand_rollout(attentions)
+    assert np.ravel(street["attention"]["cls_mean"]) == pytest.approx(cls_mean, abs=2e-6)
+    assert np.ravel(street["rollout"]["rollout"]) == pytest.approx(rollout, abs=2e-6)
+    for shown, weights in ((street["attention"]["mean_entropy"], cls_mean), (street["rollout"]["rollout_entropy"], rollout)):
+        p = weights / weights.sum()
+        nats = float(-(p * np.log(p)).sum())
+        assert shown["nats"] == pytest.approx(nats, abs=2e-6)
+        assert shown["normalised"] == pytest.approx(nats / math.log(16), abs=2e-6)
+
+    # Experiment 3. Geometry by hand: vit_tiny centre-crops with crop_pct 0.9, so the 64x36 photo is
+    # resized to shorter side floor(32 / 0.9) = 35, i.e. 62x35, and its middle 32x32 kept (15 px cut
+    # on the left, round(1.5) = 2 px at the top); boxes are clipped to the crop.
+    assert loaded.data_config["crop_mode"] == "center" and loaded.data_config["crop_pct"] == 0.9
+    plain, rolled = [], []
+    for obj, shown in zip(manifest.images[1].objects, street["objects"]["objects"]):
+        box = [min(max(v, 0.0), 32.0) for v in (obj.x0 * 62 / 64 - 15, obj.y0 * 35 / 36 - 2, obj.x1 * 62 / 64 - 15, obj.y1 * 35 / 36 - 2)]
+        assert shown["input_box"] == pytest.approx(box, abs=1e-5)
+        cover = coverage_by_hand(box, (4, 4), 8)
+        plain.append(cover @ tokens / cover.sum())
+        weights = cover * rollout
+        rolled.append(weights @ tokens / weights.sum())
+    assert len(plain) == len(street["objects"]["objects"]) == 3
+    for i in range(3):
+        for j in range(3):
+            assert street["objects"]["plain_similarity"][i][j] == pytest.approx(cosine(plain[i], plain[j]), abs=2e-5)
+            assert street["objects"]["rollout_similarity"][i][j] == pytest.approx(cosine(rolled[i], rolled[j]), abs=2e-5)
+    # Guard: the objects really differ, so the check above compares more than ones.
+    assert min(min(row) for row in street["objects"]["plain_similarity"]) < 0.99
 
 
 def test_explorer_sprite_tiles_are_the_maps_in_results(two_images, tmp_path):
@@ -181,17 +224,100 @@ def test_detector_finds_objects_for_images_without_boxes(tmp_path):
     assert broken_links(out) == []
 
 
-def test_unavailable_detector_warns_and_manifest_boxes_still_work(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _cli_build(manifest, out, **env):
+    """``python -m reportgen.cli build`` in a subprocess, as a user runs it."""
+    import subprocess
+    import sys
+
+    from conftest import source_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "reportgen.cli", "build", str(manifest), "-o", str(out)],
+        env={**source_env(), **env}, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_unavailable_detector_is_said_on_the_page_and_in_the_run_metadata(tmp_path):
+    # A reader of the site never sees the build's warning: the page of the image left without
+    # objects, the index and results.json say the detector was not available, and why.
+    hf_home = tmp_path / "hf-home"  # an empty Hugging Face cache, in offline mode
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub")}
     manifest = _scene_and_boxed(tmp_path, {"name": "no-such-org/no-such-detr", "threshold": 0.5})
     out = tmp_path / "site"
-    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert "warning: Could not load the object detector 'no-such-org/no-such-detr'" in result.output
-    assert "--detector none" in result.output and "Traceback" not in result.output
-    scene, boxed = json.loads((out / "results.json").read_text())["images"]
-    assert scene["objects"]["objects"] == [] and "detector" in scene["objects"]["skipped"][0]["reason"]
-    assert boxed["objects"]["labels"] == ["a", "b"]
+    for build in ("first", "rebuild"):
+        result = _cli_build(manifest, out, **env)
+        assert result.returncode == 0, result.stderr  # the images themselves did not fail
+        assert "warning: Could not load the object detector 'no-such-org/no-such-detr'" in result.stderr, build
+        assert "Traceback" not in result.stderr
+        results = json.loads((out / "results.json").read_text())
+        reason = results["detector"]["reason"]
+        assert results["detector"] == {"name": "no-such-org/no-such-detr", "threshold": 0.5, "status": "not available",
+                                       "reason": reason, "images_without_objects": 1}, build
+        assert "offline mode is on" in reason and "\n" not in reason and str(tmp_path) not in reason
+        assert results["settings"]["detector"] == "no-such-org/no-such-detr"  # what was asked for
+        scene, boxed = results["images"]
+        assert scene["objects"]["objects"] == [] and scene["objects"]["detector_unavailable"] == reason
+        assert boxed["objects"]["detector_unavailable"] is None and boxed["objects"]["labels"] == ["a", "b"]
+        page = (out / "scene.html").read_text()
+        assert "Objects from the detector" not in page
+        assert "the detector no-such-org/no-such-detr was not available" in page
+        assert str(escape(reason)) in page
+        index = (out / "index.html").read_text()
+        assert "The object detector no-such-org/no-such-detr was not available" in index and str(escape(reason)) in index
+        assert "where the manifest gives no boxes" not in index
+        for published in (page, index, (out / "results.json").read_text()):
+            assert str(tmp_path) not in published
+        assert broken_links(out) == []
+        assert disagreements(out)[1] == []
+    # The image without boxes was not cached as complete: the rebuild tried the detector again
+    # (the warning above), and only the image with manifest boxes was reused.
+    assert "1 unchanged" in result.stderr
+
+
+def test_detector_that_loads_on_a_rebuild_gives_the_objects(tmp_path):
+    from test_detector import tiny_detr, tiny_processor
+
+    folder = tmp_path / "detr"  # given in the manifest, but not there yet
+    manifest = _scene_and_boxed(tmp_path, {"name": str(folder), "threshold": 0.01})
+    out = tmp_path / "site"
+    result = _cli_build(manifest, out)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["detector"]["status"] == "not available"
+    assert results["detector"]["reason"].startswith(f"could not be loaded (there is no folder {folder},")
+    assert results["images"][0]["objects"]["objects"] == []
+
+    tiny_detr().save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    result = _cli_build(manifest, out)  # same settings: only the image left without objects is redone
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr and "1 unchanged" in result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["detector"] == {"name": str(folder), "threshold": 0.01, "status": "used", "reason": None,
+                                   "images_without_objects": 0}
+    scene = results["images"][0]["objects"]
+    assert scene["objects"] and scene["detector_unavailable"] is None
+    assert f"Objects from the detector {folder}" in (out / "scene.html").read_text()
+    index = (out / "index.html").read_text()
+    assert "was not available" not in index and "where the manifest gives no boxes" in index
+
+    # Once complete, the image is cached like any other.
+    result = _cli_build(manifest, out)
+    assert result.returncode == 0 and "2 unchanged" in result.stderr, result.stderr
+    assert json.loads((out / "results.json").read_text())["detector"]["status"] == "used"
+
+
+def test_detector_not_needed_when_every_multi_image_has_boxes(tmp_path):
+    write_photo(tmp_path / "boxed.png", (40, 40), seed=4)
+    manifest = write_manifest(
+        tmp_path, [{"path": "boxed.png", "kind": "multi", "objects": [{"label": "a", "box": [0, 0, 20, 20]}]}],
+        detector={"name": "no-such-org/no-such-detr", "threshold": 0.5},
+    )
+    out = tmp_path / "site"
+    result = _build(manifest, out)
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert json.loads((out / "results.json").read_text())["detector"]["status"] == "not needed"
+    assert "the detector no-such-org/no-such-detr was not needed" in (out / "index.html").read_text()
 
 
 def test_boxes_cropped_away_are_clipped_or_skipped(tmp_path):

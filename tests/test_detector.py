@@ -142,13 +142,23 @@ def test_fixture_really_exercises_scaling_and_clipping(model, processor, image):
 
 
 def test_threshold_is_inclusive_and_filters(model, processor, image):
-    expected = by_hand(model, processor, image)
-    cut = expected[3][0]
-    # A threshold exactly equal to a score keeps that object (score >= threshold).
-    at_score = Detector(model, processor, threshold=float(np.float32(cut)), name="tiny").detect(image)
-    assert len(at_score) == sum(1 for score, _, _ in expected if np.float32(score) >= np.float32(cut))
-    assert len(at_score) >= 4
-    assert all(box.score >= np.float32(cut) for box in at_score)
+    # The threshold is one of the detector's own (float32) scores, not a recomputation of it:
+    # a float64 softmax rounded to float32 can differ from it in the last bit.
+    everything = Detector(model, processor, threshold=0.0, name="tiny").detect(image)
+    scores = [box.score for box in everything]
+    cut = scores[3]
+    assert 0.0 < cut < 1.0
+
+    # A threshold exactly equal to a score keeps that object (score >= threshold) ...
+    at_score = Detector(model, processor, threshold=cut, name="tiny").detect(image)
+    assert [box.score for box in at_score] == [s for s in scores if s >= cut]
+    assert len(at_score) >= 4 and cut in [box.score for box in at_score]
+
+    # ... and the next float above it drops that object and every one scored lower.
+    above = np.nextafter(cut, 2.0)
+    over = Detector(model, processor, threshold=float(above), name="tiny").detect(image)
+    assert [box.score for box in over] == [s for s in scores if s > cut]
+    assert len(over) < len(at_score) and cut not in [box.score for box in over]
 
     none = Detector(model, processor, threshold=1.0, name="tiny").detect(image)
     assert none == []
@@ -252,3 +262,23 @@ def test_load_detector_missing_or_empty_folder(tmp_path):
     with pytest.raises(ModelLoadError) as caught:
         load_detector(str(tmp_path), 0.5)
     assert f"local folder {tmp_path}" in str(caught.value)
+
+
+def test_unavailable_reason_names_folders_as_given(tmp_path, monkeypatch, empty_hf_cache):
+    """The one-line reason published on the site names no local path the user did not write."""
+    from reportgen.detector import DetectorUnavailable
+
+    home = tmp_path / "home"
+    (home / "detr").mkdir(parents=True)  # there, but empty
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(DetectorUnavailable) as caught:
+        load_detector("~/detr", 0.5)
+    reason = caught.value.reason
+    assert reason.startswith("could not be loaded from the local folder ~/detr: ") and "model.safetensors" in reason
+    assert str(tmp_path) not in reason and "\n" not in reason
+    assert str(home / "detr") in str(caught.value)  # the build's own message gives the full path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DetectorUnavailable) as caught:
+        load_detector("no-such-org/no-such-detr-model", 0.5)
+    assert "offline mode is on" in caught.value.reason and str(tmp_path) not in caught.value.reason

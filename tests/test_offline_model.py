@@ -4,15 +4,13 @@ These tests use real pretrained weights, converted from the ONNX file inside img
 """
 
 import json
-import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import hand_attention
+from conftest import cosine, coverage_by_hand, hand_attention, hand_rollout
 from PIL import Image, ImageOps
 from sitecheck import broken_links, disagreements
 from timm.data import create_transform
@@ -83,22 +81,6 @@ def test_cls_attention_concentrates_on_a_small_object(sample_site):
     assert mass["mass"] >= 1.5 * mass["area_share"], mass
 
 
-def _coverage_by_hand(box, grid, patch):
-    """Area of each patch inside the box, divided by the patch area, by explicit loops."""
-    rows, cols = grid
-    cover = np.zeros(rows * cols)
-    for r in range(rows):
-        for c in range(cols):
-            w = max(0.0, min(box[2], (c + 1) * patch) - max(box[0], c * patch))
-            h = max(0.0, min(box[3], (r + 1) * patch) - max(box[1], r * patch))
-            cover[r * cols + c] = w * h / patch**2
-    return cover
-
-
-def _cosine(a, b):
-    return float(a @ b / math.sqrt((a @ a) * (b @ b)))
-
-
 def test_similarity_tables_recomputed_independently(sample_site, offline):
     _, results = sample_site
     record = next(i for i in results["images"] if i["id"] == "coffee")
@@ -106,14 +88,7 @@ def test_similarity_tables_recomputed_independently(sample_site, offline):
     x = _model_input(offline, entry.path.name)
     attentions, features = hand_attention(offline.model, x)
     tokens = features[0, 1:].double().numpy()
-    # Rollout from the paper's formula, written out with numpy.
-    joint = np.eye(257)
-    for a in attentions:
-        fused = a[0].double().numpy().mean(axis=0)
-        step = 0.5 * fused + 0.5 * np.eye(257)
-        step /= step.sum(axis=1, keepdims=True)
-        joint = step @ joint
-    rollout = joint[0, 1:]
+    rollout = hand_rollout(attentions)
     # Letterbox geometry by hand: the 600x400 photo is resized to 224x149 (each axis scaled by
     # its resized/original length) and padded by 37 rows above.
     w, h = Image.open(entry.path).size
@@ -124,7 +99,7 @@ def test_similarity_tables_recomputed_independently(sample_site, offline):
     plain, rolled = [], []
     for obj in entry.objects:
         box = (obj.x0 * sx + pad_x, obj.y0 * sy + pad_y, obj.x1 * sx + pad_x, obj.y1 * sy + pad_y)
-        cover = _coverage_by_hand(box, (16, 16), 14)
+        cover = coverage_by_hand(box, (16, 16), 14)
         plain.append(cover @ tokens / cover.sum())
         weights = cover * rollout
         rolled.append(weights @ tokens / weights.sum())
@@ -132,5 +107,5 @@ def test_similarity_tables_recomputed_independently(sample_site, offline):
     assert record["objects"]["labels"] == [o.label for o in entry.objects]
     for i in range(k):
         for j in range(k):
-            assert record["objects"]["plain_similarity"][i][j] == pytest.approx(_cosine(plain[i], plain[j]), abs=2e-5)
-            assert record["objects"]["rollout_similarity"][i][j] == pytest.approx(_cosine(rolled[i], rolled[j]), abs=2e-5)
+            assert record["objects"]["plain_similarity"][i][j] == pytest.approx(cosine(plain[i], plain[j]), abs=2e-5)
+            assert record["objects"]["rollout_similarity"][i][j] == pytest.approx(cosine(rolled[i], rolled[j]), abs=2e-5)
