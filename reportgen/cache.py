@@ -210,6 +210,7 @@ class _Objects(_Schema):
     plain_similarity: Matrix
     rollout_similarity: Matrix
     difference: Matrix
+    detector_unavailable: None  # an image whose detector could not be loaded is never cached
 
 
 class _Record(_Schema):
