@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import TINY_MODEL, source_env, write_manifest, write_photo
 from PIL import Image
+from test_bad_input import _build, _clean_exit  # the same CLI helpers as the other bad-input tests
 
-from reportgen.cli import main
 from reportgen.figures import MAX_SIMILARITY_SIZE
 from reportgen.manifest import (
     MAX_CAPTION_LENGTH,
@@ -32,16 +31,6 @@ from reportgen.manifest import (
     SettingsError,
     load_manifest,
 )
-
-
-def _build(manifest, out, *args):
-    return CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet", *args])
-
-
-def _clean_exit(result, code):
-    assert result.exit_code == code, (result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
 
 
 def _subprocess_build(manifest, out, *args, timeout=60):
