@@ -9,13 +9,13 @@ reads only the files that changed, and a weights file is read once, not once per
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import stat
 import threading
 import time
 from pathlib import Path
+
+from reportgen.files import open_regular
 
 # A file changed within this long may change again without its timestamps moving (they tick
 # coarsely); its hash is not remembered until it has been still for longer.
@@ -34,10 +34,8 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
             open descriptor.
     """
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd, _info = open_regular(path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
         for chunk in iter(lambda: os.read(fd, chunk_size), b""):
             digest.update(chunk)
     finally:

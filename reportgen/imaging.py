@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from reportgen.errors import ImageError
+from reportgen.files import NotRegularFile, open_regular
 
 # Pillow's decompression-bomb limit is kept; huge-but-legal photos are downscaled to this size
 # on their longest side before anything else, so figures and memory stay bounded.
@@ -159,13 +159,11 @@ def _open_regular(path: Path):
 
     Opened without blocking: a FIFO would otherwise wait for a writer for ever.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(str(path))
-        if not stat.S_ISREG(info.st_mode):
-            raise _Refused("not a regular file (a FIFO, device or socket); only regular files are read")
+        fd, info = open_regular(path)
+    except NotRegularFile as err:
+        raise _Refused(f"not a regular file but {err.kind}; only regular files are read") from None
+    try:
         if info.st_size == 0:
             raise _Refused("the file is empty (0 bytes)")
         if info.st_size > MAX_IMAGE_BYTES:

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from reportgen.errors import ManifestError
+from reportgen.files import NotRegularFile, file_kind, open_regular
 
 __all__ = [
     "HEAD_FUSIONS",
@@ -658,8 +659,8 @@ def _read_yaml(path: Path) -> tuple[Any, list[str]]:
         raise ManifestError(path, ["is a directory, not a manifest file"]) from None
     except PermissionError:
         raise ManifestError(path, ["cannot read the manifest file: permission denied"]) from None
-    except _NotRegular as exc:
-        raise ManifestError(path, [f"is {exc}, not a manifest file; only regular files are read"]) from None
+    except NotRegularFile as exc:
+        raise ManifestError(path, [f"is {exc.kind}, not a manifest file; only regular files are read"]) from None
     except _TooLarge:
         raise ManifestError(
             path, [f"is larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB, the limit for a manifest"]
@@ -699,10 +700,6 @@ def _read_yaml(path: Path) -> tuple[Any, list[str]]:
             loader.dispose()
 
 
-class _NotRegular(OSError):
-    """The path is not a regular file (its kind is the message)."""
-
-
 class _TooLarge(OSError):
     """The file is larger than allowed."""
 
@@ -715,17 +712,12 @@ def _read_regular_file(path: Path, limit: int) -> bytes:
     read, so a file that grows meanwhile cannot exhaust memory either.
 
     Raises:
-        _NotRegular: a folder, FIFO, device or socket.
+        IsADirectoryError, NotRegularFile: a folder, FIFO, device or socket.
         _TooLarge: more than ``limit`` bytes.
         OSError: the file cannot be opened or read.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd, info = open_regular(path)
     try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(str(path))
-        if not stat.S_ISREG(info.st_mode):
-            raise _NotRegular(_file_kind(info.st_mode))
         if info.st_size > limit:
             raise _TooLarge()
         chunks, size = [], 0
@@ -901,7 +893,7 @@ class _Validator:
                                 f"{_short(getattr(exc, 'strerror', None) or str(exc))}")
             return None
         if not stat.S_ISREG(mode):
-            self.problem(where, f"{_show(written)} (resolved to {resolved}) is not a file but {_file_kind(mode)}")
+            self.problem(where, f"{_show(written)} (resolved to {resolved}) is not a file but {file_kind(mode)}")
             return None
         return resolved
 
@@ -1183,15 +1175,6 @@ def _finite(value: int | float) -> float | None:
 def _num(value: float) -> str:
     # 40.0 reads better as 40 in a message about pixel coordinates.
     return f"{value:g}" if value != int(value) else str(int(value))
-
-
-def _file_kind(mode: int) -> str:
-    """What a non-regular file is, in words."""
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def _is_option_scalar(value: Any) -> bool:
