@@ -238,8 +238,8 @@ def recomputed(before: dict[str, int], after: dict[str, int]) -> list[str]:
 BASELINE_SNIPPET = r"""
 import json, resource, sys
 import reportgen.build  # everything a build imports
-from reportgen.manifest import load_manifest
-from reportgen.models import load_model
+from reportgen.config import load_manifest
+from reportgen.model.loading import load_model
 m = load_manifest(sys.argv[1])
 loaded = load_model(m.model, "cpu")
 model = loaded.model
@@ -314,11 +314,11 @@ class Profiler:
 @contextmanager
 def instrumented():
     """Wrap reportgen's build stages with timers; yield the profiler; restore on exit."""
-    import reportgen.analysis as analysis_mod
     import reportgen.build as build_mod
-    import reportgen.capture as capture_mod
-    import reportgen.figures as figures_mod
-    import reportgen.runner as runner_mod
+    import reportgen.compute as analysis_mod
+    import reportgen.model.capture as capture_mod
+    import reportgen.model.runner as runner_mod
+    import reportgen.site.figures as figures_mod
 
     prof = Profiler()
     # Orchestration stages, as build.py calls them (names bound in reportgen.build).
@@ -326,7 +326,7 @@ def instrumented():
                  "image_record", "image_key", "read_status", "reuse", "swap_in", "make_staging",
                  "attention_experiment", "rollout_experiment", "objects_experiment"):
         prof.patch(build_mod, attr)
-        prof.patch(analysis_mod, attr)  # the model stage lives in reportgen.analysis
+        prof.patch(analysis_mod, attr)  # the model stage lives in reportgen.compute
 
     def counting_run(original):
         timed = prof.timed("ModelRunner.run", original)
@@ -351,7 +351,7 @@ def instrumented():
     prof.patch(capture_mod.AttentionCapture, "_from_qkv", make=timed_hook_factory)
     # The build's own thread waiting for the figure thread (figures themselves overlap the model).
     prof.patch(analysis_mod._FigureWriter, "_collect", "waiting for figures")
-    # Figure writers, as write_image_figures calls them (names bound in reportgen.figures): the
+    # Figure writers, as write_image_figures calls them (names bound in reportgen.site.figures): the
     # known ones and any other write_* function.
     writers = {"save_png", "overlay", "_save_figure"} | {
         a for a in vars(figures_mod) if a.startswith("write_") and a not in ("write_image_figures", "write_colourbar")
@@ -367,7 +367,7 @@ def instrumented():
 
 def inprocess_build(manifest_path: Path, output: Path, batch_size: int, force: bool) -> tuple[float, Profiler, object]:
     from reportgen.build import BuildOptions, build
-    from reportgen.manifest import load_manifest
+    from reportgen.config import load_manifest
 
     with instrumented() as prof:
         started, cpu = time.perf_counter(), time.process_time()
@@ -389,9 +389,9 @@ def inprocess_build(manifest_path: Path, output: Path, batch_size: int, force: b
 def measure_floor(manifest_path: Path, batch_size: int, repeats: int) -> dict:
     import torch
 
+    from reportgen.config import load_manifest
     from reportgen.imaging import open_image, preprocess
-    from reportgen.manifest import load_manifest
-    from reportgen.models import load_model
+    from reportgen.model.loading import load_model
 
     manifest = load_manifest(manifest_path)
     started = time.perf_counter()
@@ -514,7 +514,7 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
 
     # ---- import cost (what every subprocess build pays before any work) ----
     print("\n[0] start-up cost of a build subprocess")
-    imports = run_child([PYTHON, "-c", "import reportgen.cli, reportgen.build, reportgen.manifest"], cwd=work)
+    imports = run_child([PYTHON, "-c", "import reportgen.cli, reportgen.build, reportgen.config"], cwd=work)
     cli_version = run_child([PYTHON, "-m", "reportgen.cli", "--version"], cwd=work)
     line("python3 -c 'import reportgen.cli, reportgen.build'", secs(imports["seconds"]), mib(imports["maxrss"]))
     line("python3 -m reportgen.cli --version", secs(cli_version["seconds"]))
@@ -608,7 +608,7 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
 
     # Ablation, for the README's account of the cold-build target: the same build with the
     # similarity heatmaps (the largest figure cost) not drawn. Not a supported mode of reportgen.
-    import reportgen.figures as figures_mod
+    import reportgen.site.figures as figures_mod
 
     drawn = figures_mod.write_similarity_heatmaps
     figures_mod.write_similarity_heatmaps = lambda *args, **kwargs: None

@@ -26,11 +26,11 @@ import numpy as np
 import reportgen
 from reportgen import outdir
 from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
+from reportgen.config import ImageEntry, Manifest
 from reportgen.errors import ImageError, OutputError, ReportgenError
-from reportgen.figures import write_colourbar
-from reportgen.manifest import ImageEntry, Manifest
-from reportgen.site import failure_record, write_site
-from reportgen.summary import ObjectTable, fraction_lowered, summarise_pairs
+from reportgen.site.figures import write_colourbar
+from reportgen.site.pages import failure_record, write_site
+from reportgen.site.summary import ObjectTable, fraction_lowered, summarise_pairs
 from reportgen.swap import MARKER, OutputLock, make_staging, recover, remove_tree, swap_in
 
 DEFAULT_OUTPUT = Path("site")
@@ -158,7 +158,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
             _advance(progress)
         if todo:
             # Only now is a model needed: a rebuild with nothing changed never loads (or imports) one.
-            from reportgen.analysis import analyse
+            from reportgen.compute import analyse
 
             status.model_run = analyse(
                 manifest, options, todo, staging, report, records, status,

@@ -33,11 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import reportgen
 from reportgen import outdir
-from reportgen.figures import figure_files, figure_index
+from reportgen.config import MAX_OBJECTS, ImageEntry, Manifest, ModelSettings
 from reportgen.hashing import file_sha256
-from reportgen.manifest import MAX_OBJECTS, ImageEntry, Manifest, ModelSettings
-from reportgen.site import page_name
-from reportgen.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
+from reportgen.model.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
+from reportgen.site.figures import figure_files, figure_index
+from reportgen.site.pages import page_name
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class _Capture(_Schema):
 
 
 class _ModelRun(_Schema):
-    """``model_run``: what :func:`reportgen.analysis.model_run` writes."""
+    """``model_run``: what :func:`reportgen.compute.model_run` writes."""
 
     model: _ModelInfo
     capture: _Capture
@@ -214,7 +214,7 @@ class _Objects(_Schema):
 
 
 class _Record(_Schema):
-    """A cached page record (what :func:`reportgen.site.image_record` writes for an image that worked)."""
+    """A cached page record (what :func:`reportgen.site.pages.image_record` writes for an image that worked)."""
 
     # Replaced from the manifest entry when the record is reused, so only their type matters.
     id: str

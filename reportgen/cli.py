@@ -61,7 +61,7 @@ def _check_overrides(sections: dict) -> None:
     """Check the options' values with the settings' own rules (those of the manifest), before
     anything is read: an override over a bound is a usage error naming the option. The options
     themselves only parse types, so that each rule lives in one place."""
-    from reportgen.manifest import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings
+    from reportgen.config import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings
 
     types = {"model": ModelSettings, "attention": AttentionSettings, "detector": DetectorSettings, "output": OutputSettings}
     for section, values in sections.items():
@@ -73,7 +73,7 @@ def _check_overrides(sections: dict) -> None:
 
 def _usage_error(err: ValueError) -> click.UsageError:
     """A settings error as a usage error naming the option (``--input-size``) it came from."""
-    from reportgen.manifest import SettingsError
+    from reportgen.config import SettingsError
 
     if not isinstance(err, SettingsError):
         return click.UsageError(str(err))
@@ -164,7 +164,7 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
     does not end the program."""
     from reportgen.build import DEFAULT_OUTPUT
     from reportgen.build import build as run_build
-    from reportgen.manifest import load_manifest
+    from reportgen.config import load_manifest
 
     loaded = None
     try:
@@ -197,8 +197,8 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
 def _watch(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool) -> None:
     """Build, then rebuild whenever an input changes, until interrupted. The model is loaded
     while waiting (once per model), so that the first image edited is as quick as the next."""
+    from reportgen.config import load_manifest
     from reportgen.errors import ManifestError
-    from reportgen.manifest import load_manifest
     from reportgen.watch import snapshot, wait_for_change, watched_paths
 
     tried: set[str] = set()
@@ -223,7 +223,7 @@ def _watch(manifest_path: Path, output: Path | None, options, settings: dict, qu
 
 
 def _keep_model(manifest, options, quiet: bool) -> None:
-    from reportgen.analysis import prepare_for_rebuilds
+    from reportgen.compute import prepare_for_rebuilds
 
     try:
         seconds = prepare_for_rebuilds(manifest, options)

@@ -18,19 +18,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from reportgen.attention import entropy, normalised_entropy, spearman, top_fraction_overlap
-from reportgen.embeddings import (
+from reportgen.config import ImageEntry, ObjectBox
+from reportgen.imaging import Geometry
+from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
     number_duplicates,
     patch_coverage,
     pooled_embedding,
     rollout_weights,
 )
-from reportgen.imaging import Geometry
-from reportgen.manifest import ImageEntry, ObjectBox
+from reportgen.methods.maths import entropy, normalised_entropy, spearman, top_fraction_overlap
 
 if TYPE_CHECKING:  # figure workers unpickle these results without importing the model runner
-    from reportgen.runner import AttentionMaps
+    from reportgen.model.runner import AttentionMaps
 
 TOP_FRACTION = 0.1
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from reportgen.manifest import Manifest
-from reportgen.site import template_dir
+from reportgen.config import Manifest
+from reportgen.site.pages import template_dir
 
 Snapshot = dict[Path, tuple[int, int] | None]
 

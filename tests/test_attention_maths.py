@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from reportgen.attention import (
+from reportgen.methods.maths import (
     discard_lowest,
     entropy,
     normalised_entropy,

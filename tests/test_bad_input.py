@@ -23,7 +23,7 @@ from PIL import Image
 from sitecheck import broken_links
 
 from reportgen.cli import main
-from reportgen.manifest import MAX_ID_LENGTH
+from reportgen.config import MAX_ID_LENGTH
 
 
 def _build(manifest, out, *args):

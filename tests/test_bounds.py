@@ -20,8 +20,7 @@ from conftest import TINY_MODEL, source_env, write_manifest, write_photo
 from PIL import Image
 from test_bad_input import _build, _clean_exit  # the same CLI helpers as the other bad-input tests
 
-from reportgen.figures import MAX_SIMILARITY_SIZE
-from reportgen.manifest import (
+from reportgen.config import (
     MAX_CAPTION_LENGTH,
     MAX_ID_LENGTH,
     MAX_LABEL_LENGTH,
@@ -31,6 +30,7 @@ from reportgen.manifest import (
     SettingsError,
     load_manifest,
 )
+from reportgen.site.figures import MAX_SIMILARITY_SIZE
 
 
 def _subprocess_build(manifest, out, *args, timeout=60):

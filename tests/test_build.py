@@ -67,8 +67,8 @@ def test_results_agree_with_an_independent_computation(two_images, tmp_path):
     from PIL import Image
     from timm.data import create_transform
 
-    from reportgen.manifest import load_manifest
-    from reportgen.models import load_model
+    from reportgen.config import load_manifest
+    from reportgen.model.loading import load_model
 
     out = tmp_path / "site"
     assert _build(two_images, out).exit_code == 0
@@ -356,7 +356,7 @@ def test_figure_workers_write_the_same_site(two_images, tmp_path, monkeypatch):
 
 
 def test_results_json_is_json_with_one_image_per_line():
-    from reportgen.site import results_json
+    from reportgen.site.pages import results_json
 
     results = {"format": 1, "title": "Kätzchen <b>", "images": [{"id": "a", "x": [1.5, None]}, {"id": "b"}], "pairs": []}
     text = results_json(results)

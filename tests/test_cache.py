@@ -6,17 +6,17 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_manifest, write_photo
 
-import reportgen.analysis
+import reportgen.compute
 from reportgen.cache import STATUS_FILE
 from reportgen.cli import main
-from reportgen.runner import ModelRunner
+from reportgen.model.runner import ModelRunner
 
 
 @pytest.fixture
 def counting(monkeypatch):
     """Counts model loads and images run through the model."""
     counts = {"loads": 0, "images": 0}
-    real_load, real_run = reportgen.analysis.load_model, ModelRunner.run
+    real_load, real_run = reportgen.compute.load_model, ModelRunner.run
 
     def load(*args, **kwargs):
         counts["loads"] += 1
@@ -26,7 +26,7 @@ def counting(monkeypatch):
         counts["images"] += batch.shape[0]
         return real_run(self, batch)
 
-    monkeypatch.setattr(reportgen.analysis, "load_model", load)
+    monkeypatch.setattr(reportgen.compute, "load_model", load)
     monkeypatch.setattr(ModelRunner, "run", run)
     return counts
 

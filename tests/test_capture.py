@@ -5,8 +5,8 @@ import timm.layers
 import torch
 from conftest import hand_attention, make_tiny_vit
 
-from reportgen.capture import AttentionCapture
 from reportgen.errors import CaptureError
+from reportgen.model.capture import AttentionCapture
 
 
 @pytest.mark.parametrize("prefix", [{}, {"reg_tokens": 2}])

@@ -1,4 +1,4 @@
-"""Tests for reportgen.detector, with a tiny randomly initialised DETR: nothing is downloaded."""
+"""Tests for reportgen.model.detector, with a tiny randomly initialised DETR: nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from transformers import (  # noqa: E402
     ResNetConfig,
 )
 
-from reportgen.detector import DEFAULT_DETECTOR, Detector, load_detector  # noqa: E402
+from reportgen.config import ObjectBox  # noqa: E402
 from reportgen.errors import ModelLoadError  # noqa: E402
-from reportgen.manifest import ObjectBox  # noqa: E402
+from reportgen.model.detector import DEFAULT_DETECTOR, Detector, load_detector  # noqa: E402
 
 LABELS = {0: "cat", 1: "dog", 2: "cup"}
 WIDTH, HEIGHT = 120, 80  # deliberately not square, and not the processor's working size
@@ -266,7 +266,7 @@ def test_load_detector_missing_or_empty_folder(tmp_path):
 
 def test_unavailable_reason_names_folders_as_given(tmp_path, monkeypatch, empty_hf_cache):
     """The one-line reason published on the site names no local path the user did not write."""
-    from reportgen.detector import DetectorUnavailable
+    from reportgen.model.detector import DetectorUnavailable
 
     home = tmp_path / "home"
     (home / "detr").mkdir(parents=True)  # there, but empty

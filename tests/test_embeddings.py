@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reportgen.embeddings import (
+from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
     number_duplicates,
     patch_coverage,

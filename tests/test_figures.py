@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reportgen import figures
+from reportgen.site import figures
 
 
 def _rgb(cmap: str, unit) -> np.ndarray:

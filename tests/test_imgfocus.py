@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from reportgen import imgfocus
 from reportgen.errors import ModelLoadError
-from reportgen.imgfocus import (
+from reportgen.model import imgfocus
+from reportgen.model.imgfocus import (
     IMGFOCUS_NAME,
     ONNX_SHA256,
     default_cache_dir,

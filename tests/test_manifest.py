@@ -1,4 +1,4 @@
-"""Tests for reportgen.manifest: loading, defaults, validation messages, slugs, overrides."""
+"""Tests for reportgen.config: loading, defaults, validation messages, slugs, overrides."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from reportgen.errors import ManifestError
-from reportgen.manifest import (
+from reportgen.config import (
     HEAD_FUSIONS,
     MAX_ID_LENGTH,
     AttentionSettings,
@@ -28,6 +27,7 @@ from reportgen.manifest import (
     load_manifest,
     slugify,
 )
+from reportgen.errors import ManifestError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "images" / "manifest.yaml"

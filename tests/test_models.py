@@ -8,10 +8,10 @@ import torch
 from conftest import TINY_MODEL, make_tiny_vit
 from safetensors.torch import save_file
 
+from reportgen.config import ModelSettings
 from reportgen.errors import ModelLoadError
 from reportgen.hashing import sha256_file
-from reportgen.manifest import ModelSettings
-from reportgen.models import load_model
+from reportgen.model.loading import load_model
 
 TINY_OPTIONS = TINY_MODEL["options"]
 

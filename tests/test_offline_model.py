@@ -16,8 +16,8 @@ from sitecheck import broken_links, disagreements
 from timm.data import create_transform
 
 from reportgen.cli import main
-from reportgen.manifest import ModelSettings, load_manifest
-from reportgen.models import load_model
+from reportgen.config import ModelSettings, load_manifest
+from reportgen.model.loading import load_model
 
 pytestmark = pytest.mark.offline_model
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +46,8 @@ def _model_input(loaded, name):
 
 
 def test_offline_attention_equals_independent_softmax_and_is_deterministic(offline):
-    from reportgen.manifest import AttentionSettings
-    from reportgen.runner import ModelRunner
+    from reportgen.config import AttentionSettings
+    from reportgen.model.runner import ModelRunner
 
     x = _model_input(offline, "astronaut.png")
     expected, _ = hand_attention(offline.model, x)

@@ -16,8 +16,8 @@ def test_wheel_ships_templates_and_finds_them(tmp_path):
     )
     wheel = next((tmp_path / "dist").glob("reportgen-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for template in sorted(p.name for p in (ROOT / "templates").iterdir()):
-        assert f"reportgen/templates/{template}" in names
+    for template in sorted(p.name for p in (ROOT / "reportgen" / "site" / "templates").iterdir()):
+        assert f"reportgen/site/templates/{template}" in names
     target = tmp_path / "installed"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -26,11 +26,11 @@ def test_wheel_ships_templates_and_finds_them(tmp_path):
     )
     # Run from an empty folder with only the installed copy importable: no source tree to fall back on.
     out = subprocess.run(
-        [sys.executable, "-c", "import reportgen.site as s; print(s.template_dir()); s.environment().get_template('image.html')"],
+        [sys.executable, "-c", "import reportgen.site.pages as s; print(s.template_dir()); s.environment().get_template('image.html')"],
         cwd=tmp_path,
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
         check=True,
         capture_output=True,
         text=True,
     )
-    assert Path(out.stdout.strip()) == target / "reportgen" / "templates"
+    assert Path(out.stdout.strip()) == target / "reportgen" / "site" / "templates"

@@ -14,8 +14,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from reportgen.attention import HEAD_FUSIONS, entropy, normalised_entropy, rollout
-from reportgen.embeddings import cosine_similarity_matrix
+from reportgen.methods.embeddings import cosine_similarity_matrix
+from reportgen.methods.maths import HEAD_FUSIONS, entropy, normalised_entropy, rollout
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

@@ -67,7 +67,7 @@ def test_a_change_undone_before_it_settles_builds_nothing(tmp_path):
 
 
 def test_watched_paths_are_the_inputs_of_a_build(tmp_path):
-    from reportgen.manifest import load_manifest
+    from reportgen.config import load_manifest
 
     write_photo(tmp_path / "cat.png")
     write_photo(tmp_path / "dog.png")

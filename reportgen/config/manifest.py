@@ -42,9 +42,9 @@ import yaml
 
 from reportgen.errors import ManifestError
 from reportgen.files import NotRegularFile, file_kind, open_regular
+from reportgen.methods import HEAD_FUSIONS
 
 __all__ = [
-    "HEAD_FUSIONS",
     "IMAGE_KINDS",
     "RESERVED_SLUGS",
     "AttentionSettings",
@@ -61,7 +61,6 @@ __all__ = [
     "slugify",
 ]
 
-HEAD_FUSIONS = ("mean", "max", "min")
 IMAGE_KINDS = ("single", "multi")
 
 #: Slugs that would clash with the site's own files (index.html, results.json, ...) or with

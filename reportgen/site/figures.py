@@ -174,7 +174,7 @@ def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, f
 TICK_LABEL_CHARS = 32
 
 #: Largest similarity figure, whatever the number of objects (at most
-#: :data:`~reportgen.manifest.MAX_OBJECTS`, or more from a detector) and the length of their labels:
+#: :data:`~reportgen.config.MAX_OBJECTS`, or more from a detector) and the length of their labels:
 #: three panels of at most ``_SimilarityCanvas.MAX_PANEL`` inches and tick labels of at most
 #: :data:`TICK_LABEL_CHARS` characters, at 100 dpi.
 MAX_SIMILARITY_SIZE = (3500, 1400)

@@ -2,7 +2,7 @@
 
 :func:`load_detector` loads a DETR checkpoint (a hub name such as ``facebook/detr-resnet-50`` or a
 local folder written by ``save_pretrained``) together with its own image processor, and
-:meth:`Detector.detect` turns one PIL image into :class:`~reportgen.manifest.ObjectBox` objects in
+:meth:`Detector.detect` turns one PIL image into :class:`~reportgen.config.ObjectBox` objects in
 that image's pixel coordinates.
 
 Any failure to load the detector is raised as a single :class:`DetectorUnavailable` (a
@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from reportgen.config import MAX_LABEL_LENGTH, MAX_OBJECTS, ObjectBox
 from reportgen.errors import ModelLoadError
-from reportgen.hub import hub_offline, is_cached, probe_hub, summarise_error
-from reportgen.manifest import MAX_LABEL_LENGTH, MAX_OBJECTS, ObjectBox
+from reportgen.model.hub import hub_offline, is_cached, probe_hub, summarise_error
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from reportgen.attention import rollout_step
-from reportgen.capture import AttentionCapture, CaptureInfo, attention_modules
-from reportgen.manifest import AttentionSettings
-from reportgen.models import LoadedModel
+from reportgen.config import AttentionSettings
+from reportgen.methods.maths import rollout_step
+from reportgen.model.capture import AttentionCapture, CaptureInfo, attention_modules
+from reportgen.model.loading import LoadedModel
 
 
 @dataclass(frozen=True)

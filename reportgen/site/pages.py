@@ -20,8 +20,8 @@ import jinja2
 import numpy as np
 
 from reportgen import outdir
-from reportgen.manifest import ImageEntry
-from reportgen.summary import PairSummary
+from reportgen.config import ImageEntry
+from reportgen.site.summary import PairSummary
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
     from reportgen.experiments import ImageResult
@@ -31,10 +31,8 @@ DIGITS = 6  # decimals kept in results.json
 
 
 def template_dir() -> Path:
-    """Where the templates are: inside the installed package, or ``templates/`` in a source tree."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "templates"  # a wheel maps the top-level templates/ here (pyproject.toml)
-    return packaged if (packaged / "base.html").is_file() else here.parent / "templates"
+    """Where the templates are: ``templates/`` beside this module, in a source tree and installed alike."""
+    return Path(__file__).resolve().parent / "templates"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -24,7 +24,7 @@ from PIL import Image
 
 import reportgen
 from reportgen.cache import model_identity
-from reportgen.capture import CaptureInfo
+from reportgen.config import ImageEntry, Manifest, ObjectBox
 from reportgen.errors import ImageError
 from reportgen.experiments import (
     ImageResult,
@@ -33,12 +33,12 @@ from reportgen.experiments import (
     objects_experiment,
     rollout_experiment,
 )
-from reportgen.figures import write_image_figures
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
-from reportgen.manifest import ImageEntry, Manifest, ObjectBox
-from reportgen.models import LoadedModel, load_model
-from reportgen.runner import ModelRunner
-from reportgen.site import image_record, plain
+from reportgen.model.capture import CaptureInfo
+from reportgen.model.loading import LoadedModel, load_model
+from reportgen.model.runner import ModelRunner
+from reportgen.site.figures import write_image_figures
+from reportgen.site.pages import image_record, plain
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class _ObjectSource:
     def _load(self):
         if not self._tried:
             self._tried = True  # a detector that failed to load is not retried for every image
-            from reportgen.detector import DetectorUnavailable, load_detector
+            from reportgen.model.detector import DetectorUnavailable, load_detector
 
             try:
                 self._detector = load_detector(self.settings.name, self.settings.threshold)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from reportgen.manifest import HEAD_FUSIONS  # the settings' own list: one place names the fusions
+from reportgen.methods import HEAD_FUSIONS
 
 
 def fuse_heads(attn: torch.Tensor, how: str = "mean") -> torch.Tensor:

@@ -15,11 +15,11 @@ from pathlib import Path
 import timm
 import torch
 
+from reportgen.config import ModelSettings
 from reportgen.errors import ModelLoadError
 from reportgen.hashing import file_sha256
-from reportgen.hub import cached_file, hub_offline, probe_hub, summarise_error
-from reportgen.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
-from reportgen.manifest import ModelSettings
+from reportgen.model.hub import cached_file, hub_offline, probe_hub, summarise_error
+from reportgen.model.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
 
 RANDOM_INIT_SEED = 0
 

@@ -29,7 +29,7 @@ import torch
 
 from reportgen.errors import ModelLoadError
 from reportgen.hashing import sha256_file
-from reportgen.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
+from reportgen.model.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
 
 __all__ = ["IMGFOCUS_NAME", "ONNX_SHA256", "default_cache_dir", "load_imgfocus_model"]
 

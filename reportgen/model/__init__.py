@@ -1,0 +1,1 @@
+"""Loading a Vision Transformer, running it with attention capture, and the object detector."""
