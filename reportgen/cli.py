@@ -1,4 +1,4 @@
-"""Command line: parses options, applies them over the manifest, calls :func:`reportgen.build.build`.
+"""Command line: parses options, applies them over the manifest, calls :func:`reportgen.builder.build`.
 
 Exit status: 0 every image done; 1 an error stopped the build (printed as one plain message, the
 previous site intact); 2 a usage error (an unknown option or a value the settings reject); 3 the
@@ -128,7 +128,7 @@ def main() -> None:
 def build(manifest: Path, output: Path | None, device: str, batch_size: int, jobs: int, strict: bool, force: bool,
           quiet: bool, no_wait: bool, watch: bool, **settings) -> None:
     """Build the site for MANIFEST (a YAML file listing images)."""
-    from reportgen.build import BuildOptions
+    from reportgen.builder import BuildOptions
 
     _check_overrides(_overrides(**settings))
     # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
@@ -162,8 +162,8 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
     """Load the manifest, build, print what happened. Returns the exit status and the manifest
     built (``None`` if it could not be loaded); a known error is printed, and with ``watching``
     does not end the program."""
-    from reportgen.build import DEFAULT_OUTPUT
-    from reportgen.build import build as run_build
+    from reportgen.builder import DEFAULT_OUTPUT
+    from reportgen.builder import build as run_build
     from reportgen.config import load_manifest
 
     loaded = None
@@ -226,7 +226,7 @@ def _keep_model(manifest, options, quiet: bool) -> None:
     from reportgen.compute import prepare_for_rebuilds
 
     try:
-        seconds = prepare_for_rebuilds(manifest, options)
+        seconds = prepare_for_rebuilds(manifest, options.device, options.model_cache)
     except ReportgenError as err:
         click.echo(f"reportgen: warning: {err}", err=True)
         return

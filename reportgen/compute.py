@@ -1,8 +1,10 @@
-"""The model stage of a build: decode and preprocess images, run the ViT with attention capture,
-the three experiments and the figures, for the images the cache could not supply.
+"""The compute phase of a build: decode and preprocess images, run the ViT with attention capture,
+the map methods and the experiments, for the images the cache could not supply.
 
-Kept apart from :mod:`reportgen.build` so that a rebuild with nothing to compute never imports
-torch or timm.
+:meth:`Computation.results` yields one :class:`~reportgen.experiments.ImageResult` or
+:class:`~reportgen.experiments.ImageFailure` per image, in order; it changes no build state (the
+build decides what a failure means). Kept apart from :mod:`reportgen.builder` so that a rebuild with
+nothing to compute never imports torch or timm.
 """
 
 from __future__ import annotations
@@ -10,13 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import timm
 import torch
@@ -24,21 +24,15 @@ from PIL import Image
 
 import reportgen
 from reportgen.cache import model_identity
-from reportgen.config import ImageEntry, Manifest, ObjectBox
+from reportgen.config import ImageEntry, Manifest
 from reportgen.errors import ImageError
-from reportgen.experiments import (
-    ImageResult,
-    TokenLayout,
-    attention_experiment,
-    objects_experiment,
-    rollout_experiment,
-)
+from reportgen.experiments import ImageFailure, ImageResult, Objects, explain
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
+from reportgen.methods import create_methods
+from reportgen.methods.base import TokenLayout
 from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel, load_model
 from reportgen.model.runner import ModelRunner
-from reportgen.site.figures import write_image_figures
-from reportgen.site.pages import image_record, plain
 
 log = logging.getLogger(__name__)
 
@@ -46,84 +40,122 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Prepared:
     entry: ImageEntry
-    key: str
     original: Image.Image
     tensor: torch.Tensor
     geometry: Geometry
     view: Image.Image
 
 
-def analyse(manifest: Manifest, options, todo, staging: Path, report, records, status, fail, progress) -> dict:
-    """Load the model and run it over the images in ``todo``; records and status entries are
-    filled in place, failures go to ``fail``. Returns the model-run description (see :func:`model_run`).
+@dataclass(frozen=True)
+class ModelRun:
+    """The model that ran, how attention was captured and the library versions (for the report).
 
-    Images are decoded in a background thread one batch ahead of the model, and nothing per image
-    outlives its batch except its record, so memory does not grow with the number of images.
+    Attributes:
+        model: the loaded model and its metadata.
+        capture: how attention was captured (None if no image reached the model).
+        versions: reportgen, torch, timm and transformers versions.
     """
-    # Entered first, so the figure writer is shut down however this ends (also if the model
-    # cannot be loaded); its thread imports seaborn while the model loads.
-    with _FigureWriter(options.jobs, options.batch_size) as figures:
-        if any(entry.kind == "multi" for entry, _key in todo):
-            figures.preload(_import_seaborn)  # ~1 s of imports (pandas, scipy)
-        loaded, report.model_load_seconds = kept_model(manifest, options)
-        runner = ModelRunner(loaded, manifest.attention)
+
+    model: LoadedModel
+    capture: CaptureInfo | None
+    versions: dict[str, str | None]
+
+
+class Computation:
+    """The model stage over some images.
+
+    Attributes (read after :meth:`results` is exhausted):
+        model_run: what ran, for the report; None until the model is loaded.
+        model_load_seconds: how long loading took; None when a kept model was used.
+        warnings: what the reader should know (a detector that could not be loaded).
+
+    Args:
+        settings: the model, attention, detector and methods settings (a :class:`Manifest`, or
+            the Python API's own).
+        device: where the model runs.
+        batch_size: images per forward pass.
+        model_cache: a dict the caller keeps across builds to keep the loaded model in.
+    """
+
+    def __init__(self, settings: Manifest, device: str, batch_size: int, model_cache: dict | None = None):
+        self.manifest = settings
+        self.device = device
+        self.batch_size = batch_size
+        self.model_cache = model_cache
+        self.model_run: ModelRun | None = None
+        self.model_load_seconds: float | None = None
+        self.warnings: list[str] = []
+
+    def results(
+        self, entries: Sequence[ImageEntry], images: Sequence[Image.Image | None] | None = None
+    ) -> Iterator[ImageResult | ImageFailure]:
+        """One result or failure per entry, in order. ``images``, aligned with ``entries``, gives
+        images already in memory (from :func:`reportgen.imaging.from_pil`); the others are read
+        from their entry's path.
+
+        Images are decoded in a background thread one batch ahead of the model, and nothing per
+        image outlives its batch unless the caller keeps it, so memory does not grow with the
+        number of images.
+
+        Raises:
+            ModelLoadError: the model cannot be loaded.
+            CaptureError: attention could not be captured (a model reportgen cannot read).
+        """
+        loaded, self.model_load_seconds = kept_model(self.manifest, self.device, self.model_cache)
+        methods = create_methods(self.manifest.methods, self.manifest.attention)
+        runner = ModelRunner(loaded, methods)
+        self.model_run = ModelRun(loaded, None, _versions())
         layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
-        objects_for = _ObjectSource(manifest, report)
-        batches = [todo[i : i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+        objects_for = _ObjectSource(self.manifest, self.warnings)
+        items = list(zip(entries, images or [None] * len(entries)))
+        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
         def prepare_batch(batch):
-            prepared, failures = [], []
-            for entry, key in batch:
+            outcomes = []
+            for entry, image in batch:
                 try:
-                    prepared.append(_prepare(entry, key, loaded.data_config))
+                    outcomes.append(_prepare(entry, loaded.data_config, image))
                 except ImageError as err:
-                    failures.append((entry, str(err)))
-            return prepared, failures
+                    outcomes.append(ImageFailure(entry, str(err)))
+            return outcomes
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-decode") as decoder:
             upcoming = decoder.submit(prepare_batch, batches[0]) if batches else None
             for index in range(len(batches)):
-                prepared, failures = upcoming.result()
+                outcomes = upcoming.result()
                 upcoming = decoder.submit(prepare_batch, batches[index + 1]) if index + 1 < len(batches) else None
-                for entry, message in failures:
-                    fail(entry, message)
+                prepared = [item for item in outcomes if isinstance(item, _Prepared)]
+                passes = iter(runner.run(torch.stack([p.tensor for p in prepared])) if prepared else ())
                 if prepared:
-                    maps = runner.run(torch.stack([p.tensor for p in prepared]))
-                    for item, item_maps in zip(prepared, maps):
-                        try:
-                            result = _experiments(item, item_maps, layout, objects_for)
-                        except Exception as err:  # reported per image, as ImageError or internal error
-                            _record(item, None, err, records, status, fail)
-                            continue
-                        figures.submit(
-                            item, result,
-                            (result, item.original, item.view, staging, f"figures/{item.entry.slug}",
-                             manifest.output.cmap, manifest.output.alpha,
-                             loaded.num_prefix_tokens),
-                        )
-                for item, result, written in figures.finished():
-                    _record(item, result, written, records, status, fail)
-                if progress:
-                    progress(len(batches[index]))
-            for item, result, written in figures.finished(wait=True):
-                _record(item, result, written, records, status, fail)
-    return model_run(loaded, runner.capture_info)
+                    self.model_run = ModelRun(loaded, runner.capture_info, self.model_run.versions)
+                for item in outcomes:
+                    if isinstance(item, ImageFailure):
+                        yield item
+                        continue
+                    forward = next(passes)
+                    try:
+                        objects = objects_for(item.entry, item.original) if item.entry.kind == "multi" else None
+                        yield explain(item.entry, forward, methods, layout, item.geometry, item.original, item.view, objects)
+                    except ImageError as err:
+                        yield ImageFailure(item.entry, str(err))
+                    except Exception as err:  # a bug must cost one image, not the whole site
+                        log.debug("experiments of %s failed", item.entry.id, exc_info=err)
+                        yield ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
-def kept_model(manifest: Manifest, options) -> tuple[LoadedModel, float | None]:
+def kept_model(manifest: Manifest, device: str, cache: dict | None) -> tuple[LoadedModel, float | None]:
     """The model for this manifest and device, and the seconds it took to load (``None`` when it
-    came from ``options.model_cache``, which the caller keeps across builds, as ``--watch`` does).
+    came from ``cache``, a dict the caller keeps across builds, as ``--watch`` does).
 
     Raises:
         ModelLoadError: if it cannot be loaded.
     """
-    cache = options.model_cache
     # The identity hashes a local weights file, so a file replaced under the same name is reloaded.
-    key = json.dumps([model_identity(manifest.model), options.device], sort_keys=True) if cache is not None else None
+    key = json.dumps([model_identity(manifest.model), device], sort_keys=True) if cache is not None else None
     if cache is not None and key in cache:
         return cache[key], None
     started = time.perf_counter()
-    loaded = load_model(manifest.model, options.device)
+    loaded = load_model(manifest.model, device)
     seconds = time.perf_counter() - started
     if cache is not None:
         cache.clear()  # one model at a time: a replaced one is not kept alive
@@ -131,98 +163,25 @@ def kept_model(manifest: Manifest, options) -> tuple[LoadedModel, float | None]:
     return loaded, seconds
 
 
-def _import_seaborn() -> None:
-    import seaborn  # noqa: F401  (for the similarity heatmaps: pandas and scipy come with it)
-
-
-def prepare_for_rebuilds(manifest: Manifest, options) -> float | None:
-    """Load the model into ``options.model_cache`` ahead of need and run it once on a blank
-    image, so the first rebuild is as quick as the next (a process's first forward pass is
-    several times slower than later ones); the figure libraries are imported too. Returns the
-    seconds the load took, ``None`` if the model was already kept.
+def prepare_for_rebuilds(manifest: Manifest, device: str, cache: dict) -> float | None:
+    """Load the model into ``cache`` ahead of need and run it once on a blank image, so the first
+    rebuild is as quick as the next (a process's first forward pass is several times slower than
+    later ones); the figure libraries are imported too. Returns the seconds the load took,
+    ``None`` if the model was already kept.
 
     Raises:
         ModelLoadError: if the model cannot be loaded.
     """
-    loaded, seconds = kept_model(manifest, options)
+    loaded, seconds = kept_model(manifest, device, cache)
     if seconds is not None:
         _channels, height, width = loaded.data_config["input_size"]
-        ModelRunner(loaded, manifest.attention).run(torch.zeros(1, 3, height, width))
-        _import_seaborn()
+        ModelRunner(loaded, create_methods(manifest.methods, manifest.attention)).run(torch.zeros(1, 3, height, width))
+        import seaborn  # noqa: F401  (the similarity heat maps' imports: pandas, scipy)
     return seconds
 
 
-def _record(item: _Prepared, result: ImageResult | None, written, records, status, fail) -> None:
-    """Store an image's record once its figures are written (``written`` is the figure paths, or
-    the exception that stopped them)."""
-    if isinstance(written, ImageError):
-        fail(item.entry, str(written))
-    elif isinstance(written, OSError):  # the output cannot be written (disk full ...): stops the build
-        raise written
-    elif isinstance(written, BaseException):  # a bug must cost one image, not the whole site
-        log.debug("figures of %s failed", item.entry.id, exc_info=written)
-        fail(item.entry, f"internal error in reportgen ({type(written).__name__}: {written})")
-    else:
-        record = image_record(result, written)
-        records[item.entry.slug] = record
-        if result.objects is not None and result.objects.detector_unavailable:
-            return  # not cached as complete: the next build tries the detector again
-        status.entries[item.entry.slug] = {"key": item.key, "record": record}
-
-
-class _FigureWriter:
-    """Writes each image's figures in the background while the model runs the next batch: in one
-    thread by default (the forward pass spends its time in torch kernels that release the GIL),
-    or with ``jobs > 1`` in that many worker processes. Figures are single-threaded and the
-    forward pass is not, so on a few cores the gain is the time the forward pass leaves idle."""
-
-    def __init__(self, jobs: int, batch_size: int):
-        if jobs > 1:
-            # spawn, not fork: forking a process that runs torch's thread pools is unsafe.
-            self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-        else:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reportgen-figures")
-        # Images waiting for a worker: about one batch, so memory stays bounded (at most about two
-        # batches of decoded images are alive, this one and the one the model is running).
-        self._limit = batch_size + jobs
-        self._pending: deque = deque()
-        self._done: list = []
-
-    def __enter__(self) -> "_FigureWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def preload(self, function) -> None:
-        """Run ``function`` in the figure thread ahead of the figures (a no-op with processes,
-        which import what they need when they start)."""
-        if isinstance(self._pool, ThreadPoolExecutor):
-            self._pool.submit(function)
-
-    def submit(self, item: _Prepared, result: ImageResult, args: tuple) -> None:
-        self._pending.append((item, result, self._pool.submit(write_image_figures, *args)))
-        while len(self._pending) > self._limit:
-            self._collect(self._pending.popleft())
-
-    def finished(self, wait: bool = False):
-        """Images whose figures are written, in order; with ``wait``, all of them."""
-        while self._pending and (wait or self._pending[0][2].done()):
-            self._collect(self._pending.popleft())
-        done, self._done = self._done, []
-        return done
-
-    def _collect(self, pending) -> None:
-        item, result, future = pending
-        try:
-            written = future.result()
-        except Exception as err:  # re-raised in the worker; reported per image
-            written = err
-        self._done.append((item, result, written))
-
-
-def _prepare(entry: ImageEntry, key: str, data_config: dict) -> _Prepared:
-    original = open_image(entry.path)
+def _prepare(entry: ImageEntry, data_config: dict, image: Image.Image | None = None) -> _Prepared:
+    original = open_image(entry.path) if image is None else image
     w, h = source_size(original)  # boxes are in the file's (upright) pixels, before any downscaling
     for i, box in enumerate(entry.objects):
         if box.x1 > w or box.y1 > h:
@@ -235,43 +194,26 @@ def _prepare(entry: ImageEntry, key: str, data_config: dict) -> _Prepared:
             dataclasses.replace(b, x0=b.x0 * fx, y0=b.y0 * fy, x1=b.x1 * fx, y1=b.y1 * fy) for b in entry.objects
         ))
     tensor, geometry, view = preprocess(original, data_config)
-    return _Prepared(entry, key, original, tensor, geometry, view)
-
-
-def _experiments(item: _Prepared, maps, layout: TokenLayout, objects_for: "_ObjectSource") -> ImageResult:
-    entry = item.entry
-    objects = None
-    if entry.kind == "multi":
-        boxes, source, unavailable = objects_for(entry, item.original)
-        objects = objects_experiment(maps, layout, item.geometry, boxes, source, unavailable)
-    return ImageResult(
-        entry=entry,
-        size=item.original.size,
-        geometry=item.geometry,
-        attention=attention_experiment(maps, layout, item.geometry, entry.objects),
-        rollout=rollout_experiment(maps, layout),
-        objects=objects,
-    )
+    return _Prepared(entry, original, tensor, geometry, view)
 
 
 class _ObjectSource:
     """Objects of an image: the manifest's boxes, else the detector's (loaded on first need)."""
 
-    def __init__(self, manifest: Manifest, report):
+    def __init__(self, manifest: Manifest, warnings: list[str]):
         self.settings = manifest.detector
-        self.report = report
+        self.warnings = warnings
         self._detector = None
         self._unavailable: str | None = None
         self._tried = False
 
-    def __call__(self, entry: ImageEntry, image) -> tuple[tuple[ObjectBox, ...], str, str | None]:
-        """(boxes, where they came from, why the detector could not be loaded or None)."""
+    def __call__(self, entry: ImageEntry, image: Image.Image) -> Objects:
         if entry.objects or self.settings.name is None:
-            return entry.objects, "manifest", None
+            return Objects(entry.objects, "manifest")
         detector = self._load()
         if detector is None:
-            return (), self.settings.name, self._unavailable
-        return tuple(detector.detect(image)), self.settings.name, None
+            return Objects((), self.settings.name, self._unavailable)
+        return Objects(tuple(detector.detect(image)), self.settings.name)
 
     def _load(self):
         if not self._tried:
@@ -282,38 +224,16 @@ class _ObjectSource:
                 self._detector = load_detector(self.settings.name, self.settings.threshold)
             except DetectorUnavailable as err:
                 self._unavailable = err.reason  # published on the image's page and the index
-                self.report.warnings.append(
-                    f"{err} Images with boxes in the manifest still get the objects experiment."
-                )
+                self.warnings.append(f"{err} Images with boxes in the manifest still get the objects experiment.")
         return self._detector
 
 
-def model_run(loaded: LoadedModel, capture: CaptureInfo | None) -> dict:
-    """The model, how attention was captured, and versions: cached with the images they produced."""
-    config = loaded.data_config
-    heads = getattr(loaded.model.blocks[0].attn, "num_heads", None) if loaded.depth else None
+def _versions() -> dict[str, str | None]:
     return {
-        "model": {
-            "name": loaded.name,
-            "architecture": loaded.architecture,
-            "source": loaded.source,
-            "weights_file": loaded.weights_file.name if loaded.weights_file else None,
-            "weights_sha256": loaded.weights_sha256,
-            "input_size": [int(config["input_size"][2]), int(config["input_size"][1])],
-            "patch_size": list(loaded.patch_size),
-            "grid": list(loaded.grid),
-            "num_prefix_tokens": loaded.num_prefix_tokens,
-            "depth": loaded.depth,
-            "heads": heads,
-            "data_config": plain({k: config.get(k) for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}),
-        },
-        "capture": plain(capture) if capture else {"method": "not run (no image could be read)", "layers": [], "fused_attention": 0},
-        "versions": {
-            "reportgen": reportgen.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "transformers": _version("transformers"),
-        },
+        "reportgen": reportgen.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": _version("transformers"),
     }
 
 

@@ -1,25 +1,27 @@
-"""The three experiments, turning one image's :class:`AttentionMaps` into plain results.
+"""The experiments, turning one image's forward pass into plain results.
 
-1. Attention on the image: last-layer CLS attention over the patch grid per head, its mean and max
-   over heads, the token-to-token map, and the entropy of each distribution.
-2. Raw last-layer attention vs attention rollout, and how far they agree.
-3. Object embeddings pooled from patch tokens, plain and rollout-weighted, and their cosine
-   similarities.
+1. Attention on the image (with the ``attention`` method): last-layer CLS attention over the patch
+   grid per head, its mean and max over heads, the token-to-token map, and their entropies.
+2. Raw last-layer attention vs attention rollout (with both methods), and how far they agree.
+3. Object embeddings pooled from patch tokens, plain and (with ``rollout``) rollout-weighted, and
+   their cosine similarities.
 
-Results are dataclasses of numpy arrays and floats; later stages (figures, site) never see tensors.
-Grids are ``[rows, cols]`` arrays over the model input's patch grid.
+Every map of every configured method also gets its entropy. Results are dataclasses of numpy
+arrays, floats and images; later stages (figures, site, the API) never see tensors. Grids are
+``[rows, cols]`` arrays over the model input's patch grid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 
 from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
+from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, TokenLayout
 from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
     number_duplicates,
@@ -29,25 +31,7 @@ from reportgen.methods.embeddings import (
 )
 from reportgen.methods.maths import entropy, normalised_entropy, spearman, top_fraction_overlap
 
-if TYPE_CHECKING:  # figure workers unpickle these results without importing the model runner
-    from reportgen.model.runner import AttentionMaps
-
 TOP_FRACTION = 0.1
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """How the model's tokens map onto the input.
-
-    Attributes:
-        num_prefix_tokens: CLS (+ distillation, registers) before the patches.
-        grid: patch grid (rows, cols).
-        patch_size: patch (h, w) in input pixels.
-    """
-
-    num_prefix_tokens: int
-    grid: tuple[int, int]
-    patch_size: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -114,8 +98,6 @@ class RolloutResult:
     Attributes:
         raw: ``[rows, cols]`` last-layer CLS attention, mean over heads.
         rollout: ``[rows, cols]`` CLS row of the rollout through all layers.
-        rollout_by_layer: ``[L, rows, cols]`` CLS row of the rollout through layers 0..l.
-        cls_by_layer: ``[L, H, rows, cols]`` CLS attention of every layer and head.
         raw_entropy / rollout_entropy: entropies of the two maps over the patches.
         spearman: rank correlation of the two maps over patches.
         top_overlap: share of the raw map's top-10% patches that are also in the rollout's top 10%.
@@ -123,8 +105,6 @@ class RolloutResult:
 
     raw: np.ndarray
     rollout: np.ndarray
-    rollout_by_layer: np.ndarray
-    cls_by_layer: np.ndarray
     raw_entropy: Entropy
     rollout_entropy: Entropy
     spearman: float
@@ -143,7 +123,8 @@ class ObjectEmbedding:
         visible: fraction of the box's area inside the model input.
         score: detector confidence, or None for manifest boxes.
         plain: ``[C]`` coverage-weighted mean of the final patch tokens in the box.
-        rollout: ``[C]`` the same tokens weighted by CLS rollout attention inside the box.
+        rollout: ``[C]`` the same tokens weighted by CLS rollout attention inside the box (None
+            without the ``rollout`` method).
     """
 
     label: str
@@ -153,7 +134,7 @@ class ObjectEmbedding:
     visible: float
     score: float | None
     plain: np.ndarray
-    rollout: np.ndarray
+    rollout: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -164,7 +145,8 @@ class ObjectsResult:
         source: ``"manifest"`` or the detector's name.
         objects: objects that fall (at least partly) inside the model input.
         skipped: ``(label, reason)`` for objects that could not be used.
-        plain_similarity / rollout_similarity: ``[K, K]`` cosine similarities.
+        plain_similarity / rollout_similarity: ``[K, K]`` cosine similarities (rollout: None
+            without the ``rollout`` method).
         difference: rollout minus plain.
         detector_unavailable: why the detector that should have found the objects could not be
             loaded (then there are none), or None.
@@ -174,12 +156,12 @@ class ObjectsResult:
     objects: tuple[ObjectEmbedding, ...]
     skipped: tuple[tuple[str, str], ...]
     plain_similarity: np.ndarray
-    rollout_similarity: np.ndarray
+    rollout_similarity: np.ndarray | None
     detector_unavailable: str | None = None
 
     @property
-    def difference(self) -> np.ndarray:
-        return self.rollout_similarity - self.plain_similarity
+    def difference(self) -> np.ndarray | None:
+        return None if self.rollout_similarity is None else self.rollout_similarity - self.plain_similarity
 
     @property
     def labels(self) -> list[str]:
@@ -188,21 +170,83 @@ class ObjectsResult:
 
 @dataclass(frozen=True)
 class ImageResult:
-    """Everything the report shows for one image. ``error`` set means the image failed."""
+    """Everything the report shows for one image.
+
+    Attributes:
+        entry: the manifest entry (boxes in the decoded image's pixels).
+        size: the decoded image's (width, height).
+        geometry: how the image became the model input.
+        original: the upright original image.
+        view: the model's view of it (model-input size, padding included).
+        methods: per configured method, in order, its maps.
+        entropy: per map name, the entropy of the map over the patches.
+        attention: experiment 1 (with the ``attention`` method), else None.
+        rollout: experiment 2 (with ``attention`` and ``rollout``), else None.
+        objects: experiment 3 (``multi`` images), else None.
+    """
 
     entry: ImageEntry
-    size: tuple[int, int] | None = None
-    geometry: Geometry | None = None
-    attention: AttentionResult | None = None
-    rollout: RolloutResult | None = None
-    objects: ObjectsResult | None = None
-    error: str | None = None
+    size: tuple[int, int]
+    geometry: Geometry
+    original: Image.Image
+    view: Image.Image
+    methods: dict[str, MethodMaps]
+    entropy: dict[str, Entropy]
+    attention: AttentionResult | None
+    rollout: RolloutResult | None
+    objects: ObjectsResult | None
+
+    @property
+    def maps(self) -> dict[str, np.ndarray]:
+        """Every map of every method, by name (``attention/mean``, ``rollout``, ...)."""
+        return {name: grid for output in self.methods.values() for name, grid in output.maps.items()}
 
 
-def _grid(values: torch.Tensor, layout: TokenLayout) -> np.ndarray:
-    """``[..., N]`` token values -> ``[..., rows, cols]`` over the patches (prefix dropped)."""
-    patches = values[..., layout.num_prefix_tokens :]
-    return patches.reshape(*patches.shape[:-1], *layout.grid).double().numpy()
+@dataclass(frozen=True)
+class ImageFailure:
+    """An image that could not be explained, and why (one sentence for its card)."""
+
+    entry: ImageEntry
+    message: str
+
+
+@dataclass(frozen=True)
+class Objects:
+    """The objects of a ``multi`` image: boxes in the decoded image's pixels, where they came from
+    (``manifest`` or the detector's name) and why the detector could not be loaded (or None)."""
+
+    boxes: tuple[ObjectBox, ...]
+    source: str
+    detector_unavailable: str | None = None
+
+
+def explain(
+    entry: ImageEntry,
+    forward: ForwardPass,
+    methods: list[MapMethod],
+    layout: TokenLayout,
+    geometry: Geometry,
+    original: Image.Image,
+    view: Image.Image,
+    objects: Objects | None,
+) -> ImageResult:
+    """Run the methods' maps and the experiments on one image's forward pass."""
+    outputs = {method.spec.name: method.maps(forward, layout) for method in methods}
+    maps = {name: grid for output in outputs.values() for name, grid in output.maps.items()}
+    entropies = {name: Entropy.of(grid) for name, grid in maps.items()}
+    attention = outputs.get("attention")
+    return ImageResult(
+        entry=entry,
+        size=original.size,
+        geometry=geometry,
+        original=original,
+        view=view,
+        methods=outputs,
+        entropy=entropies,
+        attention=attention_experiment(attention, forward, entropies, layout, geometry, entry.objects) if attention else None,
+        rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies) if "rollout" in maps and attention else None,
+        objects=objects_experiment(forward, maps.get("rollout"), layout, geometry, objects) if objects else None,
+    )
 
 
 def _box_fraction(input_box: tuple[float, float, float, float], geometry: Geometry) -> float:
@@ -212,12 +256,15 @@ def _box_fraction(input_box: tuple[float, float, float, float], geometry: Geomet
 
 
 def attention_experiment(
-    maps: AttentionMaps, layout: TokenLayout, geometry: Geometry, boxes: tuple[ObjectBox, ...] = ()
+    attention: MethodMaps,
+    forward: ForwardPass,
+    entropies: dict[str, Entropy],
+    layout: TokenLayout,
+    geometry: Geometry,
+    boxes: tuple[ObjectBox, ...] = (),
 ) -> AttentionResult:
-    """Experiment 1 from one image's attention maps."""
-    last_cls = maps.cls_attention[-1]  # [H, N]
-    heads = _grid(last_cls, layout)
-    mean, peak = heads.mean(axis=0), heads.max(axis=0)
+    """Experiment 1 from the ``attention`` method's maps."""
+    mean, peak, heads = attention.maps["attention/mean"], attention.maps["attention/max"], attention.extras["heads"]
     box_mass = []
     for label, box in zip(number_duplicates([b.label for b in boxes]), boxes):
         input_box, _ = geometry.map_box(box.as_tuple())
@@ -231,64 +278,54 @@ def attention_experiment(
                 area_share=_box_fraction(input_box, geometry),
             )
         )
-    token = maps.last_layer.double()
+    token = torch.from_numpy(attention.extras["token_attention"])
     return AttentionResult(
         heads=heads,
         mean=mean,
         max=peak,
-        token_attention=token.numpy(),
+        token_attention=attention.extras["token_attention"],
         head_entropy=tuple(Entropy.of(h) for h in heads),
-        mean_entropy=Entropy.of(mean),
-        max_entropy=Entropy.of(peak),
+        mean_entropy=entropies["attention/mean"],
+        max_entropy=entropies["attention/max"],
         token_entropy=Entropy(
             nats=float(entropy(token).mean()), normalised=float(normalised_entropy(token).mean())
         ),
-        prefix_mass=float(last_cls.mean(dim=0)[: layout.num_prefix_tokens].sum()),
+        prefix_mass=float(forward.cls_rows[-1].mean(dim=0)[: layout.num_prefix_tokens].sum()),
         box_mass=tuple(box_mass),
     )
 
 
-def rollout_experiment(maps: AttentionMaps, layout: TokenLayout) -> RolloutResult:
-    """Experiment 2 from one image's attention maps."""
-    raw = _grid(maps.cls_attention[-1].mean(dim=0), layout)
-    by_layer = _grid(maps.rollout_cls, layout)
-    final = by_layer[-1]
+def rollout_experiment(raw: np.ndarray, rolled: np.ndarray, entropies: dict[str, Entropy]) -> RolloutResult:
+    """Experiment 2: the last-layer head-mean CLS attention against the rollout."""
     return RolloutResult(
         raw=raw,
-        rollout=final,
-        rollout_by_layer=by_layer,
-        cls_by_layer=_grid(maps.cls_attention, layout),
-        raw_entropy=Entropy.of(raw),
-        rollout_entropy=Entropy.of(final),
-        spearman=spearman(raw, final),
-        top_overlap=top_fraction_overlap(raw, final, TOP_FRACTION),
+        rollout=rolled,
+        raw_entropy=entropies["attention/mean"],
+        rollout_entropy=entropies["rollout"],
+        spearman=spearman(raw, rolled),
+        top_overlap=top_fraction_overlap(raw, rolled, TOP_FRACTION),
     )
 
 
 def objects_experiment(
-    maps: AttentionMaps,
+    forward: ForwardPass,
+    rollout: np.ndarray | None,
     layout: TokenLayout,
     geometry: Geometry,
-    boxes: tuple[ObjectBox, ...],
-    source: str,
-    detector_unavailable: str | None = None,
+    objects: Objects,
 ) -> ObjectsResult:
-    """Experiment 3: embeddings of the objects in ``boxes`` (original-image pixels).
-
-    ``detector_unavailable`` is why the detector named by ``source`` could not be loaded, when the
-    image had no boxes of its own and so has none.
-    """
-    patch_tokens = maps.tokens[layout.num_prefix_tokens :].double().numpy()  # [P, C]
-    rollout_patches = _grid(maps.rollout_cls[-1], layout)
-    labels = number_duplicates([b.label for b in boxes])
-    objects, skipped = [], []
-    for label, box in zip(labels, boxes):
+    """Experiment 3: embeddings of the objects (boxes in the decoded image's pixels); the
+    rollout-weighted ones only when ``rollout`` (the rollout map) is given."""
+    patch_tokens = forward.tokens[layout.num_prefix_tokens :].double().numpy()  # [P, C]
+    labels = number_duplicates([b.label for b in objects.boxes])
+    embeddings, skipped = [], []
+    for label, box in zip(labels, objects.boxes):
         input_box, visible = geometry.map_box(box.as_tuple())
         if input_box is None:
             skipped.append((label, "outside the part of the image the model sees (cropped away)"))
             continue
         coverage = patch_coverage(input_box, layout.grid, layout.patch_size)
-        objects.append(
+        embeddings.append(
             ObjectEmbedding(
                 label=label,
                 base_label=box.label,
@@ -297,17 +334,18 @@ def objects_experiment(
                 visible=visible,
                 score=box.score,
                 plain=pooled_embedding(patch_tokens, coverage),
-                rollout=pooled_embedding(patch_tokens, rollout_weights(coverage, rollout_patches)),
+                rollout=None if rollout is None else pooled_embedding(patch_tokens, rollout_weights(coverage, rollout)),
             )
         )
-    k = len(objects)
-    plain = cosine_similarity_matrix(np.stack([o.plain for o in objects])) if k else np.zeros((0, 0))
-    rolled = cosine_similarity_matrix(np.stack([o.rollout for o in objects])) if k else np.zeros((0, 0))
     return ObjectsResult(
-        source=source,
-        objects=tuple(objects),
+        source=objects.source,
+        objects=tuple(embeddings),
         skipped=tuple(skipped),
-        plain_similarity=plain,
-        rollout_similarity=rolled,
-        detector_unavailable=detector_unavailable,
+        plain_similarity=_similarities([o.plain for o in embeddings]),
+        rollout_similarity=None if rollout is None else _similarities([o.rollout for o in embeddings]),
+        detector_unavailable=objects.detector_unavailable,
     )
+
+
+def _similarities(embeddings: list[np.ndarray]) -> np.ndarray:
+    return cosine_similarity_matrix(np.stack(embeddings)) if embeddings else np.zeros((0, 0))

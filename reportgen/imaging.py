@@ -104,6 +104,28 @@ def open_image(path: Path) -> Image.Image:
         raise ImageError(f"{name}: not enough memory to decode the image") from None
     except Exception as err:  # a decoder bug on a crafted file must fail this image, not the build
         raise ImageError(f"{name}: could not decode the image ({type(err).__name__}: {err})") from None
+    return _bounded(rgb)
+
+
+def from_pil(image: Image.Image) -> Image.Image:
+    """An image already in memory (the Python API's input) made ready as :func:`open_image`
+    makes a file: upright 8-bit RGB, bounded in pixels and side length.
+
+    Raises:
+        ImageError: for an image that is too large, or whose pixels cannot be used.
+    """
+    try:
+        _check_pixels(image.size)
+        rgb = _to_rgb(_upright(image))
+    except _Refused as err:
+        raise ImageError(f"image: {err}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"image: {_bomb_message(err)}") from None
+    return _bounded(rgb if rgb is not image else image.copy())
+
+
+def _bounded(rgb: Image.Image) -> Image.Image:
+    """Downscale to :data:`MAX_SIDE`, recording the size before in ``info[SOURCE_SIZE]``."""
     source = rgb.size
     if max(source) > MAX_SIDE:
         rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)

@@ -81,7 +81,9 @@ def test_explorer_sprite_layout_and_an_all_zero_map(tmp_path):
     cls = rng.uniform(0.01, 1, (layers, heads, rows, cols))
     cls[1, 2] = 0.0  # a head with no attention on the patches: drawn as zero, not NaN
     rolled = rng.uniform(0.01, 1, (layers, rows, cols))
-    figures.write_explorer_sprite(cls, rolled, "cividis", tmp_path / "explorer.png")
+    # The columns as the attention and rollout methods give them: heads, their mean, rollout.
+    stack = np.concatenate([cls, cls.mean(axis=1, keepdims=True), rolled[:, None]], axis=1)
+    figures.write_explorer_sprite(stack, "cividis", tmp_path / "explorer.png")
     sheet = np.asarray(Image.open(tmp_path / "explorer.png").convert("RGB")).astype(int)
     assert sheet.shape == (layers * rows, (heads + 2) * cols, 3)
     for layer in range(layers):

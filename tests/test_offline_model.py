@@ -47,17 +47,20 @@ def _model_input(loaded, name):
 
 def test_offline_attention_equals_independent_softmax_and_is_deterministic(offline):
     from reportgen.config import AttentionSettings
+    from reportgen.methods import DEFAULT_METHODS, create_methods
     from reportgen.model.runner import ModelRunner
 
     x = _model_input(offline, "astronaut.png")
     expected, _ = hand_attention(offline.model, x)
-    maps = ModelRunner(offline, AttentionSettings()).run(x)[0]
-    assert maps.cls_attention.shape == (12, 6, 257)
+    methods = create_methods(DEFAULT_METHODS, AttentionSettings())
+    forward = ModelRunner(offline, methods).run(x)[0]
+    assert forward.cls_rows.shape == (12, 6, 257)
     for layer in (0, 5, 11):
-        torch.testing.assert_close(maps.cls_attention[layer], expected[layer][0, :, 0, :].float(), atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(maps.last_layer, expected[-1][0].mean(0).float(), atol=2e-5, rtol=1e-4)
-    again = ModelRunner(offline, AttentionSettings()).run(x)[0]
-    assert torch.equal(maps.tokens, again.tokens) and torch.equal(maps.cls_attention, again.cls_attention)
+        torch.testing.assert_close(forward.cls_rows[layer], expected[layer][0, :, 0, :].float(), atol=2e-5, rtol=1e-4)
+    last = forward.kept["attention"]["token_attention"]
+    torch.testing.assert_close(last, expected[-1][0].mean(0).float(), atol=2e-5, rtol=1e-4)
+    again = ModelRunner(offline, methods).run(x)[0]
+    assert torch.equal(forward.tokens, again.tokens) and torch.equal(forward.cls_rows, again.cls_rows)
 
 
 def test_sample_site_is_complete(sample_site):

@@ -42,7 +42,7 @@ import yaml
 
 from reportgen.errors import ManifestError
 from reportgen.files import NotRegularFile, file_kind, open_regular
-from reportgen.methods import HEAD_FUSIONS
+from reportgen.methods import DEFAULT_METHODS, HEAD_FUSIONS
 
 __all__ = [
     "IMAGE_KINDS",
@@ -484,6 +484,7 @@ class Manifest:
     detector: DetectorSettings
     output: OutputSettings
     images: tuple[ImageEntry, ...]
+    methods: tuple[str, ...] = DEFAULT_METHODS
 
     def with_overrides(self, **sections: Mapping[str, Any] | None) -> Manifest:
         """Return a copy with some settings replaced, e.g. from command-line options.

@@ -1,18 +1,58 @@
 """The maths of the maps: pure functions on arrays, and the map methods built from them.
 
-Importing this package imports no torch: the settings check method names against it.
+A map method is a plug-in: a module here (see :mod:`reportgen.methods.base` for the contract) and
+one :class:`MethodSpec` line in :data:`METHODS`. The spec holds what the rest of reportgen must know
+without running the method (or importing torch): its maps and the names of their figures, and
+how it fills the explorer. This package imports nothing from the config or the site.
 """
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
 
 #: How rollout fuses the heads of a layer (the settings accept exactly these).
 HEAD_FUSIONS = ("mean", "max", "min")
 
-#: The map methods by the name the manifest, the command line and the API use, each with the
-#: module that implements it (imported only when a build runs the model: methods need torch).
-#: Adding a method is a module, one line here, and its tests.
-METHODS = {
-    "attention": "reportgen.methods.attention",
-    "rollout": "reportgen.methods.rollout",
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What is known of a method before it runs.
+
+    Attributes:
+        name: the name the manifest, the command line and the API use.
+        module: the module that implements it; it defines ``create(settings) -> MapMethod``.
+        maps: ``(map name, figure stem)`` of each map it draws over the image, in page order;
+            map names start with the method's name (``attention/mean``).
+        explorer: the explorer columns it adds per layer: ``"heads+mean"`` (one per head, then the
+            mean over heads) or ``"one"``.
+    """
+
+    name: str
+    module: str
+    maps: tuple[tuple[str, str], ...]
+    explorer: str
+
+
+#: Every method, by name, in the order pages and results show them.
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "attention",
+            "reportgen.methods.attention",
+            maps=(("attention/mean", "cls-mean"), ("attention/max", "cls-max")),
+            explorer="heads+mean",
+        ),
+        MethodSpec("rollout", "reportgen.methods.rollout", maps=(("rollout", "rollout"),), explorer="one"),
+    )
 }
 
 #: What a build runs when the manifest and the command line name no methods.
 DEFAULT_METHODS = ("attention", "rollout")
+
+
+def create_methods(names: tuple[str, ...] | list[str], settings) -> list:
+    """The methods called ``names`` (already validated), made with ``settings`` (the attention
+    settings: head fusion and discard ratio for rollout). Imports their modules, and so torch."""
+    return [importlib.import_module(METHODS[name].module).create(settings) for name in names]

@@ -58,10 +58,15 @@ class LoadedModel:
     def depth(self) -> int:
         return len(getattr(self.model, "blocks", ()))
 
+    @property
+    def heads(self) -> int | None:
+        """Attention heads per layer (None for a model without blocks)."""
+        return getattr(self.model.blocks[0].attn, "num_heads", None) if self.depth else None
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps``
-    must be present on this machine (the spelling is checked by :class:`~reportgen.build.BuildOptions`).
+    must be present on this machine (the spelling is checked by :class:`~reportgen.builder.BuildOptions`).
 
     Raises:
         ModelLoadError: the device is not available here.

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from reportgen import outdir
+from reportgen.methods import METHODS
 
 # Figures are built with matplotlib's object API (Figure, not pyplot), so no backend is switched
 # and no global figure state is touched in the user's process.
@@ -92,24 +93,23 @@ def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, 
     save_jpeg(overlay(view, heat, cmap, alpha), path)
 
 
-def write_explorer_sprite(cls_by_layer: np.ndarray, rollout_by_layer: np.ndarray, cmap: str, path: Destination) -> None:
-    """Every patch-grid map of the layer/head explorer in one PNG, one pixel per patch.
+def write_explorer_sprite(layers: np.ndarray, cmap: str, path: Destination) -> None:
+    """Every patch-grid map of the layer explorer in one PNG, one pixel per patch.
 
-    Row ``l`` holds layer ``l``'s tiles: the CLS attention of each head, then the mean over heads,
-    then the rollout through layers ``0..l``; each tile is scaled to its own maximum. The page
-    shows one tile at a time, scaled up by the browser. One file instead of ``L * (H + 2)`` tiny
-    ones: writing (and, on rebuilds, linking) the files cost more than drawing the maps.
+    Row ``l`` holds layer ``l``'s tiles, one per explorer column (the methods' columns in order:
+    for ``attention`` each head then the mean over heads, for ``rollout`` the rollout through
+    layers ``0..l``); each tile is scaled to its own maximum. The page shows one tile at a time,
+    scaled up by the browser. One file instead of ``L * K`` tiny ones: writing (and, on rebuilds,
+    linking) the files cost more than drawing the maps.
 
     Args:
-        cls_by_layer: ``[L, H, rows, cols]`` CLS attention per layer and head.
-        rollout_by_layer: ``[L, rows, cols]`` rollout through each layer.
+        layers: ``[L, K, rows, cols]`` the maps of the K columns at every layer.
     """
-    layers, heads, rows, cols = cls_by_layer.shape
-    maps = np.concatenate([cls_by_layer, cls_by_layer.mean(axis=1, keepdims=True), rollout_by_layer[:, None]], axis=1)
-    top = maps.max(axis=(2, 3), keepdims=True)
-    unit = np.divide(maps, top, out=np.zeros(maps.shape, dtype=np.float64), where=top > 0)
-    colours = colourise(np.clip(unit, 0.0, 1.0), cmap)  # [L, H + 2, rows, cols, 3]
-    sheet = colours.transpose(0, 2, 1, 3, 4).reshape(layers * rows, (heads + 2) * cols, 3)
+    count, columns, rows, cols = layers.shape
+    top = layers.max(axis=(2, 3), keepdims=True)
+    unit = np.divide(layers, top, out=np.zeros(layers.shape, dtype=np.float64), where=top > 0)
+    colours = colourise(np.clip(unit, 0.0, 1.0), cmap)  # [L, K, rows, cols, 3]
+    sheet = colours.transpose(0, 2, 1, 3, 4).reshape(count * rows, columns * cols, 3)
     save_png(Image.fromarray(np.ascontiguousarray(sheet), "RGB"), path)
 
 
@@ -271,36 +271,45 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
         canvas.draw(labels, panels, path)
 
 
-def figure_index(prefix: str, layers: int, heads: int, objects: int) -> dict:
+def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int) -> dict:
     """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
     the explorer sprite's layout. The only place figure file names are made (the build cache
     checks a reused record against it).
 
     Args:
         prefix: the relative URL of the image's figure folder from the site root.
-        layers / heads: layers and heads of the explorer sprite.
+        methods: the map methods that ran, in order (each map gets an overlay named by its spec).
+        layers / heads: layers and heads of the model.
         objects: how many objects the image has (boxes from 1, similarity heat maps from 2).
     """
     figures: dict = {
         "original": f"{prefix}/original.jpg",
         "thumbnail": f"{prefix}/thumb.jpg",
         "input": f"{prefix}/input.jpg",
-        "cls_mean": f"{prefix}/cls-mean.jpg",
-        "cls_max": f"{prefix}/cls-max.jpg",
-        "rollout": f"{prefix}/rollout.jpg",
-        "tokens": f"{prefix}/tokens.png",
-        "explorer": {
-            "sprite": f"{prefix}/explorer.png",
-            "layers": int(layers),
-            "heads": int(heads),
-            "columns": int(heads) + 2,
-            "mean_column": int(heads),
-            "rollout_column": int(heads) + 1,
-        },
+    }
+    columns, explorer = 0, {"mean_column": None, "rollout_column": None}
+    for name in methods:
+        spec = METHODS[name]
+        for _map, stem in spec.maps:
+            figures[stem.replace("-", "_")] = f"{prefix}/{stem}.jpg"
+        if spec.explorer == "heads+mean":
+            columns += int(heads)
+            explorer[f"{name}_column" if name != "attention" else "mean_column"] = columns
+        else:
+            explorer[f"{name}_column"] = columns
+        columns += 1
+    if "attention" in methods:
+        figures["tokens"] = f"{prefix}/tokens.png"
+    figures["explorer"] = {
+        "sprite": f"{prefix}/explorer.png",
+        "layers": int(layers),
+        "heads": int(heads),
+        "columns": columns,
+        **explorer,
     }
     if objects:
         figures["objects"] = f"{prefix}/objects.jpg"
-    if objects > 1:
+    if objects > 1 and "rollout" in methods:
         figures["similarity"] = f"{prefix}/similarity.png"
     return figures
 
@@ -310,59 +319,48 @@ def figure_files(figures: dict) -> list[str]:
     return [value for value in figures.values() if isinstance(value, str)] + [figures["explorer"]["sprite"]]
 
 
-def write_image_figures(
-    result,
-    original: Image.Image,
-    view: Image.Image,
-    root: Path,
-    prefix: str,
-    cmap: str,
-    alpha: float,
-    num_prefix_tokens: int,
-) -> dict:
+def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float, num_prefix_tokens: int, heads: int) -> dict:
     """Write every figure of one :class:`~reportgen.experiments.ImageResult`.
 
     Args:
-        result: the image's results.
-        original: the upright original image.
-        view: the model's view of it (model-input size).
+        result: the image's results (with its original image and the model's view of it).
         root: the (staging) site folder; every file is written through :mod:`reportgen.outdir`.
         prefix: the relative path of the image's figure folder in ``root`` (and its URL).
         cmap / alpha: overlay colour map and opacity.
         num_prefix_tokens: prefix tokens at the start of the token map.
+        heads: attention heads of the model.
 
     Returns:
         The image's :func:`figure_index`.
     """
-    a, r = result.attention, result.rollout
+    outputs = result.methods
     objects = result.objects.objects if result.objects is not None else []
-    # Explorer: every layer's CLS attention per head and mean over heads, and the rollout up to it,
-    # in one sprite sheet the page lays over the input image (its last row also gives the per-head
-    # panel).
-    layers, heads = r.cls_by_layer.shape[:2]
-    figures = figure_index(prefix, layers, heads, len(objects))
+    stack = np.concatenate([output.layers for output in outputs.values()], axis=1)
+    figures = figure_index(prefix, tuple(outputs), stack.shape[0], heads, len(objects))
 
     def out(name: str) -> BinaryIO:
         return outdir.open_new(root, figures[name] if name != "explorer" else figures[name]["sprite"])
 
-    shown = shrink(original, 768)
+    shown = shrink(result.original, 768)
     with out("original") as file:
         save_jpeg(shown, file)
     with out("thumbnail") as file:
         save_jpeg(shrink(shown, THUMB_SIDE), file)  # from the smaller copy: 4-40x fewer pixels to filter
     with out("input") as file:
-        save_jpeg(view, file)
-    for name, heat in (("cls_mean", a.mean), ("cls_max", a.max), ("rollout", r.rollout)):
-        with out(name) as file:
-            write_overlay(view, heat, cmap, alpha, file)
-    with out("tokens") as file:
-        write_token_map(a.token_attention, num_prefix_tokens, cmap, file)
+        save_jpeg(result.view, file)
+    for name, output in outputs.items():
+        for map_name, stem in METHODS[name].maps:
+            with out(stem.replace("-", "_")) as file:
+                write_overlay(result.view, output.maps[map_name], cmap, alpha, file)
+    if result.attention is not None:
+        with out("tokens") as file:
+            write_token_map(result.attention.token_attention, num_prefix_tokens, cmap, file)
     with out("explorer") as file:
-        write_explorer_sprite(r.cls_by_layer, r.rollout_by_layer, cmap, file)
+        write_explorer_sprite(stack, cmap, file)
     if objects:
         with out("objects") as file:
-            write_boxes(original, [(o.label, o.box, o.score) for o in objects], file)
-    if len(objects) > 1:
+            write_boxes(result.original, [(o.label, o.box, o.score) for o in objects], file)
+    if "similarity" in figures:
         with out("similarity") as file:
             write_similarity_heatmaps(result.objects.labels, result.objects.plain_similarity, result.objects.rollout_similarity, file)
     return figures

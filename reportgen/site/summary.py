@@ -1,6 +1,7 @@
 """Experiment 3 pooled over the whole manifest, from the per-image similarity tables.
 
-Numpy only: a rebuild that reuses every image from the cache recomputes this without torch.
+Read from the image records, the one form both freshly computed and cached images have. Numpy
+only: a rebuild that reuses every image from the cache recomputes this without torch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,22 @@ class PairSummary:
 
 ObjectTable = tuple[list[str], np.ndarray, np.ndarray]
 """One image's objects: (base labels, plain similarity ``[K, K]``, rollout similarity ``[K, K]``)."""
+
+
+def object_tables(records: list[dict]) -> list[ObjectTable]:
+    """The table of every image record with objects and rollout-weighted similarities."""
+    tables = []
+    for record in records:
+        objects = record.get("objects")
+        if objects and objects["objects"] and objects["rollout_similarity"] is not None:
+            tables.append(
+                (
+                    [o["base_label"] for o in objects["objects"]],
+                    np.asarray(objects["plain_similarity"], dtype=np.float64),
+                    np.asarray(objects["rollout_similarity"], dtype=np.float64),
+                )
+            )
+    return tables
 
 
 def summarise_pairs(tables: list[ObjectTable]) -> list[PairSummary]:

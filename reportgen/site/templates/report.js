@@ -2,8 +2,8 @@
 (function () {
   "use strict";
 
-  // Layer and head explorer: show one tile of the sprite sheet (rows: layers; columns: heads,
-  // then mean over heads, then rollout) laid over the model's input.
+  // Layer and head explorer: show one tile of the sprite sheet (rows: layers; columns: each
+  // method's, e.g. heads then mean over heads, then rollout) laid over the model's input.
   function setUpExplorer(root) {
     var layers = parseInt(root.getAttribute("data-layers"), 10);
     var columns = {
@@ -25,6 +25,7 @@
       sprite.style.top = (-100 * l) + "%";
       var what = kind === "mean" ? "CLS attention, mean over heads"
         : kind === "rollout" ? "attention rollout through layers 1 to " + (l + 1)
+        : kind.charAt(0) === "c" ? map.options[map.selectedIndex].text
         : "CLS attention of head " + kind.slice(1);
       var text = "Layer " + (l + 1) + " of " + layers + ": " + what;
       sprite.alt = text;

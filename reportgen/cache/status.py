@@ -27,27 +27,25 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 import reportgen
 from reportgen import outdir
-from reportgen.config import MAX_OBJECTS, ImageEntry, Manifest, ModelSettings
+from reportgen.cache.schema import MAX_COUNT, Entry, ModelRun, Record
+from reportgen.config import ImageEntry, Manifest, ModelSettings
 from reportgen.hashing import file_sha256
+from reportgen.methods import METHODS
 from reportgen.model.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
 from reportgen.site.figures import figure_files, figure_index
-from reportgen.site.pages import page_name
+from reportgen.site.records import page_name
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
 STATUS_FORMAT = 2  # 2: one explorer sprite sheet per image
 
-# Bounds of what a cached record may hold.
-MAX_TEXT = 500  # labels, reasons, names and other strings (characters; the manifest's labels are shorter)
-MAX_COUNT = 1 << 20  # sizes, grid sides, layers, heads, token counts
-MAX_LIST = 256  # layers captured, version entries, data-config lists
 
 
 def _digest(value: Any) -> str:
@@ -77,6 +75,7 @@ def settings_key(manifest: Manifest) -> str:
             "format": STATUS_FORMAT,
             "reportgen": reportgen.__version__,
             "model": model_identity(manifest.model),
+            "methods": list(manifest.methods),
             "attention": [manifest.attention.head_fusion, manifest.attention.discard_ratio],
             "detector": [manifest.detector.name, manifest.detector.threshold],
             "figures": [manifest.output.cmap, manifest.output.alpha],
@@ -95,147 +94,6 @@ def image_key(entry: ImageEntry, global_key: str) -> str:
             "objects": [[b.label, *b.as_tuple()] for b in entry.objects],
         }
     )
-
-
-# Strict types: "1" is not a number and true is not a count; JSON's NaN and Infinity are refused
-# (results.json and the records write them as null), and so are strings with lone surrogates,
-# which could not be written to a page.
-Text = Annotated[str, Field(max_length=MAX_TEXT)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-Number = Finite | None
-Share = Annotated[float, Field(ge=0.0, le=1.0)] | None  # scores, visible shares, overlaps
-Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-Pair = Annotated[list[Count], Field(min_length=2, max_length=2)]
-Box = Annotated[list[Finite], Field(min_length=4, max_length=4)]
-Matrix = list[list[Number]]  # shapes are checked against the model in _check_record
-
-
-class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class _DataConfig(_Schema):
-    input_size: Annotated[list[Count], Field(max_length=4)]
-    interpolation: Text | None
-    mean: Annotated[list[Number], Field(max_length=4)] | Number
-    std: Annotated[list[Number], Field(max_length=4)] | Number
-    crop_pct: Number
-    crop_mode: Text | None
-
-
-class _ModelInfo(_Schema):
-    name: Text
-    architecture: Text
-    source: Text
-    weights_file: Text | None
-    weights_sha256: Text | None
-    input_size: Pair
-    patch_size: Pair
-    grid: Pair
-    num_prefix_tokens: Count
-    depth: Count
-    heads: Count | None
-    data_config: _DataConfig
-
-
-class _Capture(_Schema):
-    method: Text
-    layers: Annotated[list[Text], Field(max_length=MAX_LIST)]
-    fused_attention: Count
-
-
-class _ModelRun(_Schema):
-    """``model_run``: what :func:`reportgen.compute.model_run` writes."""
-
-    model: _ModelInfo
-    capture: _Capture
-    versions: Annotated[dict[Text, Text | None], Field(max_length=MAX_LIST)]
-
-
-class _Entropy(_Schema):
-    nats: Number
-    normalised: Number
-
-
-class _BoxMass(_Schema):
-    label: Text
-    mass: Number
-    area_share: Number
-
-
-class _Attention(_Schema):
-    head_entropy: list[_Entropy]
-    mean_entropy: _Entropy
-    max_entropy: _Entropy
-    token_entropy: _Entropy
-    token_count: Count
-    prefix_mass: Number
-    box_mass: Annotated[list[_BoxMass], Field(max_length=MAX_OBJECTS)]
-    cls_mean: Matrix
-    cls_max: Matrix
-    cls_heads: list[Matrix]
-
-
-class _Rollout(_Schema):
-    raw_entropy: _Entropy
-    rollout_entropy: _Entropy
-    entropy_change: Number
-    spearman: Number
-    top_overlap: Share
-    raw: Matrix
-    rollout: Matrix
-
-
-class _Object(_Schema):
-    label: Text
-    base_label: Text
-    box: Box
-    input_box: Box
-    visible: Share
-    score: Share
-
-
-class _Skipped(_Schema):
-    label: Text
-    reason: Text
-
-
-class _Objects(_Schema):
-    source: Text
-    labels: Annotated[list[Text], Field(max_length=MAX_OBJECTS)]
-    objects: Annotated[list[_Object], Field(max_length=MAX_OBJECTS)]
-    skipped: Annotated[list[_Skipped], Field(max_length=MAX_OBJECTS)]
-    mean_plain_similarity: Number
-    mean_rollout_similarity: Number
-    plain_similarity: Matrix
-    rollout_similarity: Matrix
-    difference: Matrix
-    detector_unavailable: None  # an image whose detector could not be loaded is never cached
-
-
-class _Record(_Schema):
-    """A cached page record (what :func:`reportgen.site.pages.image_record` writes for an image that worked)."""
-
-    # Replaced from the manifest entry when the record is reused, so only their type matters.
-    id: str
-    title: str
-    caption: str
-    source_name: str
-    # Must be what this entry's slug gives (checked in _check_record).
-    slug: Text
-    page: Text
-    kind: Literal["single", "multi"]
-    figures: dict[str, Any]
-    error: None  # failed images are never cached
-    size: Pair
-    attention: _Attention
-    rollout: _Rollout
-    objects: _Objects | None
-
-
-class _Entry(_Schema):
-    key: Text
-    record: _Record
 
 
 @dataclass
@@ -286,7 +144,7 @@ def read_status(output: Path, current_key: str, warnings: list[str]) -> Status |
         if not isinstance(entries, dict):
             raise ValueError("malformed entries")
         if model_run is not None:
-            _ModelRun.model_validate(model_run)
+            ModelRun.model_validate(model_run)
         elif entries:
             raise ValueError("images but no model_run")
         status = Status(settings_key=str(data["settings_key"]), model_run=model_run, entries=entries)
@@ -303,7 +161,7 @@ def read_status(output: Path, current_key: str, warnings: list[str]) -> Status |
 
 
 def reuse(
-    status: Status, entry: ImageEntry, key: str, output: Path, staging: Path, warnings: list[str]
+    status: Status, entry: ImageEntry, key: str, methods: tuple[str, ...], output: Path, staging: Path, warnings: list[str]
 ) -> dict[str, Any] | None:
     """Carry an unchanged image's figures into ``staging``; its page record, or None to recompute.
 
@@ -315,7 +173,8 @@ def reuse(
         return None  # new or changed (a key of the wrong type never matches)
     where = f"{output / STATUS_FILE}: entry {entry.slug!r}"
     try:
-        figures = _check_record(_Entry.model_validate(cached).record, entry, _ModelRun.model_validate(status.model_run))
+        record = Entry.model_validate(cached).record
+        figures = _check_record(record, entry, methods, ModelRun.model_validate(status.model_run))
     except ValidationError as err:
         warnings.append(f"{where} does not fit the build cache's schema ({_problem(err)[1:]}); it is recomputed.")
         return None
@@ -394,9 +253,10 @@ def old_file(output: Path, relative: str) -> Path | None:
     return path
 
 
-def _check_record(record: _Record, entry: ImageEntry, run: _ModelRun) -> dict[str, Any]:
-    """Check what a schema cannot: names made from this entry's slug and array shapes that agree
-    with the model. Returns the figure index the record must have (see :func:`figure_index`).
+def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], run: ModelRun) -> dict[str, Any]:
+    """Check what a schema cannot: names made from this entry's slug, the sections the methods
+    make, and array shapes that agree with the model. Returns the figure index the record must
+    have (see :func:`figure_index`).
 
     Raises:
         ValueError: naming the first field that does not fit (never quoting its value).
@@ -409,30 +269,51 @@ def _check_record(record: _Record, entry: ImageEntry, run: _ModelRun) -> dict[st
         raise ValueError("kind is not this image's")
     if (record.objects is None) != (entry.kind != "multi"):
         raise ValueError("objects do not match the image's kind")
-    rows, cols = run.model.grid
     a, r = record.attention, record.rollout
-    heads = len(a.cls_heads)
-    if not 1 <= heads <= MAX_COUNT or len(a.head_entropy) != heads:
-        raise ValueError("attention.cls_heads and attention.head_entropy do not agree")
-    grids = {"attention.cls_mean": a.cls_mean, "attention.cls_max": a.cls_max, "rollout.raw": r.raw, "rollout.rollout": r.rollout}
-    grids.update({f"attention.cls_heads.{h}": grid for h, grid in enumerate(a.cls_heads)})
+    if (a is None) == ("attention" in methods):
+        raise ValueError("attention does not match the methods")
+    if (r is None) == ({"attention", "rollout"} <= set(methods)):
+        raise ValueError("rollout does not match the methods")
+    rows, cols = run.model.grid
+    heads = run.model.heads or 0
+    grids = {}
+    if a is not None:
+        if not 1 <= len(a.cls_heads) <= MAX_COUNT or len(a.cls_heads) != heads or len(a.head_entropy) != heads:
+            raise ValueError("attention.cls_heads and attention.head_entropy do not agree with the model's heads")
+        grids.update({"attention.cls_mean": a.cls_mean, "attention.cls_max": a.cls_max})
+        grids.update({f"attention.cls_heads.{h}": grid for h, grid in enumerate(a.cls_heads)})
+        if a.token_count != run.model.num_prefix_tokens + rows * cols:
+            raise ValueError("attention.token_count does not match the model")
+        if len(a.box_mass) > len(entry.objects):  # boxes cropped away have none
+            raise ValueError("attention.box_mass does not match the image's boxes")
+    if r is not None:
+        grids.update({"rollout.raw": r.raw, "rollout.rollout": r.rollout})
+    shown = {"attention": a is not None, "rollout": r is not None}
+    others = [(name, m, stem.replace("-", "_")) for name in methods if not shown.get(name) for m, stem in METHODS[name].maps]
+    if sorted(record.maps or {}) != sorted(m for _, m, _ in others):
+        raise ValueError("maps do not match the methods")
+    for method, map_name, figure in others:
+        entry_map = record.maps[map_name]
+        if entry_map.figure != figure or entry_map.method != method:
+            raise ValueError(f"maps.{map_name} is not what its method makes")
+        grids[f"maps.{map_name}.grid"] = entry_map.grid
     for name, grid in grids.items():
         if not _is_shape(grid, rows, cols):
             raise ValueError(f"{name} is not {rows}x{cols}, the model's patch grid")
-    if a.token_count != run.model.num_prefix_tokens + rows * cols:
-        raise ValueError("attention.token_count does not match the model")
-    if len(a.box_mass) > len(entry.objects):  # boxes cropped away have none
-        raise ValueError("attention.box_mass does not match the image's boxes")
     count = 0
     if record.objects is not None:
         o = record.objects
         count = len(o.objects)
         if len(o.labels) != count:
             raise ValueError("objects.labels does not match objects.objects")
+        rolled = "rollout" in methods
         for name in ("plain_similarity", "rollout_similarity", "difference"):
-            if not _is_shape(getattr(o, name), count, count):
+            matrix = getattr(o, name)
+            if name != "plain_similarity" and (matrix is None) == rolled:
+                raise ValueError(f"objects.{name} does not match the methods")
+            if matrix is not None and not _is_shape(matrix, count, count):
                 raise ValueError(f"objects.{name} is not {count}x{count}")
-    figures = figure_index(f"figures/{entry.slug}", len(run.capture.layers), heads, count)
+    figures = figure_index(f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count)
     if record.figures != figures:
         raise ValueError("figures are not the ones made for this image")
     return figures

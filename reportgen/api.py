@@ -1,0 +1,209 @@
+"""The Python API: the maps of a build for images in a notebook or a script.
+
+>>> from reportgen import Explainer
+>>> ex = Explainer("imgfocus-vits14")
+>>> result = ex.explain("cat.jpg", boxes={"cat": (10, 20, 200, 180)})
+>>> result.maps["rollout"]          # float [grid rows, grid cols]
+
+The settings are the manifest's, checked by the same rules; the images go through the same
+decoding, model stage and experiments as a build's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from reportgen.builder import BuildOptions, BuildReport
+from reportgen.builder import build as _build_site
+from reportgen.config import (
+    AttentionSettings,
+    DetectorSettings,
+    ImageEntry,
+    ModelSettings,
+    ObjectBox,
+    OutputSettings,
+    load_manifest,
+)
+from reportgen.errors import ImageError
+from reportgen.methods import DEFAULT_METHODS, METHODS
+
+ImageInput = str | os.PathLike | Image.Image
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What the model stage reads from a manifest, without images."""
+
+    model: ModelSettings
+    attention: AttentionSettings
+    detector: DetectorSettings
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The maps and experiments of one image.
+
+    Attributes:
+        result: everything computed (:class:`~reportgen.experiments.ImageResult`).
+    """
+
+    result: Any
+    cmap: str = "inferno"
+    alpha: float = 0.5
+
+    @property
+    def maps(self) -> dict[str, np.ndarray]:
+        """Every map by name (``attention/mean``, ``attention/max``, ``rollout``): float32
+        ``[grid rows, grid cols]`` over the patches of the model input."""
+        return {name: grid.astype(np.float32) for name, grid in self.result.maps.items()}
+
+    @property
+    def entropy(self) -> dict[str, Any]:
+        """Per map name, its entropy over the patches (``.nats`` and ``.normalised``)."""
+        return self.result.entropy
+
+    @property
+    def objects(self):
+        """The objects experiment (for images given ``boxes``), or None."""
+        return self.result.objects
+
+    def figure(self, column_inches: float = 3.0):
+        """The model input and every map over it, as a matplotlib Figure (shown by notebooks)."""
+        from reportgen.site.panels import panel_figure
+
+        return panel_figure(self.result, self.cmap, self.alpha, column_inches)
+
+
+class Explainer:
+    """Explains images with a Vision Transformer.
+
+    Args:
+        model: a timm model name, or ``imgfocus-vits14`` for the offline model.
+        methods: map methods to run (names from ``reportgen.methods.METHODS``), or ``"all"``.
+        weights: a local weights file.
+        input_size: square input size (default: the model's).
+        pretrained: False builds the model with random weights.
+        options: extra keyword arguments for ``timm.create_model``.
+        head_fusion / discard_ratio: rollout settings.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        batch_size: images per forward pass.
+        cmap / alpha: colour map and opacity of :meth:`Explanation.figure`.
+
+    Raises:
+        ValueError: a setting the manifest would also refuse, with the same message.
+        ModelLoadError: (on the first :meth:`explain`) the model cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        model: str = "imgfocus-vits14",
+        *,
+        methods: Sequence[str] | str = DEFAULT_METHODS,
+        weights: str | os.PathLike | None = None,
+        input_size: int | None = None,
+        pretrained: bool = True,
+        options: Mapping[str, Any] | None = None,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.0,
+        device: str = "auto",
+        batch_size: int = 8,
+        cmap: str = "inferno",
+        alpha: float = 0.5,
+    ):
+        names = tuple(METHODS) if methods == "all" else tuple([methods] if isinstance(methods, str) else methods)
+        unknown = [name for name in names if name not in METHODS]
+        if unknown or not names:
+            raise ValueError(f"methods: unknown {', '.join(map(repr, unknown))} (known: {', '.join(METHODS)}, or 'all')")
+        self.settings = _Settings(
+            model=ModelSettings(
+                name=model,
+                weights=Path(weights) if weights is not None else None,
+                input_size=input_size,
+                pretrained=pretrained,
+                options=dict(options or {}),
+            ),
+            attention=AttentionSettings(head_fusion=head_fusion, discard_ratio=discard_ratio),
+            detector=DetectorSettings(name=None),
+            methods=tuple(name for name in METHODS if name in names),
+        )
+        self.options = BuildOptions(device=device, batch_size=batch_size)
+        self.output = OutputSettings(cmap=cmap, alpha=alpha)
+        self._kept: dict = {}  # the loaded model, kept between calls
+
+    def explain(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        boxes: Mapping[str, Box] | Sequence[Mapping[str, Box] | None] | None = None,
+    ) -> Explanation | list[Explanation]:
+        """Explain one image or a batch.
+
+        Args:
+            images: a path, a PIL image, or a list of them.
+            boxes: for one image, ``{label: (x0, y0, x1, y1)}`` in its pixels; for a list, a list
+                of those (or None). Images with boxes get the objects experiment.
+
+        Returns:
+            One :class:`Explanation`, or a list for a list of images. A batch gives the same
+            numbers as one call per image.
+
+        Raises:
+            ImageError: an image cannot be read or explained (naming it).
+        """
+        from reportgen.compute import Computation
+        from reportgen.experiments import ImageFailure
+        from reportgen.imaging import from_pil
+
+        single = isinstance(images, (str, os.PathLike, Image.Image))
+        items = [images] if single else list(images)
+        per_image = [boxes] if single else list(boxes) if boxes is not None else [None] * len(items)
+        if len(per_image) != len(items):
+            raise ValueError(f"boxes: {len(per_image)} entries for {len(items)} images")
+        entries, memory = [], []
+        for index, (item, item_boxes) in enumerate(zip(items, per_image)):
+            in_memory = isinstance(item, Image.Image)
+            path = Path(f"image-{index}") if in_memory else Path(item)
+            memory.append(from_pil(item) if in_memory else None)
+            entries.append(_entry(index, path, item_boxes))
+        computation = Computation(self.settings, self.options.device, self.options.batch_size, self._kept)
+        explained = []
+        for outcome in computation.results(entries, memory):
+            if isinstance(outcome, ImageFailure):
+                raise ImageError(f"images[{outcome.entry.index}] ({outcome.entry.id}): {outcome.message}")
+            explained.append(Explanation(outcome, self.output.cmap, self.output.alpha))
+        return explained[0] if single else explained
+
+
+def _entry(index: int, path: Path, boxes: Mapping[str, Box] | None) -> ImageEntry:
+    objects = tuple(ObjectBox(str(label), *(float(v) for v in box)) for label, box in (boxes or {}).items())
+    name = path.stem or f"image-{index}"
+    return ImageEntry(
+        index=index, id=name, slug=f"image-{index}", path=path, title=name, caption="",
+        kind="multi" if objects else "single", objects=objects,
+    )
+
+
+def build(manifest: str | os.PathLike, output: str | os.PathLike | None = None, **options: Any) -> BuildReport:
+    """Build the site of a manifest, as ``reportgen build`` does.
+
+    Args:
+        manifest: the manifest file.
+        output: the site folder (default: the manifest's ``output.dir``, else ``site``).
+        **options: :class:`~reportgen.builder.BuildOptions` fields (device, batch_size, strict,
+            force, jobs, wait).
+
+    Raises:
+        ReportgenError: as the command line reports it (a bad manifest, a model that cannot be
+            loaded, an output folder that must not be replaced ...).
+    """
+    loaded = load_manifest(manifest)
+    folder = Path(output) if output is not None else loaded.output.dir or Path("site")
+    return _build_site(loaded, BuildOptions(output=folder, **options))

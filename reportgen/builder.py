@@ -1,0 +1,294 @@
+"""``reportgen build``: manifest in, static site out.
+
+A build runs in phases, each a function below: plan (what the previous build's cache still
+holds) -> compute (the model, the map methods and the experiments over the other images, their
+figures written alongside) -> write (pages, results.json, the status file) -> swap (the finished
+folder replaces the old one). Only these functions change the build's state; the model stage
+(:mod:`reportgen.compute`) yields results and the site stage serialises them.
+
+The site is built in a staging folder beside the output and swapped in only when complete, so an
+interrupted or failed build leaves the previous site as it was; one build at a time holds the
+output folder's lock (see :mod:`reportgen.swap`). An output folder is only replaced when it is
+empty or carries reportgen's marker file: a user's own folder is never deleted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from reportgen import outdir
+from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
+from reportgen.config import ImageEntry, Manifest
+from reportgen.errors import ImageError, OutputError, ReportgenError
+from reportgen.site.figures import write_colourbar
+from reportgen.site.pages import write_site
+from reportgen.site.records import failure_record, image_record, model_run_record, run_record
+from reportgen.site.writer import FigureWriter
+from reportgen.swap import MARKER, OutputLock, make_staging, recover, remove_tree, swap_in
+
+if TYPE_CHECKING:  # the model stage imports torch; a build that reuses every image never does
+    from reportgen.experiments import ImageResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT = Path("site")
+#: Devices a build can run on; whether one is present is checked when the model is loaded.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to run a build (things that do not change the numbers, except ``device``).
+
+    Attributes:
+        output: the site folder to (re)place.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+        batch_size: images per forward pass.
+        strict: stop at the first image that fails instead of reporting it on its card.
+        force: ignore the previous build's cache and recompute every image.
+        jobs: figure writers: 1 is a thread, more are processes; either way figures are written
+            while the model runs the next batch.
+        model_cache: a dict the caller keeps across builds (``--watch``): the loaded model is
+            kept in it and reused while the model settings and device stay the same.
+        wait: when another build holds the output folder's lock, wait for it (else fail at once).
+        on_wait: called with a message when the build has to wait for that lock.
+    """
+
+    output: Path = DEFAULT_OUTPUT
+    device: str = "auto"
+    batch_size: int = 8
+    strict: bool = False
+    force: bool = False
+    jobs: int = 1
+    model_cache: dict | None = field(default=None, compare=False, repr=False)
+    wait: bool = True
+    on_wait: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(
+                f"--device {self.device!r}: expected auto, cpu, cuda, cuda:N or mps"
+                + (" (the meta device holds no data, so there would be no attention to show)" if self.device == "meta" else "")
+            )
+        for name in ("batch_size", "jobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+
+
+@dataclass
+class BuildReport:
+    """What a build did: where it wrote, images reused from the cache, which failed and why,
+    warnings, how long it took and how long of that loading the model (``None``: no model was
+    loaded, because no image needed it or a kept model was used)."""
+
+    output: Path
+    images: int = 0
+    reused: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    model_load_seconds: float | None = None
+
+
+ProgressCallback = Callable[[int], None]
+
+
+def _output_errors(function):
+    """Report an OSError of the build (read-only or full disk, no permission, a file where a
+    folder should be, a name too long) as one sentence naming the output and the cause."""
+
+    @functools.wraps(function)
+    def wrapper(manifest: Manifest, options: BuildOptions, *args, **kwargs):
+        try:
+            return function(manifest, options, *args, **kwargs)
+        except OSError as err:
+            raise OutputError.from_os_error(err, options.output) from None
+
+    return wrapper
+
+
+@_output_errors
+def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback | None = None) -> BuildReport:
+    """Build the site for ``manifest``, in four phases: plan (what the previous build's cache
+    still holds), compute (the model over the other images, figures written alongside), write
+    (pages, results.json, the status file) and swap (the finished folder replaces the old one).
+
+    Args:
+        manifest: a validated manifest (with any command-line overrides applied).
+        options: output folder, device, batch size, strictness, cache use.
+        progress: called with the number of images just finished.
+
+    Raises:
+        ReportgenError: for an output folder that must not be replaced, a model that cannot be
+            loaded, (with ``strict``) the first failing image, or (without ``wait``) an output
+            folder another build is writing.
+    """
+    started = time.perf_counter()
+    output = options.output.resolve()
+    report = BuildReport(output=output)
+    # Everything from here to the swap happens under the output folder's lock.
+    lock = OutputLock(output).acquire(wait=options.wait, on_wait=options.on_wait, warnings=report.warnings)
+    staging = None
+    try:
+        restored = recover(output, locked=lock.held)  # before anything else
+        if restored is not None:
+            report.warnings.append(f"{output}: put back the site that an interrupted build left in {restored.name}.")
+        check_replaceable(output, manifest)
+        staging = make_staging(output)
+        state = _BuildState(Status(settings_key=settings_key(manifest)), options, report, progress)
+
+        previous = _plan(manifest, options, output, staging, state)
+        if state.todo:
+            state.status.model_run = _compute(manifest, options, staging, state)
+        else:
+            state.status.model_run = previous.model_run if previous else None
+        _write(manifest, output, staging, previous, state)
+        swap_in(staging, output)
+    finally:
+        if staging is not None and staging.exists():
+            remove_tree(staging)
+        lock.release()
+    report.images = len(manifest.images)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass
+class _BuildState:
+    """What the phases of one build fill in: only :func:`build` and its phases change it."""
+
+    status: Status
+    options: BuildOptions
+    report: BuildReport
+    progress: ProgressCallback | None
+    records: dict[str, dict] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    todo: list[ImageEntry] = field(default_factory=list)
+
+    def advance(self) -> None:
+        if self.progress:
+            self.progress(1)
+
+    def fail(self, entry: ImageEntry, message: str) -> None:
+        """An image failed: the build stops under ``--strict``, else its card says why."""
+        if self.options.strict:
+            raise ImageError(f"images[{entry.index}] (id {entry.id!r}): {message}")
+        self.report.failed.append((entry.id, message))
+        self.records[entry.slug] = failure_record(entry, message)
+
+    def store(self, entry: ImageEntry, record: dict, cache: bool = True) -> None:
+        self.records[entry.slug] = record
+        if cache:
+            self.status.entries[entry.slug] = {"key": self.keys[entry.slug], "record": record}
+
+
+def _plan(manifest: Manifest, options: BuildOptions, output: Path, staging: Path, state: _BuildState) -> Status | None:
+    """Phase 1: reuse what the previous build's cache holds for unchanged images (their figures
+    carried into ``staging``); the rest go to ``state.todo``. Returns the previous status."""
+    previous = None if options.force else read_status(output, state.status.settings_key, state.report.warnings)
+    for entry in manifest.images:
+        try:
+            state.keys[entry.slug] = image_key(entry, state.status.settings_key)
+        except OSError as err:
+            state.fail(entry, f"{entry.path.name}: could not be read ({err.strerror or err})")
+            state.advance()
+            continue
+        record = reuse(previous, entry, state.keys[entry.slug], manifest.methods, output, staging, state.report.warnings) if previous else None
+        if record is None:
+            state.todo.append(entry)
+            continue
+        state.store(entry, record)
+        state.report.reused += 1
+        state.advance()
+    return previous
+
+
+def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _BuildState) -> dict:
+    """Phase 2: run the model over ``state.todo``, writing each image's figures in the background
+    while the next batch runs. Returns the model-run record."""
+    # Only now is a model needed: a rebuild with nothing changed never loads (or imports) one.
+    from reportgen.compute import Computation
+    from reportgen.experiments import ImageFailure
+
+    computation = Computation(manifest, options.device, options.batch_size, options.model_cache)
+    settings = (manifest.output.cmap, manifest.output.alpha)
+    # Entered first, so the figure writer is shut down however this ends (also if the model
+    # cannot be loaded); its thread imports seaborn while the model loads.
+    with FigureWriter(staging, options.jobs, options.batch_size) as figures:
+        if any(entry.kind == "multi" for entry in state.todo):
+            figures.preload(_import_seaborn)  # ~1 s of imports (pandas, scipy)
+        for outcome in computation.results(state.todo):
+            if isinstance(outcome, ImageFailure):
+                state.fail(outcome.entry, outcome.message)
+            else:
+                model = computation.model_run.model
+                figures.submit(outcome, *settings, model.num_prefix_tokens, model.heads)
+            for result, written in figures.finished():
+                _store_result(state, result, written)
+            state.advance()
+        for result, written in figures.finished(wait=True):
+            _store_result(state, result, written)
+    state.report.model_load_seconds = computation.model_load_seconds
+    state.report.warnings.extend(computation.warnings)
+    return model_run_record(computation.model_run)
+
+
+def _import_seaborn() -> None:
+    import seaborn  # noqa: F401  (for the similarity heatmaps: pandas and scipy come with it)
+
+
+def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseException) -> None:
+    """Store an image's record once its figures are written (``written`` is the figure index, or
+    the exception that stopped them)."""
+    if isinstance(written, ImageError):
+        state.fail(result.entry, str(written))
+    elif isinstance(written, OSError):  # the output cannot be written (disk full ...): stops the build
+        raise written
+    elif isinstance(written, BaseException):  # a bug must cost one image, not the whole site
+        log.debug("figures of %s failed", result.entry.id, exc_info=written)
+        state.fail(result.entry, f"internal error in reportgen ({type(written).__name__}: {written})")
+    else:
+        # An image whose detector could not be loaded is not cached: the next build tries again.
+        complete = result.objects is None or not result.objects.detector_unavailable
+        state.store(result.entry, image_record(result, written), cache=complete)
+
+
+def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | None, state: _BuildState) -> None:
+    """Phase 3: the colour bar, pages, results.json, and the status file last."""
+    ordered = [state.records[entry.slug] for entry in manifest.images]
+    colourbar = "assets/colourbar.png"
+    # It depends only on the colour map, which is in the settings key: a rebuild with the
+    # same settings links the old one (and so needs no matplotlib at all).
+    if previous is None or not reuse_file(output, staging, colourbar):
+        with outdir.open_new(staging, colourbar) as file:
+            write_colourbar(manifest.output.cmap, file)
+    write_site(staging, run=run_record(manifest, state.status.model_run, ordered), records=ordered, colourbar=colourbar)
+    outdir.write_text(staging, STATUS_FILE, state.status.to_json() + "\n")  # written last
+
+
+def check_replaceable(output: Path, manifest: Manifest) -> None:
+    """Refuse to replace a folder reportgen did not make (unless it is empty), or one holding the inputs."""
+    if output.exists() and not output.is_dir():
+        raise ReportgenError(f"{output}: exists and is not a folder; choose another output with --output")
+    if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
+        raise ReportgenError(
+            f"{output}: the folder is not empty and was not made by reportgen (no {MARKER} file in it); "
+            "refusing to replace it. Choose another output folder with --output, or empty this one."
+        )
+    inputs = [manifest.path, *(entry.path for entry in manifest.images)]
+    if manifest.model.weights is not None:
+        inputs.append(manifest.model.weights)
+    for path in (Path(p).resolve() for p in inputs):
+        if path == output or output in path.parents:
+            raise ReportgenError(
+                f"{output}: holds this build's own input {path}; replacing the folder would delete it. "
+                "Choose another output folder with --output."
+            )

@@ -1,0 +1,168 @@
+"""The schema a cached record and model description must fit (see :mod:`reportgen.cache.status`).
+
+Strict types: "1" is not a number and true is not a count; JSON's NaN and Infinity are refused
+(results.json and the records write them as null), and so are strings with lone surrogates,
+which could not be written to a page.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reportgen.config import MAX_OBJECTS
+
+# Bounds of what a cached record may hold.
+MAX_TEXT = 500  # labels, reasons, names and other strings (characters; the manifest's labels are shorter)
+MAX_COUNT = 1 << 20  # sizes, grid sides, layers, heads, token counts
+MAX_LIST = 256  # layers captured, version entries, data-config lists
+
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Number = Finite | None
+Share = Annotated[float, Field(ge=0.0, le=1.0)] | None  # scores, visible shares, overlaps
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Pair = Annotated[list[Count], Field(min_length=2, max_length=2)]
+Box = Annotated[list[Finite], Field(min_length=4, max_length=4)]
+Matrix = list[list[Number]]  # shapes are checked against the model in _check_record
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _DataConfig(_Schema):
+    input_size: Annotated[list[Count], Field(max_length=4)]
+    interpolation: Text | None
+    mean: Annotated[list[Number], Field(max_length=4)] | Number
+    std: Annotated[list[Number], Field(max_length=4)] | Number
+    crop_pct: Number
+    crop_mode: Text | None
+
+
+class _ModelInfo(_Schema):
+    name: Text
+    architecture: Text
+    source: Text
+    weights_file: Text | None
+    weights_sha256: Text | None
+    input_size: Pair
+    patch_size: Pair
+    grid: Pair
+    num_prefix_tokens: Count
+    depth: Count
+    heads: Count | None
+    data_config: _DataConfig
+
+
+class _Capture(_Schema):
+    method: Text
+    layers: Annotated[list[Text], Field(max_length=MAX_LIST)]
+    fused_attention: Count
+
+
+class ModelRun(_Schema):
+    """``model_run``: what :func:`reportgen.compute.model_run` writes."""
+
+    model: _ModelInfo
+    capture: _Capture
+    versions: Annotated[dict[Text, Text | None], Field(max_length=MAX_LIST)]
+
+
+class _Entropy(_Schema):
+    nats: Number
+    normalised: Number
+
+
+class _BoxMass(_Schema):
+    label: Text
+    mass: Number
+    area_share: Number
+
+
+class _Attention(_Schema):
+    head_entropy: list[_Entropy]
+    mean_entropy: _Entropy
+    max_entropy: _Entropy
+    token_entropy: _Entropy
+    token_count: Count
+    prefix_mass: Number
+    box_mass: Annotated[list[_BoxMass], Field(max_length=MAX_OBJECTS)]
+    cls_mean: Matrix
+    cls_max: Matrix
+    cls_heads: list[Matrix]
+
+
+class _Rollout(_Schema):
+    raw_entropy: _Entropy
+    rollout_entropy: _Entropy
+    entropy_change: Number
+    spearman: Number
+    top_overlap: Share
+    raw: Matrix
+    rollout: Matrix
+
+
+class _Map(_Schema):
+    method: Text
+    provenance: Text
+    entropy: _Entropy
+    grid: Matrix
+    figure: Text
+
+
+class _Object(_Schema):
+    label: Text
+    base_label: Text
+    box: Box
+    input_box: Box
+    visible: Share
+    score: Share
+
+
+class _Skipped(_Schema):
+    label: Text
+    reason: Text
+
+
+class _Objects(_Schema):
+    source: Text
+    labels: Annotated[list[Text], Field(max_length=MAX_OBJECTS)]
+    objects: Annotated[list[_Object], Field(max_length=MAX_OBJECTS)]
+    skipped: Annotated[list[_Skipped], Field(max_length=MAX_OBJECTS)]
+    mean_plain_similarity: Number
+    mean_rollout_similarity: Number
+    plain_similarity: Matrix
+    rollout_similarity: Matrix | None  # None without the rollout method
+    difference: Matrix | None
+    detector_unavailable: None  # an image whose detector could not be loaded is never cached
+
+
+class Record(_Schema):
+    """A cached page record (what :func:`reportgen.site.records.image_record` writes for an image
+    that worked). Which sections may be None depends on the methods (checked in _check_record)."""
+
+    # Replaced from the manifest entry when the record is reused, so only their type matters.
+    id: str
+    title: str
+    caption: str
+    source_name: str
+    # Must be what this entry's slug gives (checked in _check_record).
+    slug: Text
+    page: Text
+    kind: Literal["single", "multi"]
+    figures: dict[str, Any]
+    error: None  # failed images are never cached
+    size: Pair
+    attention: _Attention | None
+    rollout: _Rollout | None
+    objects: _Objects | None
+    maps: Annotated[dict[Text, _Map], Field(max_length=MAX_LIST)] | None = None  # maps no section shows
+
+
+class Entry(_Schema):
+    key: Text
+    record: Record
+
+

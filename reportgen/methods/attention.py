@@ -1,0 +1,56 @@
+"""``attention``: the CLS token's attention in the last layer, per head, mean and max over heads.
+
+Rows of the full attention matrix restricted to the patches (prefix tokens dropped), not
+renormalised. Its reducer also keeps the last layer's token-to-token map, mean over heads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from reportgen.methods import METHODS
+from reportgen.methods.base import ATTENTION_ROWS, FULL_ATTENTION, ForwardPass, MethodMaps, TokenLayout
+
+PROVENANCE = "last-layer attention of the CLS token to each patch, per head, and its mean and max over heads"
+
+
+class _LastLayer:
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.last: torch.Tensor | None = None
+
+    def update(self, index: int, attn: torch.Tensor) -> None:
+        if index == self.depth - 1:
+            self.last = attn.mean(dim=1).cpu()
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        assert self.last is not None, "the last layer was not seen"
+        return {"token_attention": self.last}
+
+
+class AttentionMethod:
+    """Last-layer CLS attention (see the module docstring)."""
+
+    spec = METHODS["attention"]
+    needs = frozenset({ATTENTION_ROWS, FULL_ATTENTION})
+
+    def reducer(self, depth: int) -> _LastLayer:
+        return _LastLayer(depth)
+
+    def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
+        by_layer = layout.to_grid(forward.cls_rows)  # [L, H, rows, cols]
+        heads = by_layer[-1]
+        mean = heads.mean(axis=0)
+        return MethodMaps(
+            maps={"attention/mean": mean, "attention/max": heads.max(axis=0)},
+            # explorer: every head of every layer, then the mean over heads
+            layers=np.concatenate([by_layer, by_layer.mean(axis=1, keepdims=True)], axis=1),
+            extras={"heads": heads, "token_attention": forward.kept["attention"]["token_attention"].double().numpy()},
+            provenance=PROVENANCE,
+        )
+
+
+def create(settings) -> AttentionMethod:
+    """The method (it has no settings)."""
+    return AttentionMethod()

@@ -1,0 +1,103 @@
+"""The contract between the model stage and a map method.
+
+A method says what it needs from the forward pass (:data:`ATTENTION_ROWS`, :data:`FULL_ATTENTION`;
+:data:`GRADIENTS` and :data:`TARGET` are the needs of gradient methods). For ``FULL_ATTENTION`` it
+gives the runner a :class:`LayerReducer`, which sees each layer's ``[B, H, N, N]`` attention while
+that layer runs and keeps only what the method needs, so memory does not grow with depth. After
+the pass, :meth:`MapMethod.maps` turns one image's :class:`ForwardPass` into :class:`MethodMaps`
+over the patch grid. Methods are pure maths: no hooks, files or figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from reportgen.methods import MethodSpec
+
+ATTENTION_ROWS = "attention rows"  # the CLS row of every layer and head: [L, H, N]
+FULL_ATTENTION = "full attention"  # every layer's [B, H, N, N], seen by the method's reducer
+GRADIENTS = "gradients"  # gradients of a target with respect to each layer's attention
+TARGET = "target"  # a class, a label-free score or an object to explain
+
+#: The needs the model runner can serve today.
+SERVED = frozenset({ATTENTION_ROWS, FULL_ATTENTION})
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How the model's tokens map onto the input.
+
+    Attributes:
+        num_prefix_tokens: CLS (+ distillation, registers) before the patches.
+        grid: patch grid (rows, cols).
+        patch_size: patch (h, w) in input pixels.
+    """
+
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+
+    def to_grid(self, values: torch.Tensor) -> np.ndarray:
+        """``[..., N]`` token values -> float64 ``[..., rows, cols]`` over the patches (prefix dropped)."""
+        patches = values[..., self.num_prefix_tokens :]
+        return patches.reshape(*patches.shape[:-1], *self.grid).double().numpy()
+
+
+@dataclass(frozen=True)
+class ForwardPass:
+    """What one forward pass gave for one image, as the methods asked for it (float32 CPU tensors).
+
+    Attributes:
+        tokens: ``[N, C]`` final-layer tokens after the final norm.
+        cls_rows: ``[L, H, N]`` the CLS row of every layer's attention per head (rows of the full
+            matrix: each sums to 1 over all tokens), or None when no method needs them.
+        kept: per method name, what its :class:`LayerReducer` kept for this image.
+    """
+
+    tokens: torch.Tensor
+    cls_rows: torch.Tensor | None = None
+    kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodMaps:
+    """One method's result for one image.
+
+    Attributes:
+        maps: per map name (as in the method's spec), float64 ``[rows, cols]`` over the patches.
+        layers: float64 ``[L, K, rows, cols]``: the method's K explorer columns at every layer.
+        extras: further arrays the method's own experiment reads (e.g. per-head maps).
+        provenance: how the maps were made, in one sentence.
+    """
+
+    maps: dict[str, np.ndarray]
+    layers: np.ndarray
+    extras: dict[str, np.ndarray]
+    provenance: str
+
+
+class LayerReducer(Protocol):
+    """Folds the layers' attention, one layer at a time, into what a method keeps."""
+
+    def update(self, index: int, attn: torch.Tensor) -> None:
+        """See layer ``index``'s ``[B, H, N, N]`` attention (valid only during this call)."""
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        """What was kept, each ``[B, ...]`` on the CPU."""
+
+
+class MapMethod(Protocol):
+    """A map method (see the module docstring)."""
+
+    spec: MethodSpec
+    needs: frozenset[str]
+
+    def reducer(self, depth: int) -> LayerReducer | None:
+        """A fresh reducer for one batch through ``depth`` layers (None without ``FULL_ATTENTION``)."""
+
+    def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
+        """The method's maps for one image."""
