@@ -20,7 +20,7 @@ with random weights and no detector into a temporary folder, then measures, in o
    memory, against what holding every layer's per-head attention would cost (L*H*N*N*4 bytes per
    image);
 
-and, in this process, the same builds through :func:`reportgen.build.build` with timers wrapped
+and, in this process, the same builds through :func:`reportgen.builder.build` with timers wrapped
 around its stages (model load, forward pass, attention capture, experiments, figures, pages) and
 counters on model loads and images run, to verify what the rebuilds recompute.
 
@@ -237,7 +237,7 @@ def recomputed(before: dict[str, int], after: dict[str, int]) -> list[str]:
 
 BASELINE_SNIPPET = r"""
 import json, resource, sys
-import reportgen.build  # everything a build imports
+import reportgen.builder  # everything a build imports
 from reportgen.config import load_manifest
 from reportgen.model.loading import load_model
 m = load_manifest(sys.argv[1])
@@ -314,19 +314,26 @@ class Profiler:
 @contextmanager
 def instrumented():
     """Wrap reportgen's build stages with timers; yield the profiler; restore on exit."""
-    import reportgen.build as build_mod
-    import reportgen.compute as analysis_mod
+    import reportgen.builder as build_mod
+    import reportgen.compute as compute_mod
+    import reportgen.experiments as experiments_mod
+    import reportgen.methods.attention as attention_mod
+    import reportgen.methods.rollout as rollout_mod
     import reportgen.model.capture as capture_mod
     import reportgen.model.runner as runner_mod
     import reportgen.site.figures as figures_mod
+    import reportgen.site.writer as writer_mod
 
     prof = Profiler()
-    # Orchestration stages, as build.py calls them (names bound in reportgen.build).
-    for attr in ("load_model", "_prepare", "_experiments", "write_image_figures", "write_colourbar", "write_site",
-                 "image_record", "image_key", "read_status", "reuse", "swap_in", "make_staging",
-                 "attention_experiment", "rollout_experiment", "objects_experiment"):
+    # The build's phases and the model stage, as they call each other (names bound in each module).
+    for attr in ("write_colourbar", "write_site", "image_record", "image_key", "read_status", "reuse", "swap_in",
+                 "make_staging"):
         prof.patch(build_mod, attr)
-        prof.patch(analysis_mod, attr)  # the model stage lives in reportgen.compute
+    for attr in ("load_model", "_prepare", "explain"):
+        prof.patch(compute_mod, attr)
+    for attr in ("attention_experiment", "rollout_experiment", "objects_experiment"):
+        prof.patch(experiments_mod, attr)
+    prof.patch(writer_mod, "write_image_figures")
 
     def counting_run(original):
         timed = prof.timed("ModelRunner.run", original)
@@ -339,8 +346,9 @@ def instrumented():
         return run
 
     prof.patch(runner_mod.ModelRunner, "run", make=counting_run)
-    prof.patch(runner_mod._Recorder, "on_layer", "recorder.on_layer (CLS rows, rollout step, .cpu)")
-    prof.patch(runner_mod, "rollout_step", "rollout_step")
+    prof.patch(rollout_mod._Rollout, "update", "rollout reducer (rollout step, .cpu)")
+    prof.patch(attention_mod._LastLayer, "update", "attention reducer (last layer's head mean)")
+    prof.patch(rollout_mod, "rollout_step", "rollout_step")
 
     def timed_hook_factory(original):
         def factory(self, index, module):
@@ -350,7 +358,7 @@ def instrumented():
 
     prof.patch(capture_mod.AttentionCapture, "_from_qkv", make=timed_hook_factory)
     # The build's own thread waiting for the figure thread (figures themselves overlap the model).
-    prof.patch(analysis_mod._FigureWriter, "_collect", "waiting for figures")
+    prof.patch(writer_mod.FigureWriter, "_collect", "waiting for figures")
     # Figure writers, as write_image_figures calls them (names bound in reportgen.site.figures): the
     # known ones and any other write_* function.
     writers = {"save_png", "overlay", "_save_figure"} | {
@@ -366,7 +374,7 @@ def instrumented():
 
 
 def inprocess_build(manifest_path: Path, output: Path, batch_size: int, force: bool) -> tuple[float, Profiler, object]:
-    from reportgen.build import BuildOptions, build
+    from reportgen.builder import BuildOptions, build
     from reportgen.config import load_manifest
 
     with instrumented() as prof:
@@ -514,9 +522,9 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
 
     # ---- import cost (what every subprocess build pays before any work) ----
     print("\n[0] start-up cost of a build subprocess")
-    imports = run_child([PYTHON, "-c", "import reportgen.cli, reportgen.build, reportgen.config"], cwd=work)
+    imports = run_child([PYTHON, "-c", "import reportgen.cli, reportgen.builder, reportgen.config"], cwd=work)
     cli_version = run_child([PYTHON, "-m", "reportgen.cli", "--version"], cwd=work)
-    line("python3 -c 'import reportgen.cli, reportgen.build'", secs(imports["seconds"]), mib(imports["maxrss"]))
+    line("python3 -c 'import reportgen.cli, reportgen.builder'", secs(imports["seconds"]), mib(imports["maxrss"]))
     line("python3 -m reportgen.cli --version", secs(cli_version["seconds"]))
     line("python3 -c 'import torch' / 'import timm'",
          " / ".join(f"{run_child([PYTHON, '-c', f'import {m}'], cwd=work)['seconds']:.2f} s" for m in ("torch", "timm")))
@@ -578,7 +586,7 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     line("baseline: imports + load_model, no image", mib(base["maxrss"]))
 
     # ---- in-process split and rebuild checks ----
-    print(f"\n[split] in-process reportgen.build.build, cold (force), {n} images, imports already done")
+    print(f"\n[split] in-process reportgen.builder.build, cold (force), {n} images, imports already done")
     site_in = work / "site-inprocess"
     in_cold, prof, _ = inprocess_build(manifest, site_in, args.batch_size, force=True)
     line("in-process cold build total", secs(in_cold), f"{1000 * in_cold / n:.0f} ms/image, cpu {prof.cpu:.2f} s")
@@ -587,7 +595,7 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     hooks = prof.sum_suffix("qkv hook (attention = softmax(qk^T) + recorder)")
     net_forward = run_total - hooks
     load = prof.total("load_model")
-    experiments = prof.total("_experiments")
+    experiments = prof.total("explain")
     figures = prof.total("write_image_figures")
     waiting = prof.sum_suffix("waiting for figures")
     pages = prof.total("write_site") + prof.total("write_colourbar") + prof.sum_suffix("image_record")

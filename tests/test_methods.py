@@ -110,6 +110,6 @@ def test_a_site_with_one_method_shows_its_maps(tmp_path):
     assert list(record["maps"]) == ["rollout"]
     assert record["objects"]["rollout_similarity"] is not None
     page = (out / record["page"]).read_text()
-    assert "Further maps" in page and "exp1-heading" not in page
+    assert "maps-heading" in page and "exp1-heading" not in page
     assert sorted(p.name for p in (out / "figures" / record["slug"]).iterdir()) == [
         "explorer.png", "input.jpg", "objects.jpg", "original.jpg", "rollout.jpg", "similarity.png", "thumb.jpg"]

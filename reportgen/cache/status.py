@@ -44,7 +44,7 @@ from reportgen.site.records import page_name
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 2  # 2: one explorer sprite sheet per image
+STATUS_FORMAT = 3  # 3: records per configured map method
 
 
 
