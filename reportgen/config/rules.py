@@ -11,6 +11,7 @@ the validation context holds it (``{"base": folder}``), and taken as given other
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import stat
@@ -78,7 +79,8 @@ class Number(_Rule):
     lt: float | None = None
 
     def check(self, value: Any, base: Path | None) -> float:
-        low, high = (self.ge if self.ge is not None else self.gt), (self.le if self.le is not None else self.lt)
+        low = next((b for b in (self.ge, self.gt) if b is not None), -math.inf)
+        high = next((b for b in (self.le, self.lt) if b is not None), math.inf)
         found = number_problem(value, low=low, high=high, low_ok=self.ge is not None, high_ok=self.le is not None)
         if found:
             raise problem(found)
