@@ -20,19 +20,21 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from reportgen.builder import BuildOptions, BuildReport
+from reportgen.builder import BuildReport
 from reportgen.builder import build as _build_site
 from reportgen.config import (
     AttentionSettings,
+    BuildOptions,
     DetectorSettings,
     ImageEntry,
     ModelSettings,
     ObjectBox,
-    OutputSettings,
+    SettingsError,
+    check_overrides,
     load_manifest,
 )
 from reportgen.errors import ImageError
-from reportgen.methods import DEFAULT_METHODS, METHODS
+from reportgen.methods import DEFAULT_METHODS
 
 ImageInput = str | os.PathLike | Image.Image
 Box = tuple[float, float, float, float]
@@ -99,7 +101,8 @@ class Explainer:
         cmap / alpha: colour map and opacity of :meth:`Explanation.figure`.
 
     Raises:
-        ValueError: a setting the manifest would also refuse, with the same message.
+        SettingsError: (a ``ValueError``) a setting the manifest would also refuse, named with the
+            same message (``model.input_size: 100000 is too large (at most 4096)``).
         ModelLoadError: (on the first :meth:`explain`) the model cannot be loaded.
     """
 
@@ -119,24 +122,26 @@ class Explainer:
         cmap: str = "inferno",
         alpha: float = 0.5,
     ):
-        names = tuple(METHODS) if methods == "all" else tuple([methods] if isinstance(methods, str) else methods)
-        unknown = [name for name in names if name not in METHODS]
-        if unknown or not names:
-            raise ValueError(f"methods: unknown {', '.join(map(repr, unknown))} (known: {', '.join(METHODS)}, or 'all')")
+        from pydantic import ValidationError
+
+        model_values = {"name": model, "weights": weights, "input_size": input_size, "pretrained": pretrained, "options": options}
+        try:
+            sections = check_overrides(
+                model=model_values,
+                attention={"head_fusion": head_fusion, "discard_ratio": discard_ratio},
+                output={"cmap": cmap, "alpha": alpha},
+                methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
+            )
+            self.options = BuildOptions(device=device, batch_size=batch_size)
+        except ValidationError as err:  # the build options' own
+            raise SettingsError.of("options", err, BuildOptions) from None
         self.settings = _Settings(
-            model=ModelSettings(
-                name=model,
-                weights=Path(weights) if weights is not None else None,
-                input_size=input_size,
-                pretrained=pretrained,
-                options=dict(options or {}),
-            ),
-            attention=AttentionSettings(head_fusion=head_fusion, discard_ratio=discard_ratio),
-            detector=DetectorSettings(name=None),
-            methods=tuple(name for name in METHODS if name in names),
+            model=sections["model"],
+            attention=sections["attention"],
+            detector=DetectorSettings(name=None),  # objects come only from the boxes given
+            methods=sections["methods"],
         )
-        self.options = BuildOptions(device=device, batch_size=batch_size)
-        self.output = OutputSettings(cmap=cmap, alpha=alpha)
+        self.output = sections["output"]
         self._kept: dict = {}  # the loaded model, kept between calls
 
     def explain(
@@ -183,11 +188,22 @@ class Explainer:
 
 
 def _entry(index: int, path: Path, boxes: Mapping[str, Box] | None) -> ImageEntry:
-    objects = tuple(ObjectBox(str(label), *(float(v) for v in box)) for label, box in (boxes or {}).items())
+    """An image entry, its boxes checked by the manifest's own rules for objects."""
+    from pydantic import ValidationError
+
+    from reportgen.config.schema import ObjectSpec
+
+    objects = []
+    for number, (label, box) in enumerate((boxes or {}).items()):
+        try:
+            spec = ObjectSpec(label=label, box=box)
+        except ValidationError as err:
+            raise SettingsError.of(f"boxes[{number}]", err, ObjectSpec) from None
+        objects.append(ObjectBox(spec.label, *spec.box))
     name = path.stem or f"image-{index}"
     return ImageEntry(
         index=index, id=name, slug=f"image-{index}", path=path, title=name, caption="",
-        kind="multi" if objects else "single", objects=objects,
+        kind="multi" if objects else "single", objects=tuple(objects),
     )
 
 

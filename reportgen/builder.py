@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from reportgen import outdir
 from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
-from reportgen.config import ImageEntry, Manifest
+from reportgen.config import BuildOptions, ImageEntry, Manifest
 from reportgen.errors import ImageError, OutputError, ReportgenError
 from reportgen.site.figures import write_colourbar
 from reportgen.site.pages import write_site
@@ -37,51 +36,6 @@ if TYPE_CHECKING:  # the model stage imports torch; a build that reuses every im
     from reportgen.experiments import ImageResult
 
 log = logging.getLogger(__name__)
-
-DEFAULT_OUTPUT = Path("site")
-#: Devices a build can run on; whether one is present is checked when the model is loaded.
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How to run a build (things that do not change the numbers, except ``device``).
-
-    Attributes:
-        output: the site folder to (re)place.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
-        batch_size: images per forward pass.
-        strict: stop at the first image that fails instead of reporting it on its card.
-        force: ignore the previous build's cache and recompute every image.
-        jobs: figure writers: 1 is a thread, more are processes; either way figures are written
-            while the model runs the next batch.
-        model_cache: a dict the caller keeps across builds (``--watch``): the loaded model is
-            kept in it and reused while the model settings and device stay the same.
-        wait: when another build holds the output folder's lock, wait for it (else fail at once).
-        on_wait: called with a message when the build has to wait for that lock.
-    """
-
-    output: Path = DEFAULT_OUTPUT
-    device: str = "auto"
-    batch_size: int = 8
-    strict: bool = False
-    force: bool = False
-    jobs: int = 1
-    model_cache: dict | None = field(default=None, compare=False, repr=False)
-    wait: bool = True
-    on_wait: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
-            raise ValueError(
-                f"--device {self.device!r}: expected auto, cpu, cuda, cuda:N or mps"
-                + (" (the meta device holds no data, so there would be no attention to show)" if self.device == "meta" else "")
-            )
-        for name in ("batch_size", "jobs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
-
 
 @dataclass
 class BuildReport:

@@ -24,7 +24,8 @@ EXIT_USAGE = 2  # click's own code for usage errors
 EXIT_IMAGES_FAILED = 3
 
 
-# Each option that overrides a manifest setting, and the (section, field) it sets.
+# Each option that overrides a manifest setting, and the (section, field) it sets (None: the
+# whole top-level key, such as methods).
 _SETTING_OPTIONS = {
     "model": ("model", "name"),
     "weights": ("model", "weights"),
@@ -37,38 +38,29 @@ _SETTING_OPTIONS = {
     "cmap": ("output", "cmap"),
     "alpha": ("output", "alpha"),
     "title": ("output", "title"),
+    "methods": ("methods", None),
 }
 
 
 def _overrides(**options) -> dict:
-    """Manifest overrides from options the user actually gave (None = not given)."""
-    sections: dict[str, dict] = {"model": {}, "attention": {}, "detector": {}, "output": {}}
+    """Manifest overrides from options the user actually gave (None = not given). Options are
+    only parsed here; their values are checked by the settings' own models."""
+    sections: dict = {"model": {}, "attention": {}, "detector": {}, "output": {}, "methods": None}
     for option, value in options.items():
         if value is None:
             continue
         section, key = _SETTING_OPTIONS[option]
         if option == "random_weights":
             value = not value
-        if option == "detector" and value.lower() == "none":
-            value = None
         if option == "weights":
             value = Path(value).resolve()
-        sections[section][key] = value
+        if option == "methods":
+            value = value.strip() if value.strip() == "all" else [name.strip() for name in value.split(",")]
+        if key is None:
+            sections[section] = value
+        else:
+            sections[section][key] = value
     return sections
-
-
-def _check_overrides(sections: dict) -> None:
-    """Check the options' values with the settings' own rules (those of the manifest), before
-    anything is read: an override over a bound is a usage error naming the option. The options
-    themselves only parse types, so that each rule lives in one place."""
-    from reportgen.config import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings
-
-    types = {"model": ModelSettings, "attention": AttentionSettings, "detector": DetectorSettings, "output": OutputSettings}
-    for section, values in sections.items():
-        try:
-            types[section](**values)
-        except ValueError as err:
-            raise _usage_error(err) from None
 
 
 def _usage_error(err: ValueError) -> click.UsageError:
@@ -79,8 +71,11 @@ def _usage_error(err: ValueError) -> click.UsageError:
         return click.UsageError(str(err))
     options = {target: option for option, target in _SETTING_OPTIONS.items()}
     key, message = err.problems[0]
-    option = options.get((err.section, key.split(".", 1)[0]))
-    if option is None:
+    if err.section == "options":  # BuildOptions: each field is the option of the same name
+        option = key.split(".", 1)[0]
+    else:
+        option = options.get((err.section, None)) or options.get((err.section, key.split(".", 1)[0]))
+    if not option:
         return click.UsageError(str(err))
     return click.BadParameter(message, param_hint=f"'--{option.replace('_', '-')}'")
 
@@ -111,6 +106,8 @@ def main() -> None:
 @click.option("--cmap", default=None, help="Matplotlib colour map for overlays (e.g. cividis for colour-blind readers).")
 @click.option("--alpha", type=float, default=None, help="Overlay opacity, 0 < alpha <= 1.")
 @click.option("--title", default=None, help="Site title.")
+@click.option("--methods", default=None,
+              help="Map methods to run, comma-separated (e.g. attention,rollout), or all.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
 @click.option("--jobs", type=int, default=1, show_default=True,
@@ -128,17 +125,21 @@ def main() -> None:
 def build(manifest: Path, output: Path | None, device: str, batch_size: int, jobs: int, strict: bool, force: bool,
           quiet: bool, no_wait: bool, watch: bool, **settings) -> None:
     """Build the site for MANIFEST (a YAML file listing images)."""
-    from reportgen.builder import BuildOptions
+    from pydantic import ValidationError
 
-    _check_overrides(_overrides(**settings))
-    # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
-    # the previous handler is put back afterwards (the command may run inside another program).
+    from reportgen.config import BuildOptions, SettingsError, check_overrides
+
     try:
+        check_overrides(**_overrides(**settings))  # before the manifest is read, let alone a model
         options = BuildOptions(device=device, batch_size=batch_size, strict=strict, force=force, jobs=jobs,
                                model_cache={} if watch else None, wait=not no_wait,
                                on_wait=lambda message: click.echo(f"reportgen: {message}", err=True))
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    except SettingsError as err:
+        raise _usage_error(err) from None
+    except ValidationError as err:  # BuildOptions' own
+        raise _usage_error(SettingsError.of("options", err, BuildOptions)) from None
+    # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
+    # the previous handler is put back afterwards (the command may run inside another program).
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:

@@ -1,6 +1,10 @@
-"""The manifest and the settings of a build: read once, validated once, immutable afterwards."""
+"""The manifest and the settings of a build: read once, validated once, immutable afterwards.
 
-from reportgen.config.manifest import (  # noqa: F401
+The rules live on declarative models (:mod:`.schema`, with the rules of :mod:`.rules`); the
+manifest file, command-line overrides and code building settings all go through them.
+"""
+
+from reportgen.config.bounds import (  # noqa: F401
     IMAGE_KINDS,
     MAX_CAPTION_LENGTH,
     MAX_ID_LENGTH,
@@ -11,17 +15,10 @@ from reportgen.config.manifest import (  # noqa: F401
     MAX_OBJECTS,
     MAX_PATH_LENGTH,
     MAX_TITLE_LENGTH,
-    AttentionSettings,
-    DetectorSettings,
-    ImageEntry,
-    Manifest,
-    ModelSettings,
-    ObjectBox,
-    OutputSettings,
-    SettingsError,
-    load_manifest,
-    number_problem,
-    slugify,
-    text_problem,
 )
-from reportgen.methods import HEAD_FUSIONS  # noqa: F401
+from reportgen.config.manifest import ImageEntry, Manifest, ObjectBox, check_overrides, load_manifest  # noqa: F401
+from reportgen.config.messages import SettingsError, number_problem, text_problem  # noqa: F401
+from reportgen.config.options import BuildOptions  # noqa: F401
+from reportgen.config.schema import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings  # noqa: F401
+from reportgen.config.slugs import RESERVED_SLUGS, slugify  # noqa: F401
+from reportgen.methods import DEFAULT_METHODS, HEAD_FUSIONS, METHODS  # noqa: F401

@@ -1,0 +1,57 @@
+"""How a build runs (as opposed to what it computes): validated by the same rules as the settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import ConfigDict, InstanceOf
+from pydantic.dataclasses import dataclass
+
+from reportgen.config.rules import Count, Flag, Pattern
+
+__all__ = ["DEFAULT_OUTPUT", "DEVICE_PATTERN", "BuildOptions"]
+
+DEFAULT_OUTPUT = Path("site")
+#: Devices a build can run on; whether one is present is checked when the model is loaded.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
+
+_DEVICE = Pattern(DEVICE_PATTERN, "auto, cpu, cuda, cuda:N or mps", hints=(
+    ("meta", "the meta device holds no data, so there would be no attention to show"),
+))
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class BuildOptions:
+    """How to run a build (things that do not change the numbers, except ``device``).
+
+    Attributes:
+        output: the site folder to (re)place.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+        batch_size: images per forward pass.
+        strict: stop at the first image that fails instead of reporting it on its card.
+        force: ignore the previous build's cache and recompute every image.
+        jobs: figure writers: 1 is a thread, more are processes; either way figures are written
+            while the model runs the next batch.
+        model_cache: a dict the caller keeps across builds (``--watch``): the loaded model is
+            kept in it and reused while the model settings and device stay the same.
+        wait: when another build holds the output folder's lock, wait for it (else fail at once).
+        on_wait: called with a message when the build has to wait for that lock.
+
+    Raises:
+        pydantic.ValidationError: a field has an impossible value (a ``ValueError``; see
+            :meth:`reportgen.config.SettingsError.of` for its problems by field).
+    """
+
+    output: Path = DEFAULT_OUTPUT
+    device: Annotated[str, _DEVICE] = "auto"
+    batch_size: Annotated[int, Count()] = 8
+    strict: Annotated[bool, Flag()] = False
+    force: Annotated[bool, Flag()] = False
+    jobs: Annotated[int, Count()] = 1
+    # InstanceOf: the very dict the caller keeps, not a validated copy of it.
+    model_cache: InstanceOf[dict] | None = dataclasses.field(default=None, compare=False, repr=False)
+    wait: Annotated[bool, Flag()] = True
+    on_wait: Callable[[str], None] | None = dataclasses.field(default=None, compare=False, repr=False)

@@ -1,0 +1,278 @@
+"""The settings and the manifest as declarative models (pydantic dataclasses).
+
+Each section of the manifest is one frozen model whose fields carry their rules
+(:mod:`reportgen.config.rules`); :class:`ManifestDocument` is the whole file. Unknown keys are
+refused, every problem is collected in one validation, and a null value means "the default"
+(except where null has a meaning of its own, such as ``detector.name``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs
+
+from reportgen.config.bounds import (
+    IMAGE_KINDS,
+    MAX_CAPTION_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_INPUT_SIZE,
+    MAX_LABEL_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_OBJECTS,
+    MAX_PATH_LENGTH,
+    MAX_TITLE_LENGTH,
+)
+from reportgen.config.messages import image_id, problem, show, text_problem, with_problems
+from reportgen.config.rules import (
+    Box,
+    Colormap,
+    Count,
+    File,
+    Flag,
+    Folder,
+    Items,
+    Names,
+    Number,
+    OneOf,
+    Options,
+    Text,
+)
+from reportgen.methods import DEFAULT_METHODS, HEAD_FUSIONS, METHODS
+
+_CONFIG = ConfigDict(extra="forbid")
+
+#: The map methods a build runs: names from :data:`reportgen.methods.METHODS`, or ``all``.
+MethodNames = Annotated[tuple[str, ...], Names(registry=METHODS, what="method")]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class _Section:
+    """Shared by every model: a mapping is required, and null means "the default"."""
+
+    #: What the value must be, for the message when it is not a mapping.
+    SHAPE: ClassVar[str] = "a mapping"
+    #: Keys whose null is a value of its own rather than "the default".
+    NULLABLE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any) -> Any:
+        if isinstance(data, (ArgsKwargs, cls)):  # built in code: the fields say the rest
+            return data
+        if not isinstance(data, Mapping):
+            raise problem(f"expected {cls.SHAPE}, got {show(data)}")
+        return {key: value for key, value in data.items() if value is not None or key in cls.NULLABLE}
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ModelSettings(_Section):
+    """Which Vision Transformer to run.
+
+    Attributes:
+        name: a timm model name, or "imgfocus-vits14" for the offline model.
+        weights: local weights file (safetensors or torch state dict), or None.
+        input_size: square input size in pixels, at most :data:`MAX_INPUT_SIZE`; None for the
+            model's default.
+        pretrained: False builds the model with random weights (tests, timing).
+        options: extra keyword arguments for ``timm.create_model`` (read-only mapping); none that
+            names a weights file (see :class:`~reportgen.config.rules.Options`).
+
+    Raises:
+        pydantic.ValidationError: a field has an impossible value (a ``ValueError``).
+    """
+
+    name: Annotated[str, Text(MAX_NAME_LENGTH, empty=False)] = "vit_base_patch16_224"
+    weights: Annotated[Path, File("weights file")] | None = None
+    input_size: Annotated[int, Count(most=MAX_INPUT_SIZE)] | None = None
+    pretrained: Annotated[bool, Flag()] = True
+    # hash=False: a mapping is not hashable, and the settings should still be.
+    options: Annotated[Mapping[str, Any], Options()] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}), hash=False)
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class AttentionSettings(_Section):
+    """How attention maps are computed.
+
+    Attributes:
+        head_fusion: how attention rollout merges the heads of a layer; one of
+            :data:`~reportgen.methods.HEAD_FUSIONS`.
+        discard_ratio: fraction of the weakest attention weights rollout drops, 0 <= r < 1.
+    """
+
+    head_fusion: Annotated[str, OneOf(HEAD_FUSIONS)] = "mean"
+    discard_ratio: Annotated[float, Number(ge=0, lt=1)] = 0.0
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class DetectorSettings(_Section):
+    """The object detector that finds boxes in addition to the manifest's own.
+
+    Attributes:
+        name: a Hugging Face object-detection model, or None to use only manifest boxes
+            (the manifest and the command line spell this "none").
+        threshold: minimum detector confidence, 0 < t <= 1.
+    """
+
+    NULLABLE: ClassVar[frozenset[str]] = frozenset({"name"})  # "name: null" can only mean "no detector"
+
+    name: Annotated[str, Text(MAX_NAME_LENGTH, empty=False)] | None = "facebook/detr-resnet-50"
+    threshold: Annotated[float, Number(gt=0, le=1)] = 0.9
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class OutputSettings(_Section):
+    """Where and how the site is written.
+
+    Attributes:
+        dir: output folder, or None to let the command line choose.
+        title: title of the report, at most :data:`MAX_TITLE_LENGTH` characters.
+        cmap: matplotlib colour-map name for the heat maps.
+        alpha: opacity of the heat-map overlay, 0 < a <= 1.
+    """
+
+    dir: Annotated[Path, Folder()] | None = None
+    title: Annotated[str, Text(MAX_TITLE_LENGTH)] = "reportgen report"
+    cmap: Annotated[str, Colormap()] = "inferno"
+    alpha: Annotated[float, Number(gt=0, le=1)] = 0.5
+
+
+#: The sections of the manifest that settings (and command-line overrides) can change.
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "attention": AttentionSettings,
+    "detector": DetectorSettings,
+    "output": OutputSettings,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ObjectSpec(_Section):
+    """An object box as written in the manifest: ``{label: cat, box: [x0, y0, x1, y1]}``."""
+
+    SHAPE: ClassVar[str] = "a mapping with 'label' and 'box'"
+
+    label: Annotated[str, Text(MAX_LABEL_LENGTH, empty=False)]
+    box: Annotated[tuple[float, float, float, float], Box()] = Field(
+        json_schema_extra={"missing": "missing: expected [x0, y0, x1, y1] in pixels"})
+
+
+class _FileStem(str):
+    """An id taken from the image's file name (the message about a long one says so)."""
+
+
+class _ImageId(Text):
+    def check(self, value: Any, base: Path | None) -> str:
+        if isinstance(value, _FileStem) and len(value) > self.limit:
+            raise problem(f"too long: the file name's stem, used as the id, has {len(value)} characters, more than "
+                          f"the limit of {self.limit}; give the entry a shorter 'id'")
+        return str(super().check(value, base))
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ImageSpec(_Section):
+    """An image as written in the manifest; ``id`` defaults to the file name's stem."""
+
+    SHAPE: ClassVar[str] = "a mapping with at least a 'path' key"
+
+    path: Annotated[Path, File("image file")]
+    id: Annotated[str, _ImageId(MAX_ID_LENGTH, empty=False)] | None = None
+    title: Annotated[str, Text(MAX_TITLE_LENGTH)] | None = None
+    caption: Annotated[str, Text(MAX_CAPTION_LENGTH)] = ""
+    kind: Annotated[str, OneOf(IMAGE_KINDS)] = "single"
+    objects: Annotated[tuple[ObjectSpec, ...], Items(
+        "a list of {label, box} mappings", most=MAX_OBJECTS,
+        too_many="{count} objects, more than the limit of {most} per image")] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _id_from_file_name(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("id") is None:
+            path = data.get("path")
+            if isinstance(path, str) and path.strip() and text_problem(path, MAX_PATH_LENGTH) is None:
+                stem = Path(path.strip()).stem
+                if stem:
+                    return {**data, "id": _FileStem(stem)}
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# The whole manifest
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, config=_CONFIG, kw_only=True)
+class ManifestDocument(_Section):
+    """The manifest file's content (``title`` is a shortcut for ``output.title``)."""
+
+    SHAPE: ClassVar[str] = "a mapping with an 'images' list"
+    NULLABLE: ClassVar[frozenset[str]] = frozenset({"images"})  # "images:" alone is an empty list
+
+    title: Annotated[str, Text(MAX_TITLE_LENGTH)] | None = None
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    attention: AttentionSettings = dataclasses.field(default_factory=AttentionSettings)
+    detector: DetectorSettings = dataclasses.field(default_factory=DetectorSettings)
+    output: OutputSettings = dataclasses.field(default_factory=OutputSettings)
+    methods: MethodNames = DEFAULT_METHODS
+    images: Annotated[tuple[ImageSpec, ...], Items(
+        "a list of images", empty="the list is empty; add at least one image")] = Field(
+        json_schema_extra={"missing": "missing: the manifest must list at least one image"})
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _across_entries(cls, data: Any, handler: Any) -> Any:
+        """Rules across keys, checked even when entries have problems of their own, so that all
+        problems are reported in one run."""
+        error = None
+        try:
+            document = handler(data)
+        except ValidationError as err:
+            error, document = err, None
+        found = _conflicting_titles(data) + _duplicate_ids(data)
+        merged = with_problems(error, found, data, order=[f.name for f in dataclasses.fields(cls)])
+        if merged is not None:
+            raise merged
+        return document
+
+
+def _conflicting_titles(data: Any) -> list[tuple[tuple, str]]:
+    output = data.get("output") if isinstance(data, Mapping) else None
+    inner = output.get("title") if isinstance(output, Mapping) else None
+    outer = data.get("title") if isinstance(data, Mapping) else None
+    if outer is not None and inner is not None and outer != inner:
+        return [(("title",), "given both as 'title' and as 'output.title' with different values; keep one")]
+    return []
+
+
+def _duplicate_ids(data: Any) -> list[tuple[tuple, str]]:
+    entries = data.get("images") if isinstance(data, Mapping) else None
+    found: list[tuple[tuple, str]] = []
+    first: dict[str, tuple[int, bool]] = {}
+    for index, entry in enumerate(entries if isinstance(entries, list) else ()):
+        known, derived = image_id(entry)
+        if known is None:
+            continue
+        if known not in first:
+            first[known] = (index, derived)
+            continue
+        other, other_derived = first[known]
+        hint = " (taken from the file name; give the entries different 'id's)" if derived or other_derived else ""
+        found.append((("images", index, "id"), f"duplicate id {show(known)}, also used by images[{other}]{hint}"))
+    return found
