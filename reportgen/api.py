@@ -33,6 +33,7 @@ from reportgen.config import (
     check_overrides,
     load_manifest,
 )
+from reportgen.config.options import DEFAULT_OUTPUT
 from reportgen.errors import ImageError
 from reportgen.methods import DEFAULT_METHODS
 
@@ -221,5 +222,5 @@ def build(manifest: str | os.PathLike, output: str | os.PathLike | None = None, 
             loaded, an output folder that must not be replaced ...).
     """
     loaded = load_manifest(manifest)
-    folder = Path(output) if output is not None else loaded.output.dir or Path("site")
+    folder = Path(output) if output is not None else loaded.output.dir or DEFAULT_OUTPUT
     return _build_site(loaded, BuildOptions(output=folder, **options))

@@ -163,9 +163,9 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
     """Load the manifest, build, print what happened. Returns the exit status and the manifest
     built (``None`` if it could not be loaded); a known error is printed, and with ``watching``
     does not end the program."""
-    from reportgen.builder import DEFAULT_OUTPUT
     from reportgen.builder import build as run_build
     from reportgen.config import load_manifest
+    from reportgen.config.options import DEFAULT_OUTPUT
 
     loaded = None
     try:

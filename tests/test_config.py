@@ -93,7 +93,7 @@ def built_manifests(monkeypatch):
 
 @pytest.mark.parametrize("option, expected", [
     ("rollout", ("rollout",)),
-    ("rollout, attention", ("rollout", "attention")),
+    ("rollout, attention", ("attention", "rollout")),  # kept in the registry's order
     ("all", tuple(METHODS)),
 ])
 def test_methods_option_overrides_the_manifest(tmp_path, photo, built_manifests, option, expected):
@@ -222,7 +222,7 @@ def test_build_options_are_checked_by_the_same_rules():
     cache: dict = {}
     options = BuildOptions(device="cuda:1", model_cache=cache)
     assert options.model_cache is cache  # the caller's own dict, kept across builds
-    assert reportgen.build.BuildOptions is BuildOptions
+    assert reportgen.builder.BuildOptions is BuildOptions
 
 
 def test_unknown_keys_name_every_allowed_key_including_methods(tmp_path, photo):
