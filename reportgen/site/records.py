@@ -1,0 +1,239 @@
+"""Results as the site stores them: plain records (dicts of numbers, strings and lists).
+
+The only place results are serialised. An image's record is what its page renders from, what
+results.json holds and what the build cache keeps, so every number on a page is the number in
+results.json. Numpy only: a rebuild that reuses every image never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from reportgen.methods import METHODS
+
+if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
+    from reportgen.compute import ModelRun
+    from reportgen.config import ImageEntry, Manifest
+    from reportgen.experiments import ImageResult, ObjectsResult
+
+DIGITS = 6  # decimals kept in results.json
+
+
+def plain(value: Any) -> Any:
+    """Convert results to JSON-safe values: arrays to nested lists, floats rounded, NaN to None."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return None if math.isnan(f) or math.isinf(f) else round(f, DIGITS)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def page_name(slug: str) -> str:
+    """The file (and relative URL) of an image's page."""
+    return f"{slug}.html"
+
+
+def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "slug": entry.slug,
+        "page": page_name(entry.slug),
+        "source_name": entry.path.name,
+        "title": entry.title,
+        "caption": entry.caption,
+        "kind": entry.kind,
+        "error": None,
+        "size": None,
+        "figures": {},
+        "attention": None,
+        "rollout": None,
+        "objects": None,
+        **fields,
+    }
+
+
+def failure_record(entry: ImageEntry, message: str) -> dict[str, Any]:
+    """The record of an image that could not be processed: its card shows ``message``."""
+    return _entry_record(entry, error=message)
+
+
+def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]:
+    """The record of one image that worked, with its :func:`~reportgen.site.figures.figure_index`."""
+    record = _entry_record(result.entry, size=list(result.size), figures=figures)
+    if result.attention is not None:
+        a = result.attention
+        record["attention"] = {
+            "head_entropy": plain(a.head_entropy),
+            "mean_entropy": plain(a.mean_entropy),
+            "max_entropy": plain(a.max_entropy),
+            "token_entropy": plain(a.token_entropy),
+            "token_count": int(a.token_attention.shape[0]),
+            "prefix_mass": plain(a.prefix_mass),
+            "box_mass": plain(a.box_mass),
+            "cls_mean": plain(a.mean),
+            "cls_max": plain(a.max),
+            "cls_heads": plain(a.heads),
+        }
+    if result.rollout is not None:
+        r = result.rollout
+        record["rollout"] = {
+            "raw_entropy": plain(r.raw_entropy),
+            "rollout_entropy": plain(r.rollout_entropy),
+            "entropy_change": plain(r.rollout_entropy.normalised - r.raw_entropy.normalised),
+            "spearman": plain(r.spearman),
+            "top_overlap": plain(r.top_overlap),
+            "raw": plain(r.raw),
+            "rollout": plain(r.rollout),
+        }
+    if result.objects is not None:
+        record["objects"] = _objects_record(result.objects)
+    others = _unsectioned_maps(result)
+    if others:
+        record["maps"] = others
+    return record
+
+
+def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
+    """Every map no experiment section shows (a method other than ``attention`` and ``rollout``,
+    or ``rollout`` without ``attention``): shown in the page's generic panel."""
+    shown = {"attention": result.attention is not None, "rollout": result.rollout is not None}
+    maps = {}
+    for name, output in result.methods.items():
+        if shown.get(name):
+            continue
+        for map_name, stem in METHODS[name].maps:
+            maps[map_name] = {
+                "method": name,
+                "provenance": output.provenance,
+                "entropy": plain(result.entropy[map_name]),
+                "grid": plain(output.maps[map_name]),
+                "figure": stem.replace("-", "_"),
+            }
+    return maps
+
+
+def _objects_record(o: ObjectsResult) -> dict[str, Any]:
+    rolled = o.rollout_similarity
+    return {
+        "source": o.source,
+        "labels": o.labels,
+        "objects": [
+            {
+                "label": obj.label,
+                "base_label": obj.base_label,
+                "box": plain(obj.box),
+                "input_box": plain(obj.input_box),
+                "visible": plain(obj.visible),
+                "score": plain(obj.score),
+            }
+            for obj in o.objects
+        ],
+        "skipped": [{"label": label, "reason": reason} for label, reason in o.skipped],
+        "mean_plain_similarity": plain(_mean_off_diagonal(o.plain_similarity)),
+        "mean_rollout_similarity": None if rolled is None else plain(_mean_off_diagonal(rolled)),
+        "plain_similarity": plain(o.plain_similarity),
+        "rollout_similarity": None if rolled is None else plain(rolled),
+        "difference": None if rolled is None else plain(o.difference),
+        "detector_unavailable": o.detector_unavailable,
+    }
+
+
+def _mean_off_diagonal(matrix: np.ndarray) -> float | None:
+    k = matrix.shape[0]
+    return float(matrix[np.triu_indices(k, k=1)].mean()) if k > 1 else None
+
+
+def model_run_record(run: ModelRun) -> dict[str, Any]:
+    """The model, how attention was captured, and versions: cached with the images they produced."""
+    loaded, config = run.model, run.model.data_config
+    return {
+        "model": {
+            "name": loaded.name,
+            "architecture": loaded.architecture,
+            "source": loaded.source,
+            "weights_file": loaded.weights_file.name if loaded.weights_file else None,
+            "weights_sha256": loaded.weights_sha256,
+            "input_size": [int(config["input_size"][2]), int(config["input_size"][1])],
+            "patch_size": list(loaded.patch_size),
+            "grid": list(loaded.grid),
+            "num_prefix_tokens": loaded.num_prefix_tokens,
+            "depth": loaded.depth,
+            "heads": loaded.heads,
+            "data_config": plain(
+                {k: config.get(k) for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
+            ),
+        },
+        "capture": plain(run.capture)
+        if run.capture
+        else {"method": "not run (no image could be read)", "layers": [], "fused_attention": 0},
+        "versions": dict(run.versions),
+    }
+
+
+def generated_at() -> str:
+    """Build time for the footer: SOURCE_DATE_EPOCH when set, for reproducible builds."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) -> dict[str, Any]:
+    """Everything about the run a reader (or script) needs to interpret the numbers.
+
+    ``records`` are the site's image records: what the detector did is read from them, so it
+    describes the pages as they are, cached or not.
+    """
+    if model_run is None:  # every image failed on the first build: nothing was run
+        from reportgen import __version__
+
+        model_run = {"model": None, "capture": None, "versions": {"reportgen": __version__}}
+    return {
+        "title": manifest.output.title,
+        "generated": generated_at(),
+        **model_run,
+        "detector": _detector_run(manifest, records),
+        "settings": {
+            "methods": list(manifest.methods),
+            "head_fusion": manifest.attention.head_fusion,
+            "discard_ratio": manifest.attention.discard_ratio,
+            "detector": manifest.detector.name,
+            "detector_threshold": manifest.detector.threshold,
+            "cmap": manifest.output.cmap,
+            "alpha": manifest.output.alpha,
+        },
+    }
+
+
+def _detector_run(manifest: Manifest, records: list[dict]) -> dict | None:
+    """The detector asked for, and whether it was ``used``, ``not needed`` (every ``multi`` image
+    has boxes in the manifest) or ``not available`` (with the reason, published with the site,
+    since its readers never see the build's warning); None with ``--detector none``."""
+    if manifest.detector.name is None:
+        return None
+    found = [r["objects"] for r in records if r.get("objects") and r["objects"]["source"] != "manifest"]
+    reasons = [o["detector_unavailable"] for o in found if o.get("detector_unavailable")]
+    return {
+        "name": manifest.detector.name,
+        "threshold": manifest.detector.threshold,
+        "status": "not available" if reasons else "used" if found else "not needed",
+        "reason": reasons[0] if reasons else None,
+        "images_without_objects": len(reasons),
+    }
