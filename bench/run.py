@@ -237,7 +237,8 @@ def recomputed(before: dict[str, int], after: dict[str, int]) -> list[str]:
 
 BASELINE_SNIPPET = r"""
 import json, resource, sys
-import reportgen.builder  # everything a build imports
+import reportgen.builder  # noqa: F401  (with reportgen.compute: everything a build imports)
+import reportgen.compute  # noqa: F401
 from reportgen.config import load_manifest
 from reportgen.model.loading import load_model
 m = load_manifest(sys.argv[1])
@@ -352,7 +353,7 @@ def instrumented():
 
     def timed_hook_factory(original):
         def factory(self, index, module):
-            return prof.timed("qkv hook (attention = softmax(qk^T) + recorder)", original(self, index, module))
+            return prof.timed("qkv hook (attention = softmax(qk^T) + reducers)", original(self, index, module))
 
         return factory
 
@@ -592,7 +593,7 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     line("in-process cold build total", secs(in_cold), f"{1000 * in_cold / n:.0f} ms/image, cpu {prof.cpu:.2f} s")
     print_tree(prof, n, in_cold)
     run_total = prof.total("ModelRunner.run")
-    hooks = prof.sum_suffix("qkv hook (attention = softmax(qk^T) + recorder)")
+    hooks = prof.sum_suffix("qkv hook (attention = softmax(qk^T) + reducers)")
     net_forward = run_total - hooks
     load = prof.total("load_model")
     experiments = prof.total("explain")

@@ -24,12 +24,12 @@ from reportgen.builder import BuildReport
 from reportgen.builder import build as _build_site
 from reportgen.config import (
     AttentionSettings,
-    BuildOptions,
     DetectorSettings,
     ImageEntry,
     ModelSettings,
     ObjectBox,
     SettingsError,
+    build_options,
     check_overrides,
     load_manifest,
 )
@@ -123,19 +123,14 @@ class Explainer:
         cmap: str = "inferno",
         alpha: float = 0.5,
     ):
-        from pydantic import ValidationError
-
         model_values = {"name": model, "weights": weights, "input_size": input_size, "pretrained": pretrained, "options": options}
-        try:
-            sections = check_overrides(
-                model=model_values,
-                attention={"head_fusion": head_fusion, "discard_ratio": discard_ratio},
-                output={"cmap": cmap, "alpha": alpha},
-                methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
-            )
-            self.options = BuildOptions(device=device, batch_size=batch_size)
-        except ValidationError as err:  # the build options' own
-            raise SettingsError.of("options", err, BuildOptions) from None
+        sections = check_overrides(
+            model=model_values,
+            attention={"head_fusion": head_fusion, "discard_ratio": discard_ratio},
+            output={"cmap": cmap, "alpha": alpha},
+            methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
+        )
+        self.options = build_options(device=device, batch_size=batch_size)
         self.settings = _Settings(
             model=sections["model"],
             attention=sections["attention"],
@@ -214,13 +209,14 @@ def build(manifest: str | os.PathLike, output: str | os.PathLike | None = None, 
     Args:
         manifest: the manifest file.
         output: the site folder (default: the manifest's ``output.dir``, else ``site``).
-        **options: :class:`~reportgen.builder.BuildOptions` fields (device, batch_size, strict,
+        **options: :class:`~reportgen.config.BuildOptions` fields (device, batch_size, strict,
             force, jobs, wait).
 
     Raises:
         ReportgenError: as the command line reports it (a bad manifest, a model that cannot be
             loaded, an output folder that must not be replaced ...).
+        SettingsError: (a ``ValueError``) an impossible build option, named.
     """
     loaded = load_manifest(manifest)
     folder = Path(output) if output is not None else loaded.output.dir or DEFAULT_OUTPUT
-    return _build_site(loaded, BuildOptions(output=folder, **options))
+    return _build_site(loaded, build_options(output=folder, **options))

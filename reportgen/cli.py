@@ -20,7 +20,7 @@ from reportgen import __version__
 from reportgen.errors import OutputBusyError, ReportgenError
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2  # click's own code for usage errors
+# 2 is click's code for usage errors (a bad option or setting)
 EXIT_IMAGES_FAILED = 3
 
 
@@ -125,19 +125,15 @@ def main() -> None:
 def build(manifest: Path, output: Path | None, device: str, batch_size: int, jobs: int, strict: bool, force: bool,
           quiet: bool, no_wait: bool, watch: bool, **settings) -> None:
     """Build the site for MANIFEST (a YAML file listing images)."""
-    from pydantic import ValidationError
-
-    from reportgen.config import BuildOptions, SettingsError, check_overrides
+    from reportgen.config import SettingsError, build_options, check_overrides
 
     try:
         check_overrides(**_overrides(**settings))  # before the manifest is read, let alone a model
-        options = BuildOptions(device=device, batch_size=batch_size, strict=strict, force=force, jobs=jobs,
+        options = build_options(device=device, batch_size=batch_size, strict=strict, force=force, jobs=jobs,
                                model_cache={} if watch else None, wait=not no_wait,
                                on_wait=lambda message: click.echo(f"reportgen: {message}", err=True))
     except SettingsError as err:
         raise _usage_error(err) from None
-    except ValidationError as err:  # BuildOptions' own
-        raise _usage_error(SettingsError.of("options", err, BuildOptions)) from None
     # SIGTERM (kill, CI cancel, timeout) unwinds like Ctrl-C, so the staging folder is removed;
     # the previous handler is put back afterwards (the command may run inside another program).
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
@@ -261,33 +257,5 @@ def _run_with_progress(run_build, manifest, options, quiet: bool):
         return run_build(manifest, options, progress=advance)
 
 
-def _fixed_mmap_threshold() -> None:
-    """Fix glibc's mmap threshold at its ceiling, 32 MiB.
-
-    By default glibc starts at 128 KiB and raises the threshold each time a large block is freed,
-    so the activations and images of the first batches are mmapped and those of later ones come
-    from a heap that the early mix has fragmented: the peak memory of a build then grows with the
-    number of images. Fixed at 32 MiB, every batch-sized block comes from the heap from the first
-    batch on (peak for 32 images measured at 1.10 x that for 4, against 1.09-1.16 x by default).
-    A low fixed threshold (128 KiB) grows less still but maps and zeroes every activation afresh,
-    which cost 1.3 s of a 12 s build. Done only for the command-line program, whose process this
-    is; imported as a library, reportgen leaves the allocator alone.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-            pass
-
-
-def run() -> None:
-    """Entry point of the ``reportgen`` program."""
-    _fixed_mmap_threshold()
-    main()
-
-
 if __name__ == "__main__":
-    run()
+    main()

@@ -23,7 +23,6 @@ import torch
 from PIL import Image
 
 import reportgen
-from reportgen.cache import model_identity
 from reportgen.config import ImageEntry, Manifest
 from reportgen.errors import ImageError
 from reportgen.experiments import ImageFailure, ImageResult, Objects, explain
@@ -33,6 +32,7 @@ from reportgen.methods.base import TokenLayout
 from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel, load_model
 from reportgen.model.runner import ModelRunner
+from reportgen.model.sources import model_identity
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
+from reportgen.methods import sectioned_methods
 from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, TokenLayout
 from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
@@ -199,7 +200,7 @@ class ImageResult:
     @property
     def maps(self) -> dict[str, np.ndarray]:
         """Every map of every method, by name (``attention/mean``, ``rollout``, ...)."""
-        return {name: grid for output in self.methods.values() for name, grid in output.maps.items()}
+        return _all_maps(self.methods)
 
 
 @dataclass(frozen=True)
@@ -232,9 +233,10 @@ def explain(
 ) -> ImageResult:
     """Run the methods' maps and the experiments on one image's forward pass."""
     outputs = {method.spec.name: method.maps(forward, layout) for method in methods}
-    maps = {name: grid for output in outputs.values() for name, grid in output.maps.items()}
+    maps = _all_maps(outputs)
     entropies = {name: Entropy.of(grid) for name, grid in maps.items()}
     attention = outputs.get("attention")
+    compared = "rollout" in sectioned_methods(outputs)
     return ImageResult(
         entry=entry,
         size=original.size,
@@ -244,9 +246,13 @@ def explain(
         methods=outputs,
         entropy=entropies,
         attention=attention_experiment(attention, forward, entropies, layout, geometry, entry.objects) if attention else None,
-        rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies) if "rollout" in maps and attention else None,
+        rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies) if compared else None,
         objects=objects_experiment(forward, maps.get("rollout"), layout, geometry, objects) if objects else None,
     )
+
+
+def _all_maps(outputs: dict[str, MethodMaps]) -> dict[str, np.ndarray]:
+    return {name: grid for output in outputs.values() for name, grid in output.maps.items()}
 
 
 def _box_fraction(input_box: tuple[float, float, float, float], geometry: Geometry) -> float:

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from reportgen.errors import ModelLoadError
-from reportgen.model import imgfocus
+from reportgen.model import imgfocus, imgfocus_onnx
 from reportgen.model.imgfocus import (
     IMGFOCUS_NAME,
     ONNX_SHA256,
@@ -220,7 +220,7 @@ def test_weights_are_found_by_graph_structure_not_names(cache_dir):
     del graph.initializer[:]
     graph.initializer.extend(shuffled)
 
-    state = imgfocus._GraphReader(graph, onnx.numpy_helper.to_array).state_dict()
+    state = imgfocus_onnx.GraphReader(graph, onnx.numpy_helper.to_array).state_dict()
     cached = load_file(cache_dir / CACHE_NAME)
     assert state.keys() == cached.keys()
     assert all(torch.equal(state[k], cached[k]) for k in cached)

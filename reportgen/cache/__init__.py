@@ -4,7 +4,6 @@ from reportgen.cache.status import (  # noqa: F401
     STATUS_FILE,
     Status,
     image_key,
-    model_identity,
     read_status,
     reuse,
     reuse_file,

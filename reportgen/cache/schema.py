@@ -63,7 +63,7 @@ class _Capture(_Schema):
 
 
 class ModelRun(_Schema):
-    """``model_run``: what :func:`reportgen.compute.model_run` writes."""
+    """``model_run``: what :func:`reportgen.site.records.model_run_record` writes."""
 
     model: _ModelInfo
     capture: _Capture

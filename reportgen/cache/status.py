@@ -34,10 +34,10 @@ from pydantic import ValidationError
 import reportgen
 from reportgen import outdir
 from reportgen.cache.schema import MAX_COUNT, Entry, ModelRun, Record
-from reportgen.config import ImageEntry, Manifest, ModelSettings
+from reportgen.config import ImageEntry, Manifest
 from reportgen.hashing import file_sha256
-from reportgen.methods import METHODS
-from reportgen.model.sources import IMGFOCUS_NAME, IMGFOCUS_ONNX_SHA256
+from reportgen.methods import METHODS, figure_key, sectioned_methods
+from reportgen.model.sources import model_identity
 from reportgen.site.figures import figure_files, figure_index
 from reportgen.site.records import page_name
 
@@ -50,22 +50,6 @@ STATUS_FORMAT = 3  # 3: records per configured map method
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_identity(settings: ModelSettings) -> dict[str, Any]:
-    """What identifies the model's numbers without loading it (the weights file is hashed)."""
-    if settings.name == IMGFOCUS_NAME:
-        weights = IMGFOCUS_ONNX_SHA256
-    elif settings.weights is not None and settings.weights.is_file():
-        weights = file_sha256(settings.weights)
-    else:
-        weights = "hub" if settings.pretrained else "random"
-    return {
-        "name": settings.name,
-        "weights": weights,
-        "input_size": settings.input_size,
-        "options": dict(settings.options),
-    }
 
 
 def settings_key(manifest: Manifest) -> str:
@@ -270,9 +254,10 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
     if (record.objects is None) != (entry.kind != "multi"):
         raise ValueError("objects do not match the image's kind")
     a, r = record.attention, record.rollout
-    if (a is None) == ("attention" in methods):
+    shown = sectioned_methods(methods)
+    if (a is None) == ("attention" in shown):
         raise ValueError("attention does not match the methods")
-    if (r is None) == ({"attention", "rollout"} <= set(methods)):
+    if (r is None) == ("rollout" in shown):
         raise ValueError("rollout does not match the methods")
     rows, cols = run.model.grid
     heads = run.model.heads or 0
@@ -288,8 +273,7 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
             raise ValueError("attention.box_mass does not match the image's boxes")
     if r is not None:
         grids.update({"rollout.raw": r.raw, "rollout.rollout": r.rollout})
-    shown = {"attention": a is not None, "rollout": r is not None}
-    others = [(name, m, stem.replace("-", "_")) for name in methods if not shown.get(name) for m, stem in METHODS[name].maps]
+    others = [(name, m, figure_key(stem)) for name in methods if name not in shown for m, stem in METHODS[name].maps]
     if sorted(record.maps or {}) != sorted(m for _, m, _ in others):
         raise ValueError("maps do not match the methods")
     for method, map_name, figure in others:

@@ -17,8 +17,8 @@ from reportgen.config.bounds import (  # noqa: F401
     MAX_TITLE_LENGTH,
 )
 from reportgen.config.manifest import ImageEntry, Manifest, ObjectBox, check_overrides, load_manifest  # noqa: F401
-from reportgen.config.messages import SettingsError, number_problem, text_problem  # noqa: F401
-from reportgen.config.options import BuildOptions  # noqa: F401
+from reportgen.config.messages import SettingsError  # noqa: F401
+from reportgen.config.options import BuildOptions, build_options  # noqa: F401
 from reportgen.config.schema import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings  # noqa: F401
-from reportgen.config.slugs import RESERVED_SLUGS, slugify  # noqa: F401
+from reportgen.config.slugs import slugify  # noqa: F401
 from reportgen.methods import DEFAULT_METHODS, HEAD_FUSIONS, METHODS  # noqa: F401

@@ -36,7 +36,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from reportgen.config.messages import SettingsError, locate
+from reportgen.config.messages import SettingsError, file_stem_id, locate
 from reportgen.config.reading import read_yaml
 from reportgen.config.schema import (
     SECTIONS,
@@ -250,7 +250,7 @@ def _manifest(path: Path, document: ManifestDocument) -> Manifest:
     output = document.output
     if document.title is not None:
         output = dataclasses.replace(output, title=document.title)
-    ids = [spec.id or spec.path.stem for spec in document.images]
+    ids = [spec.id or file_stem_id(str(spec.path)) for spec in document.images]
     images = tuple(
         ImageEntry(
             index=index,

@@ -121,12 +121,18 @@ def image_id(entry: Any) -> tuple[str | None, bool]:
     written = entry.get("id")
     if written is not None:
         return (written, False) if text_problem(written, MAX_ID_LENGTH, allow_empty=False) is None else (None, False)
-    path = entry.get("path")
-    if isinstance(path, str) and path.strip() and text_problem(path, MAX_PATH_LENGTH) is None:
-        stem = Path(path.strip()).stem
-        if stem and len(stem) <= MAX_ID_LENGTH:
-            return stem, True
+    stem = file_stem_id(entry.get("path"))
+    if stem is not None and len(stem) <= MAX_ID_LENGTH:
+        return stem, True
     return None, False
+
+
+def file_stem_id(path: Any) -> str | None:
+    """The id of an image entry that has none: its file name without the extension (None when the
+    path is not usable text or has no stem)."""
+    if isinstance(path, str) and path.strip() and text_problem(path, MAX_PATH_LENGTH) is None:
+        return Path(path.strip()).stem or None
+    return None
 
 
 # --------------------------------------------------------------------------------------------

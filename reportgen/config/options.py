@@ -7,12 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import ConfigDict, InstanceOf
+from pydantic import ConfigDict, InstanceOf, ValidationError
 from pydantic.dataclasses import dataclass
 
+from reportgen.config.messages import SettingsError
 from reportgen.config.rules import Count, Flag, Pattern
 
-__all__ = ["DEFAULT_OUTPUT", "DEVICE_PATTERN", "BuildOptions"]
+__all__ = ["DEFAULT_OUTPUT", "DEVICE_PATTERN", "BuildOptions", "build_options"]
 
 DEFAULT_OUTPUT = Path("site")
 #: Devices a build can run on; whether one is present is checked when the model is loaded.
@@ -41,8 +42,8 @@ class BuildOptions:
         on_wait: called with a message when the build has to wait for that lock.
 
     Raises:
-        pydantic.ValidationError: a field has an impossible value (a ``ValueError``; see
-            :meth:`reportgen.config.SettingsError.of` for its problems by field).
+        pydantic.ValidationError: a field has an impossible value (:func:`build_options` turns it
+            into a :class:`~reportgen.config.SettingsError`).
     """
 
     output: Path = DEFAULT_OUTPUT
@@ -55,3 +56,12 @@ class BuildOptions:
     model_cache: InstanceOf[dict] | None = dataclasses.field(default=None, compare=False, repr=False)
     wait: Annotated[bool, Flag()] = True
     on_wait: Callable[[str], None] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+def build_options(**values) -> BuildOptions:
+    """The build options ``values``; every impossible one is named in one
+    :class:`~reportgen.config.SettingsError` (a ``ValueError``), as a bad setting would be."""
+    try:
+        return BuildOptions(**values)
+    except ValidationError as err:
+        raise SettingsError.of("options", err, BuildOptions) from None

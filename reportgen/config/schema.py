@@ -26,10 +26,9 @@ from reportgen.config.bounds import (
     MAX_LABEL_LENGTH,
     MAX_NAME_LENGTH,
     MAX_OBJECTS,
-    MAX_PATH_LENGTH,
     MAX_TITLE_LENGTH,
 )
-from reportgen.config.messages import image_id, problem, show, text_problem, with_problems
+from reportgen.config.messages import file_stem_id, image_id, problem, show, with_problems
 from reportgen.config.rules import (
     Box,
     Colormap,
@@ -205,11 +204,9 @@ class ImageSpec(_Section):
     @classmethod
     def _id_from_file_name(cls, data: Any) -> Any:
         if isinstance(data, Mapping) and data.get("id") is None:
-            path = data.get("path")
-            if isinstance(path, str) and path.strip() and text_problem(path, MAX_PATH_LENGTH) is None:
-                stem = Path(path.strip()).stem
-                if stem:
-                    return {**data, "id": _FileStem(stem)}
+            stem = file_stem_id(data.get("path"))
+            if stem is not None:
+                return {**data, "id": _FileStem(stem)}
         return data
 
 

@@ -52,6 +52,21 @@ METHODS: dict[str, MethodSpec] = {
 DEFAULT_METHODS = ("attention", "rollout")
 
 
+def figure_key(stem: str) -> str:
+    """The name pages and records give the figure file ``stem`` (``cls-mean`` -> ``cls_mean``)."""
+    return stem.replace("-", "_")
+
+
+def sectioned_methods(names) -> set[str]:
+    """Of the methods ``names``, those whose maps an experiment section of the page shows:
+    ``attention`` (experiment 1) and ``rollout`` next to ``attention`` (experiment 2). Every other
+    map goes to the page's generic panel."""
+    names = set(names)
+    if "attention" not in names:
+        return set()
+    return {"attention"} | ({"rollout"} & names)
+
+
 def create_methods(names: tuple[str, ...] | list[str], settings) -> list:
     """The methods called ``names`` (already validated), made with ``settings`` (the attention
     settings: head fusion and discard ratio for rollout). Imports their modules, and so torch."""

@@ -66,7 +66,7 @@ class LoadedModel:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps``
-    must be present on this machine (the spelling is checked by :class:`~reportgen.builder.BuildOptions`).
+    must be present on this machine (the spelling is checked by :class:`~reportgen.config.BuildOptions`).
 
     Raises:
         ModelLoadError: the device is not available here.

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from reportgen import outdir
-from reportgen.methods import METHODS
+from reportgen.methods import METHODS, figure_key
 
 # Figures are built with matplotlib's object API (Figure, not pyplot), so no backend is switched
 # and no global figure state is touched in the user's process.
@@ -291,7 +291,7 @@ def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int,
     for name in methods:
         spec = METHODS[name]
         for _map, stem in spec.maps:
-            figures[stem.replace("-", "_")] = f"{prefix}/{stem}.jpg"
+            figures[figure_key(stem)] = f"{prefix}/{stem}.jpg"
         if spec.explorer == "heads+mean":
             columns += int(heads)
             explorer[f"{name}_column" if name != "attention" else "mean_column"] = columns
@@ -350,7 +350,7 @@ def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float
         save_jpeg(result.view, file)
     for name, output in outputs.items():
         for map_name, stem in METHODS[name].maps:
-            with out(stem.replace("-", "_")) as file:
+            with out(figure_key(stem)) as file:
                 write_overlay(result.view, output.maps[map_name], cmap, alpha, file)
     if result.attention is not None:
         with out("tokens") as file:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import numpy as np
 
 from reportgen import outdir
 from reportgen.site.records import plain

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reportgen.methods import METHODS
+from reportgen.methods import METHODS, figure_key, sectioned_methods
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
     from reportgen.compute import ModelRun
@@ -114,10 +114,10 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
 def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
     """Every map no experiment section shows (a method other than ``attention`` and ``rollout``,
     or ``rollout`` without ``attention``): shown in the page's generic panel."""
-    shown = {"attention": result.attention is not None, "rollout": result.rollout is not None}
+    shown = sectioned_methods(result.methods)
     maps = {}
     for name, output in result.methods.items():
-        if shown.get(name):
+        if name in shown:
             continue
         for map_name, stem in METHODS[name].maps:
             maps[map_name] = {
@@ -125,7 +125,7 @@ def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
                 "provenance": output.provenance,
                 "entropy": plain(result.entropy[map_name]),
                 "grid": plain(output.maps[map_name]),
-                "figure": stem.replace("-", "_"),
+                "figure": figure_key(stem),
             }
     return maps
 
