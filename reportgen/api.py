@@ -96,7 +96,7 @@ class Explainer:
         input_size: square input size (default: the model's).
         pretrained: False builds the model with random weights.
         options: extra keyword arguments for ``timm.create_model``.
-        head_fusion / discard_ratio: rollout settings.
+        head_fusion / discard_ratio / rollout_start_layer: rollout settings.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         batch_size: images per forward pass.
         cmap / alpha: colour map and opacity of :meth:`Explanation.figure`.
@@ -118,6 +118,7 @@ class Explainer:
         options: Mapping[str, Any] | None = None,
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
+        rollout_start_layer: int = 1,
         device: str = "auto",
         batch_size: int = 8,
         cmap: str = "inferno",
@@ -126,7 +127,8 @@ class Explainer:
         model_values = {"name": model, "weights": weights, "input_size": input_size, "pretrained": pretrained, "options": options}
         sections = check_overrides(
             model=model_values,
-            attention={"head_fusion": head_fusion, "discard_ratio": discard_ratio},
+            attention={"head_fusion": head_fusion, "discard_ratio": discard_ratio,
+                       "rollout_start_layer": rollout_start_layer},
             output={"cmap": cmap, "alpha": alpha},
             methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
         )

@@ -33,6 +33,7 @@ _SETTING_OPTIONS = {
     "random_weights": ("model", "pretrained"),
     "head_fusion": ("attention", "head_fusion"),
     "discard_ratio": ("attention", "discard_ratio"),
+    "rollout_start_layer": ("attention", "rollout_start_layer"),
     "detector": ("detector", "name"),
     "detector_threshold": ("detector", "threshold"),
     "cmap": ("output", "cmap"),
@@ -99,6 +100,8 @@ def main() -> None:
 @click.option("--head-fusion", default=None, help="Rollout head fusion: mean, max or min.")
 @click.option("--discard-ratio", type=float, default=None,
               help="Rollout: drop this fraction of lowest attentions per layer (vit-explain style).")
+@click.option("--rollout-start-layer", type=int, default=None,
+              help="Rollout: first layer multiplied (1 = all layers; earlier layers count as the identity).")
 @click.option("--detector", default=None,
               help="DETR model name or folder for images without boxes; 'none' uses manifest boxes only.")
 @click.option("--detector-threshold", type=float, default=None,

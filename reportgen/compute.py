@@ -24,11 +24,10 @@ from PIL import Image
 
 import reportgen
 from reportgen.config import ImageEntry, Manifest
-from reportgen.errors import ImageError
+from reportgen.errors import ImageError, ModelSettingsError
 from reportgen.experiments import ImageFailure, ImageResult, Objects, explain
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
 from reportgen.methods import create_methods
-from reportgen.methods.base import TokenLayout
 from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel, load_model
 from reportgen.model.runner import ModelRunner
@@ -99,13 +98,15 @@ class Computation:
 
         Raises:
             ModelLoadError: the model cannot be loaded.
+            ModelSettingsError: a setting does not fit the model (the rollout start layer).
             CaptureError: attention could not be captured (a model reportgen cannot read).
         """
         loaded, self.model_load_seconds = kept_model(self.manifest, self.device, self.model_cache)
+        check_fits_model(self.manifest, loaded)
         methods = create_methods(self.manifest.methods, self.manifest.attention)
         runner = ModelRunner(loaded, methods)
         self.model_run = ModelRun(loaded, None, _versions())
-        layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
+        layout = loaded.layout
         objects_for = _ObjectSource(self.manifest, self.warnings)
         items = list(zip(entries, images or [None] * len(entries)))
         batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
@@ -143,6 +144,20 @@ class Computation:
                         yield ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
+def check_fits_model(settings: Manifest, loaded: LoadedModel) -> None:
+    """The rules a setting can only be checked by once the model is loaded.
+
+    Raises:
+        ModelSettingsError: naming the setting, its value and what the model allows.
+    """
+    start = settings.attention.rollout_start_layer
+    if "rollout" in settings.methods and start > loaded.depth:
+        raise ModelSettingsError(
+            f"attention.rollout_start_layer (--rollout-start-layer) {start}: greater than the depth of "
+            f"{loaded.name} ({loaded.depth} layers); use a layer from 1 to {loaded.depth}."
+        )
+
+
 def kept_model(manifest: Manifest, device: str, cache: dict | None) -> tuple[LoadedModel, float | None]:
     """The model for this manifest and device, and the seconds it took to load (``None`` when it
     came from ``cache``, a dict the caller keeps across builds, as ``--watch`` does).
@@ -173,6 +188,7 @@ def prepare_for_rebuilds(manifest: Manifest, device: str, cache: dict) -> float 
         ModelLoadError: if the model cannot be loaded.
     """
     loaded, seconds = kept_model(manifest, device, cache)
+    check_fits_model(manifest, loaded)
     if seconds is not None:
         _channels, height, width = loaded.data_config["input_size"]
         ModelRunner(loaded, create_methods(manifest.methods, manifest.attention)).run(torch.zeros(1, 3, height, width))

@@ -33,6 +33,12 @@ class ModelLoadError(ReportgenError):
     """A model (ViT or detector) could not be created or its weights could not be loaded."""
 
 
+class ModelSettingsError(ReportgenError, ValueError):
+    """A setting does not fit the loaded model (a rule that needs the model, such as its depth).
+
+    A ``ValueError`` too, as every bad setting is for the Python API."""
+
+
 class CaptureError(ReportgenError):
     """Attention could not be captured from every layer of the model."""
 

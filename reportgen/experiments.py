@@ -1,6 +1,7 @@
 """The experiments, turning one image's forward pass into plain results.
 
-1. Attention on the image (with the ``attention`` method): last-layer CLS attention over the patch
+1. Attention on the image (with the ``attention`` method): last-layer attention of the query (the
+   CLS token, or the mean of the patch queries for a model without one) over the patch
    grid per head, its mean and max over heads, the token-to-token map, and their entropies.
 2. Raw last-layer attention vs attention rollout (with both methods), and how far they agree.
 3. Object embeddings pooled from patch tokens, plain and (with ``rollout``) rollout-weighted, and
@@ -50,7 +51,7 @@ class Entropy:
 
 @dataclass(frozen=True)
 class BoxMass:
-    """How much of the head-mean CLS attention falls inside an object's box.
+    """How much of the head-mean query attention falls inside an object's box.
 
     Attributes:
         label: the object's label.
@@ -65,18 +66,18 @@ class BoxMass:
 
 @dataclass(frozen=True)
 class AttentionResult:
-    """Experiment 1. CLS rows are restricted to the patches (prefix tokens dropped), not renormalised.
+    """Experiment 1. The query's rows are restricted to the patches (prefix tokens dropped), not renormalised.
 
     Attributes:
-        heads: ``[H, rows, cols]`` last-layer CLS attention per head.
+        heads: ``[H, rows, cols]`` last-layer attention of the query per head.
         mean: ``[rows, cols]`` mean over heads.
         max: ``[rows, cols]`` max over heads.
         token_attention: ``[N, N]`` last-layer token-to-token attention, mean over heads.
-        head_entropy: per head, of the CLS attention over patches.
+        head_entropy: per head, of the query's attention over patches.
         mean_entropy: of the head-mean map.
         max_entropy: of the head-max map (normalised to a distribution first).
         token_entropy: mean over query tokens of each row's entropy (over all N tokens).
-        prefix_mass: share of the head-mean CLS attention that goes to prefix tokens, not patches.
+        prefix_mass: share of the head-mean query attention that goes to prefix tokens, not patches.
         box_mass: for each object given, the attention inside its box vs its area.
     """
 
@@ -94,11 +95,11 @@ class AttentionResult:
 
 @dataclass(frozen=True)
 class RolloutResult:
-    """Experiment 2: raw last-layer CLS attention (head mean) vs rollout, both over the patches.
+    """Experiment 2: raw last-layer query attention (head mean) vs rollout, both over the patches.
 
     Attributes:
-        raw: ``[rows, cols]`` last-layer CLS attention, mean over heads.
-        rollout: ``[rows, cols]`` CLS row of the rollout through all layers.
+        raw: ``[rows, cols]`` last-layer attention of the query, mean over heads.
+        rollout: ``[rows, cols]`` the query's row of the rollout.
         raw_entropy / rollout_entropy: entropies of the two maps over the patches.
         spearman: rank correlation of the two maps over patches.
         top_overlap: share of the raw map's top-10% patches that are also in the rollout's top 10%.
@@ -124,7 +125,7 @@ class ObjectEmbedding:
         visible: fraction of the box's area inside the model input.
         score: detector confidence, or None for manifest boxes.
         plain: ``[C]`` coverage-weighted mean of the final patch tokens in the box.
-        rollout: ``[C]`` the same tokens weighted by CLS rollout attention inside the box (None
+        rollout: ``[C]`` the same tokens weighted by the query's rollout attention inside the box (None
             without the ``rollout`` method).
     """
 
@@ -296,13 +297,13 @@ def attention_experiment(
         token_entropy=Entropy(
             nats=float(entropy(token).mean()), normalised=float(normalised_entropy(token).mean())
         ),
-        prefix_mass=float(forward.cls_rows[-1].mean(dim=0)[: layout.num_prefix_tokens].sum()),
+        prefix_mass=float(forward.query_rows[-1].mean(dim=0)[: layout.num_prefix_tokens].sum()),
         box_mass=tuple(box_mass),
     )
 
 
 def rollout_experiment(raw: np.ndarray, rolled: np.ndarray, entropies: dict[str, Entropy]) -> RolloutResult:
-    """Experiment 2: the last-layer head-mean CLS attention against the rollout."""
+    """Experiment 2: the last-layer head-mean query attention against the rollout."""
     return RolloutResult(
         raw=raw,
         rollout=rolled,

@@ -10,11 +10,11 @@ class FirstLayer:
     def __init__(self, spec):
         self.spec = spec
 
-    def reducer(self, depth):
+    def reducer(self, depth, layout):
         return None
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
-        by_layer = layout.to_grid(forward.cls_rows.mean(dim=1))  # [L, rows, cols]
+        by_layer = layout.to_grid(forward.query_rows.mean(dim=1))  # [L, rows, cols]
         return MethodMaps(
             maps={"first/mean": by_layer[0]},
             layers=by_layer[:, None],

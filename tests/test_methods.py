@@ -63,9 +63,9 @@ def test_the_runner_keeps_only_what_the_methods_need():
     model = make_tiny_vit()
     x = torch.zeros(1, 3, 32, 48)
     (forward,) = ModelRunner(_loaded(model), create_methods(("rollout",), AttentionSettings())).run(x)
-    assert forward.cls_rows is None and list(forward.kept) == ["rollout"]
+    assert forward.query_rows is None and list(forward.kept) == ["rollout"]
     (forward,) = ModelRunner(_loaded(model), create_methods(("attention",), AttentionSettings())).run(x)
-    assert forward.cls_rows.shape == (2, 3, 25) and list(forward.kept) == ["attention"]
+    assert forward.query_rows.shape == (2, 3, 25) and list(forward.kept) == ["attention"]
 
 
 @pytest.fixture

@@ -54,13 +54,13 @@ def test_offline_attention_equals_independent_softmax_and_is_deterministic(offli
     expected, _ = hand_attention(offline.model, x)
     methods = create_methods(DEFAULT_METHODS, AttentionSettings())
     forward = ModelRunner(offline, methods).run(x)[0]
-    assert forward.cls_rows.shape == (12, 6, 257)
+    assert forward.query_rows.shape == (12, 6, 257)
     for layer in (0, 5, 11):
-        torch.testing.assert_close(forward.cls_rows[layer], expected[layer][0, :, 0, :].float(), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(forward.query_rows[layer], expected[layer][0, :, 0, :].float(), atol=2e-5, rtol=1e-4)
     last = forward.kept["attention"]["token_attention"]
     torch.testing.assert_close(last, expected[-1][0].mean(0).float(), atol=2e-5, rtol=1e-4)
     again = ModelRunner(offline, methods).run(x)[0]
-    assert torch.equal(forward.tokens, again.tokens) and torch.equal(forward.cls_rows, again.cls_rows)
+    assert torch.equal(forward.tokens, again.tokens) and torch.equal(forward.query_rows, again.query_rows)
 
 
 def test_sample_site_is_complete(sample_site):

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from reportgen.config import MAX_OBJECTS
+from reportgen.methods import QUERIES
 
 # Bounds of what a cached record may hold.
 MAX_TEXT = 500  # labels, reasons, names and other strings (characters; the manifest's labels are shorter)
@@ -51,6 +52,7 @@ class _ModelInfo(_Schema):
     patch_size: Pair
     grid: Pair
     num_prefix_tokens: Count
+    query: Literal[tuple(QUERIES)]  # type: ignore[valid-type]  # the keys of the queries there are
     depth: Count
     heads: Count | None
     data_config: _DataConfig

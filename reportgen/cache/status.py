@@ -2,7 +2,7 @@
 
 The output folder holds a status file with a format number, the reportgen version, a key of
 everything that changes the numbers or figures (model identity, weights hash, input size,
-rollout, detector and figure settings), the model/capture description of the run, and per image
+rollout settings including its start layer, detector and figure settings), the model/capture description of the run, and per image
 a key of its inputs (image bytes, kind, boxes, page name) with the record its page renders from.
 An image whose key matches and whose figures are on disk is not recomputed; titles and captions
 are not in the key, so editing them only re-renders pages. A missing, corrupt or foreign status
@@ -44,7 +44,7 @@ from reportgen.site.records import page_name
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 3  # 3: records per configured map method
+STATUS_FORMAT = 4  # 4: the model's query in model_run
 
 
 
@@ -60,7 +60,11 @@ def settings_key(manifest: Manifest) -> str:
             "reportgen": reportgen.__version__,
             "model": model_identity(manifest.model),
             "methods": list(manifest.methods),
-            "attention": [manifest.attention.head_fusion, manifest.attention.discard_ratio],
+            "attention": [
+                manifest.attention.head_fusion,
+                manifest.attention.discard_ratio,
+                manifest.attention.rollout_start_layer,
+            ],
             "detector": [manifest.detector.name, manifest.detector.threshold],
             "figures": [manifest.output.cmap, manifest.output.alpha],
         }

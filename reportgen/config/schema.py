@@ -104,10 +104,14 @@ class AttentionSettings(_Section):
         head_fusion: how attention rollout merges the heads of a layer; one of
             :data:`~reportgen.methods.HEAD_FUSIONS`.
         discard_ratio: fraction of the weakest attention weights rollout drops, 0 <= r < 1.
+        rollout_start_layer: the first layer rollout multiplies (1-based; the layers before it
+            count as the identity); 1 = all layers. At most the model's depth, which is known only
+            once the model is loaded (checked there).
     """
 
     head_fusion: Annotated[str, OneOf(HEAD_FUSIONS)] = "mean"
     discard_ratio: Annotated[float, Number(ge=0, lt=1)] = 0.0
+    rollout_start_layer: Annotated[int, Count()] = 1
 
 
 @dataclass(frozen=True, config=_CONFIG)

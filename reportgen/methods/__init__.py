@@ -16,6 +16,36 @@ HEAD_FUSIONS = ("mean", "max", "min")
 
 
 @dataclass(frozen=True)
+class Query:
+    """Whose attention the maps show: the row of the attention (or rollout) matrix they read.
+
+    Attributes:
+        key: what ``results.json`` and the build cache say (``model.query``).
+        name: the query in a sentence ("how strongly *the CLS token* attends ...").
+        short: the query before the word "attention" ("*CLS* attention of head 3").
+        why: why this query, for a reader who expects the CLS token ("" for the CLS token).
+    """
+
+    key: str
+    name: str
+    short: str
+    why: str = ""
+
+
+#: The CLS token's row: what a model with a class token pools, so what its maps should show.
+CLS_QUERY = Query("cls", "the CLS token", "CLS")
+#: A model without prefix tokens (global average pooling) pools the mean of the patch tokens, so
+#: its maps read the mean of the patch tokens' rows; row 0 would be the top-left patch's alone.
+PATCH_MEAN_QUERY = Query(
+    "mean of patch queries", "the mean of the patch queries", "patch-mean",
+    why="the model has no CLS token: it pools the mean of its patch tokens",
+)
+
+#: Every query by its key (the cache reads keys back from disk).
+QUERIES = {query.key: query for query in (CLS_QUERY, PATCH_MEAN_QUERY)}
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """What is known of a method before it runs.
 

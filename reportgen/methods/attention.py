@@ -1,7 +1,9 @@
-"""``attention``: the CLS token's attention in the last layer, per head, mean and max over heads.
+"""``attention``: the query's attention in the last layer, per head, mean and max over heads.
 
-Rows of the full attention matrix restricted to the patches (prefix tokens dropped), not
-renormalised. Its reducer also keeps the last layer's token-to-token map, mean over heads.
+The query is the CLS token, or for a model without one the mean of the patch queries (see
+:attr:`~reportgen.methods.base.TokenLayout.query`). Its row of the full attention matrix is
+restricted to the patches (prefix tokens dropped), not renormalised. The reducer also keeps the
+last layer's token-to-token map, mean over heads.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import torch
 from reportgen.methods import METHODS
 from reportgen.methods.base import ATTENTION_ROWS, FULL_ATTENTION, ForwardPass, MethodMaps, TokenLayout
 
-PROVENANCE = "last-layer attention of the CLS token to each patch, per head, and its mean and max over heads"
+
+
+def provenance(layout: TokenLayout) -> str:
+    """How the maps are made, naming the query."""
+    return f"last-layer attention of {layout.query.name} to each patch, per head, and its mean and max over heads"
 
 
 class _LastLayer:
@@ -30,16 +36,16 @@ class _LastLayer:
 
 
 class AttentionMethod:
-    """Last-layer CLS attention (see the module docstring)."""
+    """Last-layer attention of the query (see the module docstring)."""
 
     spec = METHODS["attention"]
     needs = frozenset({ATTENTION_ROWS, FULL_ATTENTION})
 
-    def reducer(self, depth: int) -> _LastLayer:
+    def reducer(self, depth: int, layout: TokenLayout) -> _LastLayer:
         return _LastLayer(depth)
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
-        by_layer = layout.to_grid(forward.cls_rows)  # [L, H, rows, cols]
+        by_layer = layout.to_grid(forward.query_rows)  # [L, H, rows, cols]
         heads = by_layer[-1]
         mean = heads.mean(axis=0)
         return MethodMaps(
@@ -47,7 +53,7 @@ class AttentionMethod:
             # explorer: every head of every layer, then the mean over heads
             layers=np.concatenate([by_layer, by_layer.mean(axis=1, keepdims=True)], axis=1),
             extras={"heads": heads, "token_attention": forward.kept["attention"]["token_attention"].double().numpy()},
-            provenance=PROVENANCE,
+            provenance=provenance(layout),
         )
 
 

@@ -16,9 +16,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from reportgen.methods import MethodSpec
+from reportgen.methods import CLS_QUERY, PATCH_MEAN_QUERY, MethodSpec, Query
 
-ATTENTION_ROWS = "attention rows"  # the CLS row of every layer and head: [L, H, N]
+ATTENTION_ROWS = "attention rows"  # the query's row of every layer and head: [L, H, N]
 FULL_ATTENTION = "full attention"  # every layer's [B, H, N, N], seen by the method's reducer
 GRADIENTS = "gradients"  # gradients of a target with respect to each layer's attention
 TARGET = "target"  # a class, a label-free score or an object to explain
@@ -29,17 +29,38 @@ SERVED = frozenset({ATTENTION_ROWS, FULL_ATTENTION})
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """How the model's tokens map onto the input.
+    """How the model's tokens map onto the input, and which query the maps are read for.
 
     Attributes:
         num_prefix_tokens: CLS (+ distillation, registers) before the patches.
         grid: patch grid (rows, cols).
         patch_size: patch (h, w) in input pixels.
+        class_token: whether the first prefix token is a class token; None means "if there are
+            prefix tokens" (timm puts the class token first). False with prefix tokens is a model
+            with registers but global average pooling.
     """
 
     num_prefix_tokens: int
     grid: tuple[int, int]
     patch_size: tuple[int, int]
+    class_token: bool | None = None
+
+    @property
+    def query(self) -> Query:
+        """The query whose row every map shows: the CLS token's, else (a model that pools the mean
+        of its patch tokens) the mean of the patch tokens' rows."""
+        has_class_token = self.num_prefix_tokens > 0 if self.class_token is None else self.class_token
+        return CLS_QUERY if has_class_token else PATCH_MEAN_QUERY
+
+    def query_row(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``[..., N, N]`` attention or rollout (rows are queries) -> ``[..., N]``, the query's row.
+
+        The mean of rows that each sum to 1 also sums to 1, so both queries give a distribution
+        over all N tokens. The result never shares memory with ``matrix``.
+        """
+        if self.query is CLS_QUERY:
+            return matrix[..., 0, :].clone()
+        return matrix[..., self.num_prefix_tokens :, :].mean(dim=-2)
 
     def to_grid(self, values: torch.Tensor) -> np.ndarray:
         """``[..., N]`` token values -> float64 ``[..., rows, cols]`` over the patches (prefix dropped)."""
@@ -53,13 +74,13 @@ class ForwardPass:
 
     Attributes:
         tokens: ``[N, C]`` final-layer tokens after the final norm.
-        cls_rows: ``[L, H, N]`` the CLS row of every layer's attention per head (rows of the full
-            matrix: each sums to 1 over all tokens), or None when no method needs them.
+        query_rows: ``[L, H, N]`` the query's row (:attr:`TokenLayout.query`) of every layer's
+            attention per head (each sums to 1 over all tokens), or None when no method needs them.
         kept: per method name, what its :class:`LayerReducer` kept for this image.
     """
 
     tokens: torch.Tensor
-    cls_rows: torch.Tensor | None = None
+    query_rows: torch.Tensor | None = None
     kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -96,8 +117,9 @@ class MapMethod(Protocol):
     spec: MethodSpec
     needs: frozenset[str]
 
-    def reducer(self, depth: int) -> LayerReducer | None:
-        """A fresh reducer for one batch through ``depth`` layers (None without ``FULL_ATTENTION``)."""
+    def reducer(self, depth: int, layout: TokenLayout) -> LayerReducer | None:
+        """A fresh reducer for one batch through ``depth`` layers of a model with token layout
+        ``layout`` (None without ``FULL_ATTENTION``)."""
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
         """The method's maps for one image."""

@@ -99,20 +99,24 @@ def rollout(
     attentions: list[torch.Tensor] | torch.Tensor,
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
+    start_layer: int = 1,
 ) -> torch.Tensor:
     """Attention rollout through a whole stack of layers.
 
     Args:
         attentions: per layer ``[B, H, N, N]``, first layer first.
+        start_layer: the first layer multiplied, 1-based; the layers before it count as the
+            identity (Chefer et al. 2021 start their rollout at a chosen layer). 1: all layers.
 
     Returns:
         ``[B, N, N]``, rows sum to 1.
     """
+    assert start_layer >= 1, start_layer
     joint = None
-    for layer_attn in attentions:
+    for layer_attn in list(attentions)[start_layer - 1 :]:
         joint = rollout_step(joint, layer_attn, head_fusion, discard_ratio)
     if joint is None:
-        raise ValueError("rollout needs at least one layer")
+        raise ValueError(f"rollout needs at least one layer from layer {start_layer} on")
     return joint
 
 

@@ -18,6 +18,7 @@ import torch
 from reportgen.config import ModelSettings
 from reportgen.errors import ModelLoadError
 from reportgen.hashing import file_sha256
+from reportgen.methods.base import TokenLayout
 from reportgen.model.hub import cached_file, hub_offline, probe_hub, summarise_error
 from reportgen.model.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
 
@@ -40,6 +41,8 @@ class LoadedModel:
         grid: patch grid as (rows, cols).
         patch_size: patch size as (h, w) pixels.
         device: where the model runs.
+        class_token: whether the first prefix token is a class token (timm's global-average-pooling
+            ViTs have none, some of them with register tokens); None: if it has prefix tokens.
     """
 
     model: torch.nn.Module
@@ -53,6 +56,12 @@ class LoadedModel:
     grid: tuple[int, int]
     patch_size: tuple[int, int]
     device: torch.device
+    class_token: bool | None = None
+
+    @property
+    def layout(self) -> TokenLayout:
+        """The token layout, and with it the query every map is read for."""
+        return TokenLayout(self.num_prefix_tokens, self.grid, self.patch_size, self.class_token)
 
     @property
     def depth(self) -> int:
@@ -126,6 +135,7 @@ def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
         model=model,
         name=settings.name,
         num_prefix_tokens=int(model.num_prefix_tokens),
+        class_token=getattr(model, "cls_token", None) is not None,
         grid=grid,
         patch_size=patch_size,
         device=target,

@@ -1,7 +1,8 @@
 """Running the ViT over a batch and keeping, per image, only what the map methods need.
 
 Each layer's full ``[B, H, N, N]`` attention exists only while that layer runs: the runner keeps
-the CLS row of every layer and head when a method needs it, and hands the matrix to each
+the query's row (the CLS token's, or the mean of the patch queries: see
+:attr:`~reportgen.methods.base.TokenLayout.query`) of every layer and head when a method needs it, and hands the matrix to each
 method's reducer (rollout advances one layer; attention keeps the last layer's head mean). At
 518 px (1370 tokens) that is a few MB per image instead of a full stack of per-head matrices.
 """
@@ -39,13 +40,14 @@ class ModelRunner:
         depth = len(attention_modules(model))
         rows: list[torch.Tensor | None] = [None] * depth
         want_rows = any(ATTENTION_ROWS in m.needs for m in self.methods)
-        reducers = {m.spec.name: r for m in self.methods if (r := m.reducer(depth)) is not None}
+        layout = self.loaded.layout
+        reducers = {m.spec.name: r for m in self.methods if (r := m.reducer(depth, layout)) is not None}
 
         def on_layer(index: int, attn: torch.Tensor) -> None:
             if want_rows:
-                # A copy, not a view: a view (and .cpu() of a CPU tensor is the tensor itself)
+                # query_row copies: a view (and .cpu() of a CPU tensor is the tensor itself)
                 # would keep this layer's whole [B, H, N, N] matrix alive until the batch ends.
-                rows[index] = attn[:, :, 0, :].to("cpu", copy=True)
+                rows[index] = layout.query_row(attn).cpu()
             for reducer in reducers.values():
                 reducer.update(index, attn)
 
@@ -55,12 +57,12 @@ class ModelRunner:
                 tokens = model.forward_features(batch.to(self.loaded.device)).float().cpu()
                 capture.check_complete()
         self.capture_info = capture.info
-        cls_rows = torch.stack(rows, dim=1) if want_rows else None  # [B, L, H, N]
+        query_rows = torch.stack(rows, dim=1) if want_rows else None  # [B, L, H, N]
         kept = {name: reducer.kept() for name, reducer in reducers.items()}
         return [
             ForwardPass(
                 tokens=tokens[b],
-                cls_rows=cls_rows[b] if cls_rows is not None else None,
+                query_rows=query_rows[b] if query_rows is not None else None,
                 kept={name: {key: value[b] for key, value in arrays.items()} for name, arrays in kept.items()},
             )
             for b in range(batch.shape[0])

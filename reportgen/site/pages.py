@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 
 from reportgen import outdir
+from reportgen.methods import CLS_QUERY, QUERIES
 from reportgen.site.records import plain
 from reportgen.site.summary import fraction_lowered, object_tables, summarise_pairs
 
@@ -114,7 +115,9 @@ def write_site(
         "rollout_lowered": lowered_record,
     }
     env = environment()
-    common = {"run": run, "assets": assets}
+    # Whose attention the maps show, in words (no model ran when every image failed to load).
+    query = QUERIES[run["model"]["query"]] if run.get("model") else CLS_QUERY
+    common = {"run": run, "assets": assets, "query": query}
     # Pages exist for the images that worked; prev/next step through those, in manifest order.
     ok = [(index, record) for index, record in enumerate(records) if not record["error"]]
     page_template = env.get_template("image.html")

@@ -175,6 +175,8 @@ def model_run_record(run: ModelRun) -> dict[str, Any]:
             "patch_size": list(loaded.patch_size),
             "grid": list(loaded.grid),
             "num_prefix_tokens": loaded.num_prefix_tokens,
+            # whose attention the maps show: a key of reportgen.methods.QUERIES
+            "query": loaded.layout.query.key,
             "depth": loaded.depth,
             "heads": loaded.heads,
             "data_config": plain(
@@ -214,6 +216,7 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "methods": list(manifest.methods),
             "head_fusion": manifest.attention.head_fusion,
             "discard_ratio": manifest.attention.discard_ratio,
+            "rollout_start_layer": manifest.attention.rollout_start_layer,
             "detector": manifest.detector.name,
             "detector_threshold": manifest.detector.threshold,
             "cmap": manifest.output.cmap,

@@ -6,6 +6,8 @@
   // method's, e.g. heads then mean over heads, then rollout) laid over the model's input.
   function setUpExplorer(root) {
     var layers = parseInt(root.getAttribute("data-layers"), 10);
+    var query = root.getAttribute("data-query") || "CLS";
+    var start = parseInt(root.getAttribute("data-rollout-start") || "1", 10);
     var columns = {
       mean: parseInt(root.getAttribute("data-mean-column"), 10),
       rollout: parseInt(root.getAttribute("data-rollout-column"), 10)
@@ -23,10 +25,11 @@
       var column = kind in columns ? columns[kind] : parseInt(kind.slice(1), 10);
       sprite.style.left = (-100 * column) + "%";
       sprite.style.top = (-100 * l) + "%";
-      var what = kind === "mean" ? "CLS attention, mean over heads"
-        : kind === "rollout" ? "attention rollout through layers 1 to " + (l + 1)
+      var what = kind === "mean" ? query + " attention, mean over heads"
+        : kind === "rollout" ? (l + 1 >= start ? "attention rollout through layers " + start + " to " + (l + 1)
+                                : "attention rollout before its start layer " + start + ": the identity")
         : kind.charAt(0) === "c" ? map.options[map.selectedIndex].text
-        : "CLS attention of head " + kind.slice(1);
+        : query + " attention of head " + kind.slice(1);
       var text = "Layer " + (l + 1) + " of " + layers + ": " + what;
       sprite.alt = text;
       label.textContent = text;
