@@ -91,3 +91,26 @@ def test_spearman_and_top_overlap_by_hand():
     y[19], y[0] = y[0], y[19]  # the top entry moves to the bottom
     assert top_fraction_overlap(x, x, 0.1) == 1.0
     assert top_fraction_overlap(x, y, 0.1) == 0.5  # k = 2: {19, 18} vs {0, 18}
+
+
+def test_rollout_start_layer_two_keeps_only_the_last_layer_of_two():
+    # Layer 1 counts as the identity, so the rollout is R2 alone (worked out above).
+    r2 = [[0.6, 0.2, 0.2], [0.15, 0.65, 0.2], [0.0, 0.25, 0.75]]
+    result = rollout([_heads(A1), _heads(A2)], start_layer=2)
+    torch.testing.assert_close(result[0], torch.tensor(r2, dtype=torch.float64))
+    torch.testing.assert_close(rollout([_heads(A1), _heads(A2)], start_layer=1)[0], torch.tensor(EXPECTED, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("start", [1, 2, 3, 4])
+def test_rollout_start_layer_is_the_product_of_layers_start_to_last(start):
+    rng = np.random.default_rng(start)
+    layers = []
+    for _ in range(4):  # 4 layers, 2 heads, 5 tokens, rows of each head sum to 1
+        a = rng.random((1, 2, 5, 5))
+        layers.append(a / a.sum(axis=-1, keepdims=True))
+    expected = np.eye(5)
+    for a in layers[start - 1 :]:
+        step = 0.5 * a[0].mean(axis=0) + 0.5 * np.eye(5)
+        expected = (step / step.sum(axis=1, keepdims=True)) @ expected
+    result = rollout([torch.from_numpy(a) for a in layers], start_layer=start)
+    np.testing.assert_allclose(result[0].numpy(), expected, atol=1e-12)

@@ -124,6 +124,7 @@ REFUSED_OPTIONS = [
     (["--input-size", "100000"], "'--input-size': 100000 is too large (at most 4096)"),
     (["--input-size", "0"], "'--input-size': expected a positive integer, got 0"),
     (["--discard-ratio", "1"], "'--discard-ratio': must satisfy 0 <= value < 1, got 1.0"),
+    (["--rollout-start-layer", "0"], "'--rollout-start-layer': expected a positive integer, got 0"),
     (["--alpha", "0"], "'--alpha': must satisfy 0 < value <= 1, got 0.0"),
     (["--detector-threshold", "1.5"], "'--detector-threshold': must satisfy 0 < value <= 1, got 1.5"),
     (["--head-fusion", "avg"], "'--head-fusion': expected one of mean, max, min, got 'avg'"),
@@ -161,6 +162,7 @@ SAME_RULE = [
     ("model", "name", "m" * 300, "--model"),
     ("attention", "discard_ratio", 1.0, "--discard-ratio"),
     ("attention", "head_fusion", "avg", "--head-fusion"),
+    ("attention", "rollout_start_layer", -2, "--rollout-start-layer"),
     ("detector", "threshold", 1.5, "--detector-threshold"),
     ("detector", "name", "", "--detector"),
     ("output", "alpha", 0.0, "--alpha"),
@@ -231,3 +233,51 @@ def test_unknown_keys_name_every_allowed_key_including_methods(tmp_path, photo):
     assert _problems(path) == [
         "top level: unknown key 'method' (allowed: attention, detector, images, methods, model, output, title)"
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# The rollout start layer: a positive integer here, at most the model's depth once it is loaded
+# --------------------------------------------------------------------------------------------
+
+
+def test_rollout_start_layer_beyond_the_depth_is_one_line_naming_the_setting(tmp_path, photo):
+    manifest = write_manifest(tmp_path, [{"path": "a.png"}], attention={"rollout_start_layer": 3})
+    result = _cli(manifest, tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    expected = ("reportgen: attention.rollout_start_layer (--rollout-start-layer) 3: greater than the depth of "
+                "vit_tiny_patch16_224 (2 layers); use a layer from 1 to 2.\n")
+    assert result.output == expected
+    assert not (tmp_path / "out").exists()
+    # The same from the command line; with no rollout to run, the setting does not matter.
+    plain = write_manifest(_folder(tmp_path / "p"), [{"path": "../a.png"}])
+    assert _cli(plain, tmp_path / "out", "--rollout-start-layer", "7").output == expected.replace(" 3:", " 7:")
+    assert _cli(plain, tmp_path / "out", "--rollout-start-layer", "7", "--methods", "attention").exit_code == 0
+
+
+def test_rollout_start_layer_beyond_the_depth_is_a_value_error_in_the_api(photo):
+    from reportgen import Explainer
+
+    explainer = Explainer(TINY_MODEL["name"], pretrained=False, input_size=32, options=TINY_MODEL["options"],
+                          device="cpu", rollout_start_layer=3)
+    with pytest.raises(ValueError, match=r"^attention.rollout_start_layer \(--rollout-start-layer\) 3: greater"):
+        explainer.explain(photo)
+    with pytest.raises(SettingsError, match="rollout_start_layer: expected a positive integer, got 0"):
+        Explainer(TINY_MODEL["name"], rollout_start_layer=0)
+
+
+def test_rollout_start_layer_is_in_the_cache_key_and_results(tmp_path, photo):
+    import json
+
+    manifest = write_manifest(tmp_path, [{"path": "a.png"}])
+    out = tmp_path / "out"
+    assert _cli(manifest, out).exit_code == 0
+    assert json.loads((out / "results.json").read_text())["settings"]["rollout_start_layer"] == 1
+    changed = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--rollout-start-layer", "2"])
+    assert changed.exit_code == 0 and "unchanged" not in changed.output, changed.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["rollout_start_layer"] == 2
+    page = (out / results["images"][0]["page"]).read_text()
+    assert "follows attention through layers 2 to 2 (the layers before the start layer count as the identity" in page
+    assert "Rollout before its start layer 2: the identity" in page and 'data-rollout-start="2"' in page
+    again = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--rollout-start-layer", "2"])
+    assert again.exit_code == 0 and "1 unchanged" in again.output, again.output

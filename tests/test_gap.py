@@ -147,3 +147,25 @@ def test_the_cache_refuses_an_unknown_query(tmp_path):
     (out / STATUS_FILE).write_text(json.dumps(status))
     again = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out)])
     assert again.exit_code == 0 and "model_run.model.query" in again.output and "unchanged" not in again.output
+
+
+@pytest.mark.parametrize("start", [1, 2, 3])
+@pytest.mark.parametrize("options", [{}, GAP], ids=["cls", "gap"])
+def test_rollout_start_layer_multiplies_layers_start_to_last(start, options):
+    model = make_tiny_vit(depth=3, **options)
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(5))
+    layers = _softmax_attention(model, x)
+    (method,) = create_methods(("rollout",), AttentionSettings(rollout_start_layer=start))
+    loaded = _loaded(model)
+    rolled = method.maps(ModelRunner(loaded, [method]).run(x)[0], loaded.layout)
+    p = model.num_prefix_tokens
+
+    def query_row(joint):
+        return joint[0, p:] if p else joint.mean(axis=0)
+
+    np.testing.assert_allclose(rolled.maps["rollout"].ravel(), query_row(_rollout_by_hand(layers, start)), atol=1e-6)
+    for layer in range(3):  # the explorer: the rollout through layers start..layer+1, the identity before
+        through = _rollout_by_hand(layers[: layer + 1], start) if layer + 1 >= start else np.eye(layers[0].shape[-1])
+        np.testing.assert_allclose(rolled.layers[layer, 0].ravel(), query_row(through), atol=1e-6)
+    assert ("all layers" in rolled.provenance) == (start == 1)
+    assert (f"layers {start} to 3" in rolled.provenance) == (start > 1)

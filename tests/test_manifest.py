@@ -137,7 +137,7 @@ def test_defaults(folder: Path):
     assert manifest.model.name == "vit_base_patch16_224"
     assert manifest.model.weights is None and manifest.model.input_size is None
     assert manifest.model.pretrained is True and dict(manifest.model.options) == {}
-    assert manifest.attention == AttentionSettings(head_fusion="mean", discard_ratio=0.0)
+    assert manifest.attention == AttentionSettings(head_fusion="mean", discard_ratio=0.0, rollout_start_layer=1)
     assert manifest.detector == DetectorSettings(name="facebook/detr-resnet-50", threshold=0.9)
     assert manifest.output == OutputSettings(dir=None, title="reportgen report", cmap="inferno", alpha=0.5)
     (image,) = manifest.images
@@ -352,6 +352,9 @@ def test_top_level_problems(folder: Path, text: str, expected: str):
         ("attention: {discard_ratio: half}", "attention.discard_ratio: expected a number, got 'half'"),
         ("attention: {discard_ratio: .nan}", "attention.discard_ratio: expected a finite number"),
         ("attention: {discard_ratio: false}", "attention.discard_ratio: expected a number, got false"),
+        ("attention: {rollout_start_layer: 0}", "attention.rollout_start_layer: expected a positive integer, got 0"),
+        ("attention: {rollout_start_layer: 2.5}", "attention.rollout_start_layer: expected a positive integer, got 2.5"),
+        ("attention: {rollout_start_layer: true}", "attention.rollout_start_layer: expected a positive integer, got true"),
         ("detector: {threshold: 0}", "detector.threshold: must satisfy 0 < value <= 1, got 0"),
         ("detector: {threshold: 1.5}", "detector.threshold: must satisfy 0 < value <= 1, got 1.5"),
         ("detector: {name: ''}", "detector.name: must not be empty"),
@@ -662,7 +665,7 @@ _keys = st.one_of(
     st.sampled_from(
         ["images", "model", "attention", "detector", "output", "title", "path", "id", "kind", "objects",
          "label", "box", "name", "input_size", "options", "weights", "pretrained", "head_fusion",
-         "discard_ratio", "threshold", "dir", "cmap", "alpha", "caption"]
+         "discard_ratio", "rollout_start_layer", "threshold", "dir", "cmap", "alpha", "caption"]
     ),
     st.text(max_size=8),
     st.integers(),
@@ -731,6 +734,7 @@ _manifests = _mostly(
                     optional={
                         "head_fusion": _mostly(st.sampled_from(HEAD_FUSIONS)),
                         "discard_ratio": _mostly(st.floats(0, 0.99)),
+                        "rollout_start_layer": _mostly(st.integers(1, 4)),
                     },
                 )
             ),
