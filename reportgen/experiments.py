@@ -37,15 +37,33 @@ TOP_FRACTION = 0.1
 
 @dataclass(frozen=True)
 class Entropy:
-    """Entropy of one attention distribution: in nats, and divided by log(number of outcomes)."""
+    """Entropy of one attention distribution: in nats, and divided by log(number of outcomes).
 
-    nats: float
-    normalised: float
+    Both are None for a map with no positive weight (all zero): it is no distribution, and an
+    entropy of 0 would claim all its mass is on one patch.
+    """
+
+    nats: float | None
+    normalised: float | None
 
     @classmethod
     def of(cls, p: torch.Tensor | np.ndarray) -> Entropy:
         t = torch.as_tensor(np.asarray(p, dtype=np.float64)).flatten()
-        return cls(nats=float(entropy(t)), normalised=float(normalised_entropy(t)))
+        return cls.from_values(entropy(t), normalised_entropy(t))
+
+    @classmethod
+    def from_values(cls, nats: torch.Tensor | float, normalised: torch.Tensor | float) -> Entropy:
+        """From computed values, NaN (undefined) becoming None."""
+        return cls(nats=_defined(nats), normalised=_defined(normalised))
+
+    @property
+    def defined(self) -> bool:
+        return self.normalised is not None
+
+
+def _defined(value: torch.Tensor | float) -> float | None:
+    f = float(value)
+    return None if np.isnan(f) else f
 
 
 @dataclass(frozen=True)
@@ -75,7 +93,8 @@ class AttentionResult:
         head_entropy: per head, of the CLS attention over patches.
         mean_entropy: of the head-mean map.
         max_entropy: of the head-max map (normalised to a distribution first).
-        token_entropy: mean over query tokens of each row's entropy (over all N tokens).
+        token_entropy: mean over query tokens of each row's entropy (over all N tokens; None if
+            any row is all zero).
         prefix_mass: share of the head-mean CLS attention that goes to prefix tokens, not patches.
         box_mass: for each object given, the attention inside its box vs its area.
     """
@@ -293,9 +312,7 @@ def attention_experiment(
         head_entropy=tuple(Entropy.of(h) for h in heads),
         mean_entropy=entropies["attention/mean"],
         max_entropy=entropies["attention/max"],
-        token_entropy=Entropy(
-            nats=float(entropy(token).mean()), normalised=float(normalised_entropy(token).mean())
-        ),
+        token_entropy=Entropy.from_values(entropy(token).mean(), normalised_entropy(token).mean()),
         prefix_mass=float(forward.cls_rows[-1].mean(dim=0)[: layout.num_prefix_tokens].sum()),
         box_mass=tuple(box_mass),
     )

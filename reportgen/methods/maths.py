@@ -128,17 +128,24 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Shannon entropy in nats of distributions along ``dim`` (``0 log 0 = 0``).
 
     ``p`` is renormalised first, so a CLS row restricted to the patches (which does not sum to 1
-    once the prefix tokens are dropped) is treated as a distribution over the patch grid.
+    once the prefix tokens are dropped) is treated as a distribution over the patch grid. Negative
+    weights count as 0. A row with no positive weight is no distribution: its entropy is NaN, not
+    0, which would read as all the mass on one outcome.
     """
-    q = normalise(p.clamp_min(0), dim=dim)
+    weights = p.clamp_min(0)
+    q = normalise(weights, dim=dim)
     logs = torch.where(q > 0, q.log(), torch.zeros_like(q))
-    return -(q * logs).sum(dim=dim)
+    h = -(q * logs).sum(dim=dim)
+    defined = (weights > 0).any(dim=dim)
+    return torch.where(defined, h, torch.full_like(h, math.nan))
 
 
 def normalised_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Entropy divided by ``log(n)``: 0 for a one-hot distribution, 1 for a uniform one."""
+    """Entropy divided by ``log(n)``: 0 for a one-hot distribution, 1 for a uniform one; NaN where
+    :func:`entropy` is (no positive weight). With one outcome it is 0 (there is nothing to spread)."""
     n = p.shape[dim]
-    return entropy(p, dim=dim) / math.log(n) if n > 1 else torch.zeros_like(entropy(p, dim=dim))
+    h = entropy(p, dim=dim)
+    return h / math.log(n) if n > 1 else torch.where(torch.isnan(h), h, torch.zeros_like(h))
 
 
 def rank(values: np.ndarray) -> np.ndarray:

@@ -107,7 +107,9 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
         record["rollout"] = {
             "raw_entropy": plain(r.raw_entropy),
             "rollout_entropy": plain(r.rollout_entropy),
-            "entropy_change": plain(r.rollout_entropy.normalised - r.raw_entropy.normalised),
+            "entropy_change": plain(r.rollout_entropy.normalised - r.raw_entropy.normalised)
+            if r.rollout_entropy.defined and r.raw_entropy.defined
+            else None,
             "spearman": plain(r.spearman),
             "top_overlap": plain(r.top_overlap),
             "raw": plain(r.raw),
