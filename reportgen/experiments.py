@@ -120,7 +120,9 @@ class RolloutResult:
         rollout: ``[rows, cols]`` CLS row of the rollout through all layers.
         raw_entropy / rollout_entropy: entropies of the two maps over the patches.
         spearman: rank correlation of the two maps over patches.
-        top_overlap: share of the raw map's top-10% patches that are also in the rollout's top 10%.
+        top_overlap: share of the raw map's top-10% patches that are also in the rollout's top 10%
+            (the expected share when ties are broken at random, see
+            :func:`~reportgen.methods.maths.top_fraction_overlap`).
     """
 
     raw: np.ndarray

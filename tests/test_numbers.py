@@ -6,6 +6,7 @@ Expected values are worked out by hand in the comments, never taken from the cod
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -22,7 +23,7 @@ from reportgen.cache import STATUS_FILE
 from reportgen.cli import main
 from reportgen.experiments import Entropy
 from reportgen.methods import rollout as rollout_module
-from reportgen.methods.maths import entropy, normalised_entropy
+from reportgen.methods.maths import entropy, normalised_entropy, top_fraction_overlap, top_membership
 from reportgen.site.pages import results_json
 from reportgen.site.records import plain
 
@@ -129,3 +130,74 @@ def test_the_api_gives_none_for_an_all_zero_map(tmp_path, zero_rollout):
     assert result.entropy["attention/mean"].normalised is not None
     titles = [a.get_title() for a in result.figure().axes]
     assert "rollout (entropy undefined)" in titles
+
+
+# --------------------------------------------------------------------------------------------
+# Top-10% overlap with ties: the expected overlap under random tie-breaking.
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_flat_maps_overlap_as_two_random_top_sets_would():
+    # n = 20, k = ceil(0.1 * 20) = 2. Each patch is in a random top 2 with probability 2/20, so
+    # the expected shared count is 20 * (1/10)^2 = 0.2, and the overlap 0.2 / 2 = 0.1 = k / n.
+    flat = np.full((4, 5), 0.05)
+    assert top_fraction_overlap(flat, flat, 0.1) == pytest.approx(0.1)
+    # n = 196 (a 14x14 grid): k = 20, overlap k / n = 20 / 196.
+    assert top_fraction_overlap(np.ones((14, 14)), np.full((14, 14), 3.0), 0.1) == pytest.approx(20 / 196)
+
+
+def test_without_ties_at_the_kth_value_the_overlap_is_the_plain_share():
+    x = np.arange(20.0)
+    y = x.copy()
+    y[19], y[0] = y[0], y[19]  # k = 2: {19, 18} against {0, 18}: one shared
+    assert top_fraction_overlap(x, y, 0.1) == 0.5
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a, b = rng.random(50), rng.random(50)
+        k = 5  # ceil(0.1 * 50)
+        shared = len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k]))
+        assert top_fraction_overlap(a, b, 0.1) == shared / k
+    # Ties above the k-th value do not matter: (5, 5, 1, 0), k = 2, the top two are certain.
+    assert top_fraction_overlap(np.array([5.0, 5.0, 1.0, 0.0]), np.array([0.0, 9.0, 8.0, 1.0]), 0.5) == 0.5
+
+
+def test_tied_memberships_and_overlaps_by_hand():
+    # a = (3, 1, 1, 1, 0), k = 2: patch 0 surely, one of the three 1s: membership 1/3 each.
+    a = np.array([3.0, 1.0, 1.0, 1.0, 0.0])
+    np.testing.assert_allclose(top_membership(a, 2), [1, 1 / 3, 1 / 3, 1 / 3, 0])
+    # b = (0, 2, 2, 0, 0): its top 2 is {1, 2}. a's top 2 shares one patch with it when the tie
+    # goes to 1 or 2 (probability 2/3): expected shared 2/3, overlap (2/3) / 2 = 1/3.
+    b = np.array([0.0, 2.0, 2.0, 0.0, 0.0])
+    assert top_fraction_overlap(a, b, 0.4) == pytest.approx(1 / 3)
+    # a = (1, 1, 1, 1), k = 2: each patch 1/2. b = (2, 1, 1, 0): patch 0, then 1 or 2 (1/2 each).
+    # Expected shared: 1/2 * 1 + 1/2 * 1/2 + 1/2 * 1/2 = 1; overlap 1/2.
+    assert top_fraction_overlap(np.ones(4), np.array([2.0, 1.0, 1.0, 0.0]), 0.5) == pytest.approx(0.5)
+
+
+def _top_sets(values, k):
+    """Every top-k set a tie-breaking could choose (each equally likely), by enumeration."""
+    order = sorted(set(values.tolist()), reverse=True)
+    chosen, sets = [], [()]
+    for value in order:
+        group = [i for i, v in enumerate(values) if v == value]
+        room = k - len(chosen)
+        if room <= 0:
+            break
+        if len(group) <= room:
+            chosen += group
+            continue
+        sets = [tuple(combo) for combo in itertools.combinations(group, room)]
+        break
+    return [set(chosen) | set(extra) for extra in sets]
+
+
+def test_the_overlap_is_the_mean_over_every_tie_breaking():
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        n = int(rng.integers(4, 12))
+        a, b = rng.integers(0, 3, n).astype(float), rng.integers(0, 3, n).astype(float)
+        fraction = float(rng.choice([0.1, 0.25, 0.5]))
+        k = max(1, math.ceil(fraction * n))
+        pairs = [(sa, sb) for sa in _top_sets(a, k) for sb in _top_sets(b, k)]
+        expected = sum(len(sa & sb) for sa, sb in pairs) / len(pairs) / k
+        assert top_fraction_overlap(a, b, fraction) == pytest.approx(expected, abs=1e-12), (a, b, k)

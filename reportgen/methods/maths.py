@@ -173,13 +173,29 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
+def top_membership(values: np.ndarray, k: int) -> np.ndarray:
+    """How much each entry belongs to the top ``k`` of ``values``, with ties shared.
+
+    Entries above the ``k``-th largest value belong fully (1); the ``t`` entries equal to it share
+    the ``m`` places left, ``m / t`` each; the rest 0. The memberships sum to ``k``, and each is the
+    probability that the entry is in the top ``k`` when ties are broken uniformly at random.
+    """
+    values = np.ravel(values)
+    kth = np.sort(values)[::-1][k - 1]
+    above = values > kth
+    tied = values == kth
+    return np.where(above, 1.0, np.where(tied, (k - int(above.sum())) / int(tied.sum()), 0.0))
+
+
 def top_fraction_overlap(a: np.ndarray, b: np.ndarray, fraction: float = 0.1) -> float:
     """Share of the top ``fraction`` of entries of ``a`` that are also in the top of ``b``.
 
-    ``k = ceil(fraction * n)`` entries on each side; ties are broken by position (stable sort).
+    ``k = ceil(fraction * n)`` entries on each side. Ties at the ``k``-th value are not broken by
+    position (which would favour the first patches, the top-left, and make two flat maps agree
+    perfectly): the result is the expected overlap when each map's ties are broken uniformly at
+    random, ``sum(m_a * m_b) / k`` with the memberships of :func:`top_membership`. Without ties at
+    the ``k``-th value it is the plain ``|top_a ∩ top_b| / k``; for two constant maps it is ``k / n``.
     """
     a, b = np.ravel(a), np.ravel(b)
     k = max(1, math.ceil(fraction * len(a)))
-    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
-    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
-    return len(top_a & top_b) / k
+    return float((top_membership(a, k) * top_membership(b, k)).sum() / k)
