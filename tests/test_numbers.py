@@ -23,7 +23,8 @@ from reportgen.cache import STATUS_FILE
 from reportgen.cli import main
 from reportgen.experiments import Entropy
 from reportgen.methods import rollout as rollout_module
-from reportgen.methods.maths import entropy, normalised_entropy, top_fraction_overlap, top_membership
+from reportgen.methods.maths import entropy, normalised_entropy, rollout_step, top_fraction_overlap, top_membership
+from reportgen.methods.rollout import RolloutMethod
 from reportgen.site.pages import results_json
 from reportgen.site.records import plain
 
@@ -201,3 +202,52 @@ def test_the_overlap_is_the_mean_over_every_tie_breaking():
         pairs = [(sa, sb) for sa in _top_sets(a, k) for sb in _top_sets(b, k)]
         expected = sum(len(sa & sb) for sa, sb in pairs) / len(pairs) / k
         assert top_fraction_overlap(a, b, fraction) == pytest.approx(expected, abs=1e-12), (a, b, k)
+
+
+# --------------------------------------------------------------------------------------------
+# The rollout's provenance says what the residual step computes for each head fusion.
+# --------------------------------------------------------------------------------------------
+
+# Two heads over two tokens. Mean: rows (0.5, 0.5), (0.5, 0.5), sum 1. Max: (0.8, 0.8) and
+# (0.6, 0.6), sums 1.6 and 1.2. Min: (0.2, 0.2) and (0.4, 0.4), sums 0.4 and 0.8.
+HEADS = torch.tensor([[[[0.8, 0.2], [0.4, 0.6]], [[0.2, 0.8], [0.6, 0.4]]]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "fusion, expected",
+    [
+        # (A + I) / (1 + s): mean, s = 1: ((1.5, 0.5), (0.5, 1.5)) / 2.
+        ("mean", [[0.75, 0.25], [0.25, 0.75]]),
+        # max: ((1.8, 0.8) / 2.6, (0.6, 1.6) / 2.2): the identity gets 1/2.6 and 1/2.2, under half.
+        ("max", [[1.8 / 2.6, 0.8 / 2.6], [0.6 / 2.2, 1.6 / 2.2]]),
+        # min: ((1.2, 0.2) / 1.4, (0.4, 1.4) / 1.8): the identity gets 1/1.4 and 1/1.8, over half.
+        ("min", [[1.2 / 1.4, 0.2 / 1.4], [0.4 / 1.8, 1.4 / 1.8]]),
+    ],
+)
+def test_the_residual_step_is_what_the_provenance_says(fusion, expected):
+    np.testing.assert_allclose(rollout_step(None, HEADS, fusion)[0].numpy(), expected, rtol=1e-12)
+    provenance = RolloutMethod(fusion).provenance
+    assert f"heads fused by {fusion}," in provenance
+    if fusion == "mean":
+        assert "0.5·A + 0.5·I (the fused rows sum to 1: half attention, half identity)" in provenance
+        return
+    assert "0.5·A + 0.5·I" not in provenance and "(A + I)/(1 + s) per row, s being the fused row's sum" in provenance
+    if fusion == "max":
+        assert "≥ 1 for max: attention gets s/(1 + s) ≥ half of each row" in provenance
+    else:
+        assert "≤ 1 for min: the identity gets 1/(1 + s) ≥ half of each row" in provenance
+
+
+def test_with_a_discard_the_provenance_never_claims_half_and_half():
+    mean = RolloutMethod("mean", 0.25).provenance
+    assert "lowest 0.25 of each layer discarded" in mean and "0.5·A" not in mean
+    assert "≤ 1 after the discard: the identity gets 1/(1 + s) ≥ half" in mean
+    peak = RolloutMethod("max", 0.25).provenance
+    assert "0.5·A" not in peak and "≥ half" not in peak and "s above or below 1 after the discard" in peak
+    assert "≤ 1 for min" in RolloutMethod("min", 0.25).provenance
+
+
+def test_the_maps_carry_the_provenance(tmp_path):
+    tiny = dict(pretrained=False, input_size=TINY_MODEL["input_size"], options=TINY_MODEL["options"], device="cpu")
+    result = Explainer(TINY_MODEL["name"], head_fusion="min", **tiny).explain(write_photo(tmp_path / "a.png"))
+    assert result.result.methods["rollout"].provenance == RolloutMethod("min").provenance

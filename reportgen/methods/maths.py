@@ -61,7 +61,12 @@ def discard_lowest(attn: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def residual_attention(fused: torch.Tensor) -> torch.Tensor:
-    """Add the identity for the residual connection and renormalise rows: ``0.5*A + 0.5*I``.
+    """Add the identity for the residual connection and renormalise rows (Abnar & Zuidema's
+    ``0.5*A + 0.5*I`` then row normalisation).
+
+    A row of ``fused`` summing to ``s`` becomes ``(A + I) / (1 + s)``: the identity gets
+    ``1 / (1 + s)`` of it. That is half only when ``s = 1``; max fusion (``s >= 1``) gives the
+    identity less, min fusion or a discard (``s <= 1``) more.
 
     Args:
         fused: ``[..., N, N]`` head-fused attention (rows need not sum to 1, e.g. after max fusion).
