@@ -11,6 +11,7 @@ import json
 import math
 import re
 
+import markupsafe
 import numpy as np
 import pytest
 import torch
@@ -251,3 +252,15 @@ def test_the_maps_carry_the_provenance(tmp_path):
     tiny = dict(pretrained=False, input_size=TINY_MODEL["input_size"], options=TINY_MODEL["options"], device="cpu")
     result = Explainer(TINY_MODEL["name"], head_fusion="min", **tiny).explain(write_photo(tmp_path / "a.png"))
     assert result.result.methods["rollout"].provenance == RolloutMethod("min").provenance
+
+
+def test_the_page_and_results_json_give_the_provenance_of_the_fusion_used(tmp_path):
+    write_photo(tmp_path / "a.png")
+    manifest = write_manifest(tmp_path, [{"path": "a.png"}], attention={"head_fusion": "max"})
+    out = tmp_path / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.json").read_text())["images"][0]
+    assert record["rollout"]["provenance"] == RolloutMethod("max").provenance
+    page = (out / record["page"]).read_text()
+    assert str(markupsafe.escape(RolloutMethod("max").provenance)) in page and "0.5·A" not in page

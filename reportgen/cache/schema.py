@@ -106,6 +106,7 @@ class _Rollout(_Schema):
     entropy_change: Number  # null exactly when either entropy is
     spearman: Number
     top_overlap: Share
+    provenance: Text
     raw: Matrix
     rollout: Matrix
 

@@ -44,7 +44,7 @@ from reportgen.site.records import page_name
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 3  # 3: records per configured map method
+STATUS_FORMAT = 4  # 3: records per configured map method; 4: numbers to 7 significant digits, null entropies, rollout provenance, boxes in source pixels
 
 
 

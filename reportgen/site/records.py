@@ -112,6 +112,7 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
             else None,
             "spearman": plain(r.spearman),
             "top_overlap": plain(r.top_overlap),
+            "provenance": result.methods["rollout"].provenance,
             "raw": plain(r.raw),
             "rollout": plain(r.rollout),
         }
