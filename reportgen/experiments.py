@@ -195,10 +195,11 @@ class ImageResult:
     """Everything the report shows for one image.
 
     Attributes:
-        entry: the manifest entry (boxes in the decoded image's pixels).
-        size: the decoded image's (width, height).
+        entry: the manifest entry (boxes in the original image's pixels).
+        size: the original image's (width, height): the file's, upright, before any downscaling
+            on decoding (``original`` may be smaller); boxes are in these pixels.
         geometry: how the image became the model input.
-        original: the upright original image.
+        original: the upright original image, as decoded (at most ``MAX_SIDE`` on its longest side).
         view: the model's view of it (model-input size, padding included).
         methods: per configured method, in order, its maps.
         entropy: per map name, the entropy of the map over the patches.
@@ -234,7 +235,7 @@ class ImageFailure:
 
 @dataclass(frozen=True)
 class Objects:
-    """The objects of a ``multi`` image: boxes in the decoded image's pixels, where they came from
+    """The objects of a ``multi`` image: boxes in the original image's pixels, where they came from
     (``manifest`` or the detector's name) and why the detector could not be loaded (or None)."""
 
     boxes: tuple[ObjectBox, ...]
@@ -260,7 +261,7 @@ def explain(
     compared = "rollout" in sectioned_methods(outputs)
     return ImageResult(
         entry=entry,
-        size=original.size,
+        size=geometry.source,
         geometry=geometry,
         original=original,
         view=view,
@@ -339,7 +340,7 @@ def objects_experiment(
     geometry: Geometry,
     objects: Objects,
 ) -> ObjectsResult:
-    """Experiment 3: embeddings of the objects (boxes in the decoded image's pixels); the
+    """Experiment 3: embeddings of the objects (boxes in the original image's pixels); the
     rollout-weighted ones only when ``rollout`` (the rollout map) is given."""
     patch_tokens = forward.tokens[layout.num_prefix_tokens :].double().numpy()  # [P, C]
     labels = number_duplicates([b.label for b in objects.boxes])

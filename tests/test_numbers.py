@@ -7,6 +7,7 @@ Expected values are worked out by hand in the comments, never taken from the cod
 from __future__ import annotations
 
 import itertools
+import types
 import json
 import math
 import re
@@ -16,12 +17,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from conftest import TINY_MODEL, write_manifest, write_photo
 from sitecheck import disagreements
 
 from reportgen import Explainer
 from reportgen.cache import STATUS_FILE
 from reportgen.cli import main
+from reportgen.compute import _ObjectSource
+from reportgen.config import ObjectBox
+from reportgen.imaging import open_image
 from reportgen.experiments import Entropy
 from reportgen.methods import rollout as rollout_module
 from reportgen.methods.maths import entropy, normalised_entropy, rollout_step, top_fraction_overlap, top_membership
@@ -264,3 +269,62 @@ def test_the_page_and_results_json_give_the_provenance_of_the_fusion_used(tmp_pa
     assert record["rollout"]["provenance"] == RolloutMethod("max").provenance
     page = (out / record["page"]).read_text()
     assert str(markupsafe.escape(RolloutMethod("max").provenance)) in page and "0.5·A" not in page
+
+
+# --------------------------------------------------------------------------------------------
+# Boxes on images downscaled on decoding are reported in the original image's pixels.
+# --------------------------------------------------------------------------------------------
+
+
+def _wide_png(path, size=(5000, 300)):
+    """A PNG wider than the 4096 px working size: a horizontal gradient with a darker band."""
+    w, h = size
+    g = np.tile(np.linspace(0, 255, w, dtype=np.float64), (h, 1))
+    g[100:200] *= 0.5
+    Image.fromarray(np.stack([g, g[:, ::-1], np.full_like(g, 90)], axis=-1).astype(np.uint8)).save(path)
+    return path
+
+
+BOXES = [[1234, 17, 4321, 283], [0.5, 0, 2500.25, 150]]
+
+
+def test_manifest_boxes_on_a_downscaled_image_round_trip_exactly(tmp_path):
+    _wide_png(tmp_path / "wide.png")
+    objects = [{"label": "long", "box": BOXES[0]}, {"label": "left", "box": BOXES[1]}]
+    manifest = write_manifest(tmp_path, [{"path": "wide.png", "kind": "multi", "objects": objects}])
+    out = tmp_path / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.json").read_text())["images"][0]
+    assert record["size"] == [5000, 300]  # the file's pixels, which the boxes are in
+    assert [o["box"] for o in record["objects"]["objects"]] == BOXES
+    page = (out / record["page"]).read_text()
+    assert "<td>1234, 17, 4321, 283</td>" in page and "5000×300 px" in page
+    # The model sees it through the decoded image: 5000x300 becomes 4096 x round(245.76) = 246;
+    # the tiny model's centre crop (crop_pct 0.9) resizes the short side to floor(32 / 0.9) = 35,
+    # the long one to int(35 * 4096 / 246) = 582, and keeps x from round((582 - 32) / 2) = 275.
+    # So x in the file maps to x * 582 / 5000 - 275 in the input: box "long" covers the whole
+    # width (1234 -> < 0, 4321 -> > 32) and box "left" ends at 2500.25 * 582 / 5000 - 275.
+    (long, left) = record["objects"]["objects"]
+    assert long["input_box"][0] == 0 and long["input_box"][2] == 32
+    assert left["input_box"][2] == pytest.approx(2500.25 * 582 / 5000 - 275, rel=1e-6)
+
+
+def test_detector_boxes_on_a_downscaled_image_are_scaled_back(tmp_path):
+    image = open_image(_wide_png(tmp_path / "wide.png"))
+    w, h = image.size
+    assert w == 4096  # downscaled on decoding
+
+    class Detector:
+        def detect(self, seen):
+            assert seen.size == (w, h)
+            return [ObjectBox("all", 0.0, 0.0, float(w), float(h), 0.9), ObjectBox("right half", w / 2, 0.0, float(w), h / 2, 0.8)]
+
+    source = _ObjectSource(types.SimpleNamespace(detector=types.SimpleNamespace(name="fake", threshold=0.5)), [])
+    source._detector, source._tried = Detector(), True
+    entry = types.SimpleNamespace(objects=())
+    found = source(entry, image).boxes
+    # The whole decoded image is the whole 5000x300 file; its right half starts at x = 2500.
+    assert [b.as_tuple() for b in found] == [
+        pytest.approx((0, 0, 5000, 300)), pytest.approx((2500, 0, 5000, 150))]
+    assert [b.score for b in found] == [0.9, 0.8]
