@@ -71,7 +71,8 @@ class Explanation:
 
     @property
     def entropy(self) -> dict[str, Any]:
-        """Per map name, its entropy over the patches (``.nats`` and ``.normalised``)."""
+        """Per map name, its entropy over the patches (``.nats`` and ``.normalised``; both None for
+        an all-zero map, which has no entropy)."""
         return self.result.entropy
 
     @property

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import reportgen
-from reportgen.config import ImageEntry, Manifest
+from reportgen.config import ImageEntry, Manifest, ObjectBox
 from reportgen.errors import ImageError, ModelSettingsError
 from reportgen.experiments import ImageFailure, ImageResult, Objects, explain
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
@@ -204,11 +204,7 @@ def _prepare(entry: ImageEntry, data_config: dict, image: Image.Image | None = N
             raise ImageError(
                 f"objects[{i}] ({box.label!r}) box {list(box.as_tuple())} lies outside the {w}x{h} image"
             )
-    if original.size != (w, h):
-        fx, fy = original.width / w, original.height / h
-        entry = dataclasses.replace(entry, objects=tuple(
-            dataclasses.replace(b, x0=b.x0 * fx, y0=b.y0 * fy, x1=b.x1 * fx, y1=b.y1 * fy) for b in entry.objects
-        ))
+    # The boxes stay as given: the geometry maps the file's pixels (the reader's) into the input.
     tensor, geometry, view = preprocess(original, data_config)
     return _Prepared(entry, original, tensor, geometry, view)
 
@@ -229,7 +225,7 @@ class _ObjectSource:
         detector = self._load()
         if detector is None:
             return Objects((), self.settings.name, self._unavailable)
-        return Objects(tuple(detector.detect(image)), self.settings.name)
+        return Objects(_in_source_pixels(detector.detect(image), image), self.settings.name)
 
     def _load(self):
         if not self._tried:
@@ -242,6 +238,16 @@ class _ObjectSource:
                 self._unavailable = err.reason  # published on the image's page and the index
                 self.warnings.append(f"{err} Images with boxes in the manifest still get the objects experiment.")
         return self._detector
+
+
+def _in_source_pixels(boxes: list[ObjectBox], image: Image.Image) -> tuple[ObjectBox, ...]:
+    """Boxes found in a decoded image, in the pixels of the file it came from (which are larger
+    when the image was downscaled on decoding), like the manifest's."""
+    w, h = source_size(image)
+    if (w, h) == image.size:
+        return tuple(boxes)
+    fx, fy = w / image.width, h / image.height
+    return tuple(dataclasses.replace(b, x0=b.x0 * fx, y0=b.y0 * fy, x1=b.x1 * fx, y1=b.y1 * fy) for b in boxes)
 
 
 def _versions() -> dict[str, str | None]:

@@ -38,15 +38,33 @@ TOP_FRACTION = 0.1
 
 @dataclass(frozen=True)
 class Entropy:
-    """Entropy of one attention distribution: in nats, and divided by log(number of outcomes)."""
+    """Entropy of one attention distribution: in nats, and divided by log(number of outcomes).
 
-    nats: float
-    normalised: float
+    Both are None for a map with no positive weight (all zero): it is no distribution, and an
+    entropy of 0 would claim all its mass is on one patch.
+    """
+
+    nats: float | None
+    normalised: float | None
 
     @classmethod
     def of(cls, p: torch.Tensor | np.ndarray) -> Entropy:
         t = torch.as_tensor(np.asarray(p, dtype=np.float64)).flatten()
-        return cls(nats=float(entropy(t)), normalised=float(normalised_entropy(t)))
+        return cls.from_values(entropy(t), normalised_entropy(t))
+
+    @classmethod
+    def from_values(cls, nats: torch.Tensor | float, normalised: torch.Tensor | float) -> Entropy:
+        """From computed values, NaN (undefined) becoming None."""
+        return cls(nats=_defined(nats), normalised=_defined(normalised))
+
+    @property
+    def defined(self) -> bool:
+        return self.normalised is not None
+
+
+def _defined(value: torch.Tensor | float) -> float | None:
+    f = float(value)
+    return None if np.isnan(f) else f
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,8 @@ class AttentionResult:
         head_entropy: per head, of the query's attention over patches.
         mean_entropy: of the head-mean map.
         max_entropy: of the head-max map (normalised to a distribution first).
-        token_entropy: mean over query tokens of each row's entropy (over all N tokens).
+        token_entropy: mean over query tokens of each row's entropy (over all N tokens; None if
+            any row is all zero).
         prefix_mass: share of the head-mean query attention that goes to prefix tokens, not patches.
         box_mass: for each object given, the attention inside its box vs its area.
     """
@@ -102,7 +121,9 @@ class RolloutResult:
         rollout: ``[rows, cols]`` the query's row of the rollout.
         raw_entropy / rollout_entropy: entropies of the two maps over the patches.
         spearman: rank correlation of the two maps over patches.
-        top_overlap: share of the raw map's top-10% patches that are also in the rollout's top 10%.
+        top_overlap: share of the raw map's top-10% patches that are also in the rollout's top 10%
+            (the expected share when ties are broken at random, see
+            :func:`~reportgen.methods.maths.top_fraction_overlap`).
     """
 
     raw: np.ndarray
@@ -175,10 +196,11 @@ class ImageResult:
     """Everything the report shows for one image.
 
     Attributes:
-        entry: the manifest entry (boxes in the decoded image's pixels).
-        size: the decoded image's (width, height).
+        entry: the manifest entry (boxes in the original image's pixels).
+        size: the original image's (width, height): the file's, upright, before any downscaling
+            on decoding (``original`` may be smaller); boxes are in these pixels.
         geometry: how the image became the model input.
-        original: the upright original image.
+        original: the upright original image, as decoded (at most ``MAX_SIDE`` on its longest side).
         view: the model's view of it (model-input size, padding included).
         methods: per configured method, in order, its maps.
         entropy: per map name, the entropy of the map over the patches.
@@ -214,7 +236,7 @@ class ImageFailure:
 
 @dataclass(frozen=True)
 class Objects:
-    """The objects of a ``multi`` image: boxes in the decoded image's pixels, where they came from
+    """The objects of a ``multi`` image: boxes in the original image's pixels, where they came from
     (``manifest`` or the detector's name) and why the detector could not be loaded (or None)."""
 
     boxes: tuple[ObjectBox, ...]
@@ -240,7 +262,7 @@ def explain(
     compared = "rollout" in sectioned_methods(outputs)
     return ImageResult(
         entry=entry,
-        size=original.size,
+        size=geometry.source,
         geometry=geometry,
         original=original,
         view=view,
@@ -294,9 +316,7 @@ def attention_experiment(
         head_entropy=tuple(Entropy.of(h) for h in heads),
         mean_entropy=entropies["attention/mean"],
         max_entropy=entropies["attention/max"],
-        token_entropy=Entropy(
-            nats=float(entropy(token).mean()), normalised=float(normalised_entropy(token).mean())
-        ),
+        token_entropy=Entropy.from_values(entropy(token).mean(), normalised_entropy(token).mean()),
         prefix_mass=float(forward.query_rows[-1].mean(dim=0)[: layout.num_prefix_tokens].sum()),
         box_mass=tuple(box_mass),
     )
@@ -321,7 +341,7 @@ def objects_experiment(
     geometry: Geometry,
     objects: Objects,
 ) -> ObjectsResult:
-    """Experiment 3: embeddings of the objects (boxes in the decoded image's pixels); the
+    """Experiment 3: embeddings of the objects (boxes in the original image's pixels); the
     rollout-weighted ones only when ``rollout`` (the rollout map) is given."""
     patch_tokens = forward.tokens[layout.num_prefix_tokens :].double().numpy()  # [P, C]
     labels = number_duplicates([b.label for b in objects.boxes])

@@ -8,6 +8,7 @@ original pixels to model-input pixels that boxes and overlays need (:class:`Geom
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -136,8 +137,8 @@ def _bounded(rgb: Image.Image) -> Image.Image:
 def source_size(image: Image.Image) -> tuple[int, int]:
     """The upright size of the file an :func:`open_image` result came from, before downscaling.
 
-    Boxes in the manifest are in these pixels; multiply by ``image.width / source_size[0]``
-    (and likewise for y) to get pixels of the decoded image.
+    Boxes in the manifest, and every box the report gives, are in these pixels; multiply by
+    ``image.width / source_size[0]`` (and likewise for y) to get pixels of the decoded image.
     """
     return tuple(image.info.get(SOURCE_SIZE, image.size))
 
@@ -338,9 +339,14 @@ def preprocess(image: Image.Image, data_config: dict) -> tuple[torch.Tensor, Geo
 
     Returns:
         ``(tensor, geometry, model_view)``: float32 ``[3, H, W]`` normalised input, its
-        :class:`Geometry`, and the un-normalised RGB image the model sees (for overlays).
+        :class:`Geometry`, and the un-normalised RGB image the model sees (for overlays). The
+        geometry maps the pixels of the file the image came from (:func:`source_size`): for an
+        image downscaled on decoding, the resize it plans from the decoded size is, per axis, the
+        same scaling as from the source size, so boxes never need the decoded pixels.
     """
     geometry = plan_geometry(image.size, data_config)
+    if source_size(image) != image.size:
+        geometry = dataclasses.replace(geometry, source=source_size(image))
     interpolation = _INTERPOLATION.get(data_config.get("interpolation", "bilinear"), Image.Resampling.BILINEAR)
     resized = image.resize(geometry.resized, interpolation) if image.size != geometry.resized else image
     out_w, out_h = geometry.output

@@ -75,7 +75,9 @@ def disagreements(site: Path) -> tuple[int, list[str]]:
         for path, shown in parse(page).numbers:
             value = lookup(results, path)
             digits = len(shown.split(".")[1]) if "." in shown else 0
-            expected = "n/a" if value is None else f"{value:.{digits}f}"
+            # None shows as "n/a", or as "–" where it is an undefined entropy.
+            missing = shown if shown in ("n/a", "\u2013") else "n/a"
+            expected = missing if value is None else f"{value:.{digits}f}"
             checked += 1
             if shown != expected:
                 problems.append(f"{page.name}: {path} shows {shown}, results.json has {value}")

@@ -420,7 +420,10 @@ def test_huge_image_is_downscaled_not_refused_and_stays_fast(tmp_path):
     _clean_exit(result, 0)
     assert seconds < 20, f"a 6000x4000 image took {seconds:.1f} s"
     record = json.loads((out / "results.json").read_text())["images"][0]
-    assert max(record["size"]) <= MAX_SIDE
+    assert record["size"] == [6000, 4000]  # the original's size, which its boxes would be in
+    from reportgen.imaging import open_image
+
+    assert open_image(tmp_path / "huge.jpg").size == (MAX_SIDE, round(4000 * MAX_SIDE / 6000))  # what the model stage sees
     assert Image.open(out / record["figures"]["original"]).size == (768, 512)
 
 
@@ -440,6 +443,7 @@ def test_boxes_on_a_downscaled_huge_image_are_in_original_pixels(tmp_path):
     # The two halves of the image each get half of the (uniform crop of the) model input.
     visible = [o["visible"] for o in record["objects"]["objects"]]
     assert len(visible) == 2 and all(v > 0 for v in visible)
+    assert [o["box"] for o in record["objects"]["objects"]] == [[0, 0, 3000, 4000], [3000, 0, 6000, 4000]]
 
 
 # --------------------------------------------------------------------------------------------

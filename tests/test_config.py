@@ -277,7 +277,7 @@ def test_rollout_start_layer_is_in_the_cache_key_and_results(tmp_path, photo):
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["rollout_start_layer"] == 2
     page = (out / results["images"][0]["page"]).read_text()
-    assert "follows attention through layers 2 to 2 (the layers before the start layer count as the identity" in page
+    assert "multiplied through layers 2 to 2 (start layer 2, the layers before it the identity)" in page
     assert "Rollout before its start layer 2: the identity" in page and 'data-rollout-start="2"' in page
     again = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--rollout-start-layer", "2"])
     assert again.exit_code == 0 and "1 unchanged" in again.output, again.output

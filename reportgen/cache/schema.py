@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from reportgen.config import MAX_OBJECTS
 from reportgen.methods import QUERIES
@@ -74,7 +74,13 @@ class ModelRun(_Schema):
 
 class _Entropy(_Schema):
     nats: Number
-    normalised: Number
+    normalised: Number  # None, with nats, for an all-zero map (it has no entropy)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        if (self.nats is None) != (self.normalised is None):
+            raise ValueError("nats and normalised must both be numbers or both be null")
+        return self
 
 
 class _BoxMass(_Schema):
@@ -99,11 +105,19 @@ class _Attention(_Schema):
 class _Rollout(_Schema):
     raw_entropy: _Entropy
     rollout_entropy: _Entropy
-    entropy_change: Number
+    entropy_change: Number  # null exactly when either entropy is
     spearman: Number
     top_overlap: Share
+    provenance: Text
     raw: Matrix
     rollout: Matrix
+
+    @model_validator(mode="after")
+    def _change_defined_with_entropies(self):
+        defined = self.raw_entropy.normalised is not None and self.rollout_entropy.normalised is not None
+        if defined != (self.entropy_change is not None):
+            raise ValueError("entropy_change must be null exactly when an entropy is")
+        return self
 
 
 class _Map(_Schema):

@@ -44,7 +44,7 @@ from reportgen.site.records import page_name
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 4  # 4: the model's query in model_run
+STATUS_FORMAT = 4  # 4: the model's query; numbers to 7 significant digits, null entropies, rollout provenance, boxes in source pixels
 
 
 

@@ -61,7 +61,12 @@ def discard_lowest(attn: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def residual_attention(fused: torch.Tensor) -> torch.Tensor:
-    """Add the identity for the residual connection and renormalise rows: ``0.5*A + 0.5*I``.
+    """Add the identity for the residual connection and renormalise rows (Abnar & Zuidema's
+    ``0.5*A + 0.5*I`` then row normalisation).
+
+    A row of ``fused`` summing to ``s`` becomes ``(A + I) / (1 + s)``: the identity gets
+    ``1 / (1 + s)`` of it. That is half only when ``s = 1``; max fusion (``s >= 1``) gives the
+    identity less, min fusion or a discard (``s <= 1``) more.
 
     Args:
         fused: ``[..., N, N]`` head-fused attention (rows need not sum to 1, e.g. after max fusion).
@@ -132,17 +137,24 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Shannon entropy in nats of distributions along ``dim`` (``0 log 0 = 0``).
 
     ``p`` is renormalised first, so a CLS row restricted to the patches (which does not sum to 1
-    once the prefix tokens are dropped) is treated as a distribution over the patch grid.
+    once the prefix tokens are dropped) is treated as a distribution over the patch grid. Negative
+    weights count as 0. A row with no positive weight is no distribution: its entropy is NaN, not
+    0, which would read as all the mass on one outcome.
     """
-    q = normalise(p.clamp_min(0), dim=dim)
+    weights = p.clamp_min(0)
+    q = normalise(weights, dim=dim)
     logs = torch.where(q > 0, q.log(), torch.zeros_like(q))
-    return -(q * logs).sum(dim=dim)
+    h = -(q * logs).sum(dim=dim)
+    defined = (weights > 0).any(dim=dim)
+    return torch.where(defined, h, torch.full_like(h, math.nan))
 
 
 def normalised_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Entropy divided by ``log(n)``: 0 for a one-hot distribution, 1 for a uniform one."""
+    """Entropy divided by ``log(n)``: 0 for a one-hot distribution, 1 for a uniform one; NaN where
+    :func:`entropy` is (no positive weight). With one outcome it is 0 (there is nothing to spread)."""
     n = p.shape[dim]
-    return entropy(p, dim=dim) / math.log(n) if n > 1 else torch.zeros_like(entropy(p, dim=dim))
+    h = entropy(p, dim=dim)
+    return h / math.log(n) if n > 1 else torch.where(torch.isnan(h), h, torch.zeros_like(h))
 
 
 def rank(values: np.ndarray) -> np.ndarray:
@@ -170,13 +182,29 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
+def top_membership(values: np.ndarray, k: int) -> np.ndarray:
+    """How much each entry belongs to the top ``k`` of ``values``, with ties shared.
+
+    Entries above the ``k``-th largest value belong fully (1); the ``t`` entries equal to it share
+    the ``m`` places left, ``m / t`` each; the rest 0. The memberships sum to ``k``, and each is the
+    probability that the entry is in the top ``k`` when ties are broken uniformly at random.
+    """
+    values = np.ravel(values)
+    kth = np.sort(values)[::-1][k - 1]
+    above = values > kth
+    tied = values == kth
+    return np.where(above, 1.0, np.where(tied, (k - int(above.sum())) / int(tied.sum()), 0.0))
+
+
 def top_fraction_overlap(a: np.ndarray, b: np.ndarray, fraction: float = 0.1) -> float:
     """Share of the top ``fraction`` of entries of ``a`` that are also in the top of ``b``.
 
-    ``k = ceil(fraction * n)`` entries on each side; ties are broken by position (stable sort).
+    ``k = ceil(fraction * n)`` entries on each side. Ties at the ``k``-th value are not broken by
+    position (which would favour the first patches, the top-left, and make two flat maps agree
+    perfectly): the result is the expected overlap when each map's ties are broken uniformly at
+    random, ``sum(m_a * m_b) / k`` with the memberships of :func:`top_membership`. Without ties at
+    the ``k``-th value it is the plain ``|top_a ∩ top_b| / k``; for two constant maps it is ``k / n``.
     """
     a, b = np.ravel(a), np.ravel(b)
     k = max(1, math.ceil(fraction * len(a)))
-    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
-    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
-    return len(top_a & top_b) / k
+    return float((top_membership(a, k) * top_membership(b, k)).sum() / k)

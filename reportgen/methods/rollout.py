@@ -1,11 +1,12 @@
 """``rollout``: attention rollout from the query (Abnar & Zuidema 2020).
 
-Heads fused (mean, max or min), optionally the lowest fraction of each layer discarded,
-``0.5·A + 0.5·I`` for the residual with rows renormalised, multiplied layer by layer from the
-start layer on (the layers before it count as the identity, as Chefer et al. 2021 start theirs).
-The reducer advances the rollout as each layer runs and keeps only the query's row per layer (the
-CLS token's, or the mean of the patch queries' rows: see
-:attr:`~reportgen.methods.base.TokenLayout.query`).
+Heads fused (mean, max or min), optionally the lowest fraction of each layer discarded, the
+identity added for the residual and rows renormalised, ``(A + I) / (1 + s)`` with ``s`` the fused
+row's sum, multiplied layer by layer from the start layer on (the layers before it count as the
+identity, as Chefer et al. 2021 start theirs). That is ``0.5·A + 0.5·I`` only when the fused rows
+sum to 1 (mean fusion, nothing discarded); the provenance says which it is. The reducer advances
+the rollout as each layer runs and keeps only the query's row per layer (the CLS token's, or the
+mean of the patch queries' rows: see :attr:`~reportgen.methods.base.TokenLayout.query`).
 """
 
 from __future__ import annotations
@@ -62,23 +63,46 @@ class RolloutMethod:
     def reducer(self, depth: int, layout: TokenLayout) -> _Rollout:
         return _Rollout(depth, layout, self.head_fusion, self.discard_ratio, self.start_layer)
 
-    def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
-        by_layer = layout.to_grid(forward.kept["rollout"]["query_by_layer"])  # [L, rows, cols]
-        depth = by_layer.shape[0]
+    def provenance(self, query: str, depth: int) -> str:
+        """What the map is (from ``query``, through ``depth`` layers), saying how much of each row
+        the residual step gives the identity."""
         discard = f", lowest {self.discard_ratio:g} of each layer discarded" if self.discard_ratio else ""
         layers = (
             "all layers" if self.start_layer == 1
             else f"layers {self.start_layer} to {depth} (start layer {self.start_layer}, the layers before it the identity)"
         )
+        return (
+            f"attention rollout from {query} (Abnar & Zuidema 2020): heads fused by {self.head_fusion}"
+            f"{discard}, {residual_wording(self.head_fusion, self.discard_ratio)}, multiplied through {layers}"
+        )
+
+    def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
+        by_layer = layout.to_grid(forward.kept["rollout"]["query_by_layer"])  # [L, rows, cols]
         return MethodMaps(
             maps={"rollout": by_layer[-1]},
             layers=by_layer[:, None],
             extras={},
-            provenance=(
-                f"attention rollout from {layout.query.name} (Abnar & Zuidema 2020): heads fused by {self.head_fusion}"
-                f"{discard}, 0.5·A + 0.5·I with rows renormalised, multiplied through {layers}"
-            ),
+            provenance=self.provenance(layout.query.name, by_layer.shape[0]),
         )
+
+
+def residual_wording(head_fusion: str, discard_ratio: float) -> str:
+    """The residual step (:func:`~reportgen.methods.maths.residual_attention`) in words.
+
+    A fused row summing to ``s`` becomes ``(A + I) / (1 + s)``: attention ``s / (1 + s)`` of the
+    row, identity ``1 / (1 + s)``. Half and half only when ``s = 1``: the mean of the heads' rows
+    (each sums to 1) with nothing discarded. The max over heads sums to at least 1 and the min to
+    at most 1, and discarding only lowers ``s``.
+    """
+    if head_fusion == "mean" and not discard_ratio:
+        return "0.5·A + 0.5·I (the fused rows sum to 1: half attention, half identity)"
+    if head_fusion == "max" and not discard_ratio:
+        share = "≥ 1 for max: attention gets s/(1 + s) ≥ half of each row, the identity the rest"
+    elif head_fusion == "max":
+        share = "attention gets s/(1 + s) of each row, the identity 1/(1 + s), s above or below 1 after the discard"
+    else:
+        share = f"≤ 1 {'for min' if head_fusion == 'min' else 'after the discard'}: the identity gets 1/(1 + s) ≥ half of each row"
+    return f"(A + I)/(1 + s) per row, s being the fused row's sum ({share})"
 
 
 def create(settings) -> RolloutMethod:

@@ -359,7 +359,10 @@ def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float
         write_explorer_sprite(stack, cmap, file)
     if objects:
         with out("objects") as file:
-            write_boxes(result.original, [(o.label, o.box, o.score) for o in objects], file)
+            # Boxes are in the original image's pixels; the decoded image may be downscaled.
+            fx, fy = result.original.width / result.size[0], result.original.height / result.size[1]
+            drawn = [(o.label, (o.box[0] * fx, o.box[1] * fy, o.box[2] * fx, o.box[3] * fy), o.score) for o in objects]
+            write_boxes(result.original, drawn, file)
     if "similarity" in figures:
         with out("similarity") as file:
             write_similarity_heatmaps(result.objects.labels, result.objects.plain_similarity, result.objects.rollout_similarity, file)

@@ -31,9 +31,13 @@ def template_dir() -> Path:
     return Path(__file__).resolve().parent / "templates"
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+#: How an undefined entropy (of an all-zero map) is shown; the index's sort script knows it.
+UNDEFINED = "\u2013"
+
+
+def _fmt(value: Any, digits: int = 3, missing: str = "n/a") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
+        return missing
     if isinstance(value, int) or digits == 0:
         return f"{round(value):d}"
     return f"{value:.{digits}f}"
@@ -52,6 +56,7 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["fmt"] = _fmt
+    env.globals["UNDEFINED"] = UNDEFINED
     return env
 
 

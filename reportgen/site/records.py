@@ -23,11 +23,15 @@ if TYPE_CHECKING:  # results come from the model stage; the site only reads thei
     from reportgen.config import ImageEntry, Manifest
     from reportgen.experiments import ImageResult, ObjectsResult
 
-DIGITS = 6  # decimals kept in results.json
+# Significant digits kept in results.json. Relative rather than absolute precision: rollout values
+# around 0.002 would keep only 3-4 digits at 6 decimals, too few to check them at a relative 1e-6.
+# Rounding to 7 significant digits errs by at most 5e-7 relative (float32 holds about 7.2).
+SIGNIFICANT_DIGITS = 7
 
 
 def plain(value: Any) -> Any:
-    """Convert results to JSON-safe values: arrays to nested lists, floats rounded, NaN to None."""
+    """Convert results to JSON-safe values: arrays to nested lists, floats rounded to
+    :data:`SIGNIFICANT_DIGITS`, NaN and infinities to None; integers stay integers."""
     if is_dataclass(value) and not isinstance(value, type):
         return {k: plain(v) for k, v in asdict(value).items()}
     if isinstance(value, dict):
@@ -38,12 +42,18 @@ def plain(value: Any) -> Any:
         return plain(value.tolist())
     if isinstance(value, (np.floating, float)):
         f = float(value)
-        return None if math.isnan(f) or math.isinf(f) else round(f, DIGITS)
+        return None if math.isnan(f) or math.isinf(f) else significant(f)
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def significant(value: float) -> float:
+    """``value`` rounded to :data:`SIGNIFICANT_DIGITS` significant digits (JSON then writes the
+    shortest text that reads back as that float, so the output is deterministic and compact)."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS - 1}e}")
 
 
 def page_name(slug: str) -> str:
@@ -97,9 +107,12 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
         record["rollout"] = {
             "raw_entropy": plain(r.raw_entropy),
             "rollout_entropy": plain(r.rollout_entropy),
-            "entropy_change": plain(r.rollout_entropy.normalised - r.raw_entropy.normalised),
+            "entropy_change": plain(r.rollout_entropy.normalised - r.raw_entropy.normalised)
+            if r.rollout_entropy.defined and r.raw_entropy.defined
+            else None,
             "spearman": plain(r.spearman),
             "top_overlap": plain(r.top_overlap),
+            "provenance": result.methods["rollout"].provenance,
             "raw": plain(r.raw),
             "rollout": plain(r.rollout),
         }

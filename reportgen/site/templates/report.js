@@ -42,8 +42,8 @@
 
   // Sortable tables: click a column header to sort by it (numbers numerically), again to reverse.
   // A row with nothing in the column (a failed image's row has one wide cell; "—" or "n/a" mark a
-  // missing value) goes after the others in either direction.
-  var MISSING = ["", "\u2014", "n/a"];
+  // missing value, "–" an undefined entropy) goes after the others in either direction.
+  var MISSING = ["", "\u2014", "\u2013", "n/a"];
 
   function sortKey(row, column) {
     var start = 0;
