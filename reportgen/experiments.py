@@ -6,9 +6,13 @@
 3. Object embeddings pooled from patch tokens, plain and (with ``rollout``) rollout-weighted, and
    their cosine similarities.
 
-Every map of every configured method also gets its entropy. Results are dataclasses of numpy
+Every map of every configured method also gets its entropy and the share of its mass on letterbox
+padding. Every statistic of a map (entropy, rank agreement, top-10% overlap, mass in a box) is taken
+over the patches that hold image, each weighted by the fraction of it that is image
+(:class:`Content`), so padding neither dilutes nor inflates it. Results are dataclasses of numpy
 arrays, floats and images; later stages (figures, site, the API) never see tensors. Grids are
-``[rows, cols]`` arrays over the model input's patch grid.
+``[rows, cols]`` arrays over the model input's patch grid (padding included: the maps are what the
+model gave).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from reportgen.methods.embeddings import (
     pooled_embedding,
     rollout_weights,
 )
-from reportgen.methods.maths import entropy, normalised_entropy, spearman, top_fraction_overlap
+from reportgen.methods.maths import (
+    content_values,
+    entropy,
+    normalised_entropy,
+    padding_share,
+    spearman,
+    top_fraction_overlap,
+)
 
 TOP_FRACTION = 0.1
 
@@ -49,12 +60,40 @@ class Entropy:
 
 
 @dataclass(frozen=True)
+class Content:
+    """Which patches of the model input hold image rather than letterbox padding.
+
+    Attributes:
+        weights: ``[rows, cols]`` fraction of each patch covered by the image, in ``[0, 1]``.
+    """
+
+    weights: np.ndarray
+
+    @classmethod
+    def of(cls, geometry: Geometry, layout: TokenLayout) -> Content:
+        return cls(patch_coverage(geometry.content_box(), layout.grid, layout.patch_size))
+
+    @property
+    def fraction(self) -> float:
+        """Share of the patch grid's area that is image."""
+        return float(self.weights.mean())
+
+    def values(self, grid: np.ndarray) -> np.ndarray:
+        """``grid`` over the patches with image, each weighted by its image fraction (flat)."""
+        return content_values(grid, self.weights)
+
+    def padding_share(self, grid: np.ndarray) -> float | None:
+        """Share of ``grid``'s mass on padding (None for a map without mass)."""
+        return padding_share(grid, self.weights)
+
+
+@dataclass(frozen=True)
 class BoxMass:
     """How much of the head-mean CLS attention falls inside an object's box.
 
     Attributes:
         label: the object's label.
-        mass: share of the attention (normalised over patches) inside the box, in [0, 1].
+        mass: share of the attention on the image (padding excluded) that is inside the box.
         area_share: the box's share of the image area the model sees (padding excluded).
     """
 
@@ -180,7 +219,9 @@ class ImageResult:
         original: the upright original image.
         view: the model's view of it (model-input size, padding included).
         methods: per configured method, in order, its maps.
-        entropy: per map name, the entropy of the map over the patches.
+        content: which patches hold image rather than padding.
+        entropy: per map name, the entropy of the map over the image's patches.
+        padding_share: per map name, the share of its mass on letterbox padding (None without mass).
         attention: experiment 1 (with the ``attention`` method), else None.
         rollout: experiment 2 (with ``attention`` and ``rollout``), else None.
         objects: experiment 3 (``multi`` images), else None.
@@ -192,7 +233,9 @@ class ImageResult:
     original: Image.Image
     view: Image.Image
     methods: dict[str, MethodMaps]
+    content: Content
     entropy: dict[str, Entropy]
+    padding_share: dict[str, float | None]
     attention: AttentionResult | None
     rollout: RolloutResult | None
     objects: ObjectsResult | None
@@ -234,7 +277,8 @@ def explain(
     """Run the methods' maps and the experiments on one image's forward pass."""
     outputs = {method.spec.name: method.maps(forward, layout) for method in methods}
     maps = _all_maps(outputs)
-    entropies = {name: Entropy.of(grid) for name, grid in maps.items()}
+    content = Content.of(geometry, layout)
+    entropies = {name: Entropy.of(content.values(grid)) for name, grid in maps.items()}
     attention = outputs.get("attention")
     compared = "rollout" in sectioned_methods(outputs)
     return ImageResult(
@@ -244,9 +288,11 @@ def explain(
         original=original,
         view=view,
         methods=outputs,
+        content=content,
         entropy=entropies,
-        attention=attention_experiment(attention, forward, entropies, layout, geometry, entry.objects) if attention else None,
-        rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies) if compared else None,
+        padding_share={name: content.padding_share(grid) for name, grid in maps.items()},
+        attention=attention_experiment(attention, forward, entropies, content, layout, geometry, entry.objects) if attention else None,
+        rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies, content) if compared else None,
         objects=objects_experiment(forward, maps.get("rollout"), layout, geometry, objects) if objects else None,
     )
 
@@ -265,6 +311,7 @@ def attention_experiment(
     attention: MethodMaps,
     forward: ForwardPass,
     entropies: dict[str, Entropy],
+    content: Content,
     layout: TokenLayout,
     geometry: Geometry,
     boxes: tuple[ObjectBox, ...] = (),
@@ -280,7 +327,7 @@ def attention_experiment(
         box_mass.append(
             BoxMass(
                 label=label,
-                mass=float((coverage * mean).sum() / mean.sum()),
+                mass=float((coverage * mean).sum() / (content.weights * mean).sum()),
                 area_share=_box_fraction(input_box, geometry),
             )
         )
@@ -290,7 +337,7 @@ def attention_experiment(
         mean=mean,
         max=peak,
         token_attention=attention.extras["token_attention"],
-        head_entropy=tuple(Entropy.of(h) for h in heads),
+        head_entropy=tuple(Entropy.of(content.values(h)) for h in heads),
         mean_entropy=entropies["attention/mean"],
         max_entropy=entropies["attention/max"],
         token_entropy=Entropy(
@@ -301,15 +348,15 @@ def attention_experiment(
     )
 
 
-def rollout_experiment(raw: np.ndarray, rolled: np.ndarray, entropies: dict[str, Entropy]) -> RolloutResult:
-    """Experiment 2: the last-layer head-mean CLS attention against the rollout."""
+def rollout_experiment(raw: np.ndarray, rolled: np.ndarray, entropies: dict[str, Entropy], content: Content) -> RolloutResult:
+    """Experiment 2: the last-layer head-mean CLS attention against the rollout, over the image."""
     return RolloutResult(
         raw=raw,
         rollout=rolled,
         raw_entropy=entropies["attention/mean"],
         rollout_entropy=entropies["rollout"],
-        spearman=spearman(raw, rolled),
-        top_overlap=top_fraction_overlap(raw, rolled, TOP_FRACTION),
+        spearman=spearman(content.values(raw), content.values(rolled)),
+        top_overlap=top_fraction_overlap(content.values(raw), content.values(rolled), TOP_FRACTION),
     )
 
 

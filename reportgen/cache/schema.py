@@ -112,6 +112,12 @@ class _Map(_Schema):
     figure: Text
 
 
+class _Content(_Schema):
+    fraction: Share
+    weights: Matrix
+    padding_share: Annotated[dict[Text, Share], Field(max_length=MAX_LIST)]
+
+
 class _Object(_Schema):
     label: Text
     base_label: Text
@@ -155,6 +161,7 @@ class Record(_Schema):
     figures: dict[str, Any]
     error: None  # failed images are never cached
     size: Pair
+    content: _Content
     attention: _Attention | None
     rollout: _Rollout | None
     objects: _Objects | None

@@ -44,7 +44,7 @@ from reportgen.site.records import page_name
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 3  # 3: records per configured map method
+STATUS_FORMAT = 4  # 3: records per configured map method; 4: statistics over the image, padding shares
 
 
 
@@ -273,6 +273,10 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
             raise ValueError("attention.box_mass does not match the image's boxes")
     if r is not None:
         grids.update({"rollout.raw": r.raw, "rollout.rollout": r.rollout})
+    grids["content.weights"] = record.content.weights
+    map_names = sorted(m for name in methods for m, _ in METHODS[name].maps)
+    if sorted(record.content.padding_share) != map_names:
+        raise ValueError("content.padding_share does not name the methods' maps")
     others = [(name, m, figure_key(stem)) for name in methods if name not in shown for m, stem in METHODS[name].maps]
     if sorted(record.maps or {}) != sorted(m for _, m, _ in others):
         raise ValueError("maps do not match the methods")

@@ -141,6 +141,30 @@ def normalised_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return entropy(p, dim=dim) / math.log(n) if n > 1 else torch.zeros_like(entropy(p, dim=dim))
 
 
+def content_values(grid: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """A map over the patches that hold image, each weighted by the fraction of it that is image.
+
+    Args:
+        grid: ``[rows, cols]`` map over the patch grid.
+        content: ``[rows, cols]`` fraction of each patch covered by the image (0 for letterbox
+            padding, 1 inside the image, in between on its border).
+
+    Returns:
+        ``[P']`` flat, the patches with any image only: the values every map statistic is taken over.
+    """
+    grid, content = np.asarray(grid, dtype=np.float64), np.asarray(content, dtype=np.float64)
+    inside = content > 0
+    return (grid * content)[inside]
+
+
+def padding_share(grid: np.ndarray, content: np.ndarray) -> float | None:
+    """Share of a non-negative map's mass on letterbox padding (the part of each patch that is not
+    image); None for a map without mass."""
+    grid, content = np.asarray(grid, dtype=np.float64), np.asarray(content, dtype=np.float64)
+    total = float(grid.sum())
+    return float((grid * (1.0 - content)).sum()) / total if total > 0 else None
+
+
 def rank(values: np.ndarray) -> np.ndarray:
     """Ranks starting at 1, ties given their average rank (as Spearman's rho needs)."""
     values = np.asarray(values, dtype=np.float64)

@@ -63,6 +63,7 @@ def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
         "error": None,
         "size": None,
         "figures": {},
+        "content": None,
         "attention": None,
         "rollout": None,
         "objects": None,
@@ -77,7 +78,16 @@ def failure_record(entry: ImageEntry, message: str) -> dict[str, Any]:
 
 def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]:
     """The record of one image that worked, with its :func:`~reportgen.site.figures.figure_index`."""
-    record = _entry_record(result.entry, size=list(result.size), figures=figures)
+    record = _entry_record(
+        result.entry,
+        size=list(result.size),
+        figures=figures,
+        content={
+            "fraction": plain(result.content.fraction),
+            "weights": plain(result.content.weights),
+            "padding_share": plain(result.padding_share),
+        },
+    )
     if result.attention is not None:
         a = result.attention
         record["attention"] = {
