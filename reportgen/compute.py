@@ -105,7 +105,7 @@ class Computation:
         methods = create_methods(self.manifest.methods, self.manifest.attention)
         runner = ModelRunner(loaded, methods)
         self.model_run = ModelRun(loaded, None, _versions())
-        layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size)
+        layout = TokenLayout(loaded.num_prefix_tokens, loaded.grid, loaded.patch_size, loaded.prefix_kinds)
         objects_for = _ObjectSource(self.manifest, self.warnings)
         items = list(zip(entries, images or [None] * len(entries)))
         batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]

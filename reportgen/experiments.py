@@ -25,7 +25,7 @@ from PIL import Image
 
 from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
-from reportgen.methods import sectioned_methods
+from reportgen.methods import DOMINANT_SHARE, sectioned_methods
 from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, TokenLayout
 from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
@@ -37,6 +37,7 @@ from reportgen.methods.embeddings import (
 from reportgen.methods.maths import (
     content_values,
     entropy,
+    norm_outlier_threshold,
     normalised_entropy,
     padding_share,
     spearman,
@@ -85,6 +86,80 @@ class Content:
     def padding_share(self, grid: np.ndarray) -> float | None:
         """Share of ``grid``'s mass on padding (None for a map without mass)."""
         return padding_share(grid, self.weights)
+
+
+@dataclass(frozen=True)
+class TokenNorms:
+    """The L2 norms of the patch tokens at each block's output, and the high-norm outliers.
+
+    Attributes:
+        patches: ``[L, rows, cols]`` norm of each patch token per layer.
+        prefix: ``[L, num_prefix_tokens]`` norm of each prefix token per layer.
+        threshold: ``[L]`` per layer, the norm above which a patch token is an outlier (see
+            :func:`~reportgen.methods.maths.norm_outlier_threshold`).
+        outliers: ``[L, rows, cols]`` True where a patch token's norm is above its layer's threshold.
+    """
+
+    patches: np.ndarray
+    prefix: np.ndarray
+    threshold: np.ndarray
+    outliers: np.ndarray
+
+    @classmethod
+    def of(cls, norms: torch.Tensor, layout: TokenLayout) -> TokenNorms:
+        values = norms.double().numpy()  # [L, N]
+        patches = values[:, layout.num_prefix_tokens :]
+        threshold = norm_outlier_threshold(patches)
+        return cls(
+            patches=patches.reshape(-1, *layout.grid),
+            prefix=values[:, : layout.num_prefix_tokens],
+            threshold=threshold,
+            outliers=(patches > threshold[:, None]).reshape(-1, *layout.grid),
+        )
+
+    @property
+    def last_outliers(self) -> np.ndarray:
+        """``[rows, cols]`` the outliers among the tokens the model ends with (last block's output)."""
+        return self.outliers[-1]
+
+
+@dataclass(frozen=True)
+class Concentration:
+    """Where a map's mass sits besides the image: one patch, high-norm tokens, prefix tokens.
+
+    Attributes:
+        peak: (row, col) of the map's largest patch (the first, in row order, among equals).
+        peak_share: that patch's share of the map's mass on the patches.
+        peak_is_outlier: the peak is a high-norm outlier token of the last layer.
+        outlier_share: share of the map's mass on the patches that lies on those outlier tokens.
+        prefix_share: per kind of prefix token (``cls``, ``register``, ...), its share of the
+            map's whole mass (prefix tokens and patches); empty for a map over the patches only.
+        note: the peak is an outlier token or holds more than ``DOMINANT_SHARE`` of the mass.
+    """
+
+    peak: tuple[int, int]
+    peak_share: float | None
+    peak_is_outlier: bool
+    outlier_share: float | None
+    prefix_share: dict[str, float]
+    note: bool
+
+
+def concentration(grid: np.ndarray, prefix: np.ndarray | None, outliers: np.ndarray | None, layout: TokenLayout) -> Concentration:
+    """The :class:`Concentration` of one map (``prefix``: its values on the prefix tokens, or None)."""
+    total = float(grid.sum())
+    flat = int(np.argmax(grid))
+    peak = (flat // grid.shape[1], flat % grid.shape[1])
+    peak_share = float(grid.max()) / total if total > 0 else None
+    peak_is_outlier = bool(outliers is not None and outliers[peak])
+    outlier_share = float(grid[outliers].sum()) / total if outliers is not None and total > 0 else None
+    prefix_share: dict[str, float] = {}
+    if prefix is not None and len(prefix):
+        whole = total + float(prefix.sum())
+        for kind, value in zip(layout.kinds(), prefix):
+            prefix_share[kind] = prefix_share.get(kind, 0.0) + (float(value) / whole if whole > 0 else 0.0)
+    dominant = peak_share is not None and peak_share > DOMINANT_SHARE
+    return Concentration(peak, peak_share, peak_is_outlier, outlier_share, prefix_share, peak_is_outlier or dominant)
 
 
 @dataclass(frozen=True)
@@ -222,6 +297,8 @@ class ImageResult:
         content: which patches hold image rather than padding.
         entropy: per map name, the entropy of the map over the image's patches.
         padding_share: per map name, the share of its mass on letterbox padding (None without mass).
+        concentration: per map name, its peak and its mass on outlier and prefix tokens.
+        norms: the token norms per layer and their high-norm outliers (None when not captured).
         attention: experiment 1 (with the ``attention`` method), else None.
         rollout: experiment 2 (with ``attention`` and ``rollout``), else None.
         objects: experiment 3 (``multi`` images), else None.
@@ -236,6 +313,8 @@ class ImageResult:
     content: Content
     entropy: dict[str, Entropy]
     padding_share: dict[str, float | None]
+    concentration: dict[str, Concentration]
+    norms: TokenNorms | None
     attention: AttentionResult | None
     rollout: RolloutResult | None
     objects: ObjectsResult | None
@@ -281,6 +360,9 @@ def explain(
     entropies = {name: Entropy.of(content.values(grid)) for name, grid in maps.items()}
     attention = outputs.get("attention")
     compared = "rollout" in sectioned_methods(outputs)
+    norms = TokenNorms.of(forward.token_norms, layout) if forward.token_norms is not None else None
+    outliers = norms.last_outliers if norms is not None else None
+    prefixes = {name: values for output in outputs.values() for name, values in output.prefix.items()}
     return ImageResult(
         entry=entry,
         size=original.size,
@@ -291,6 +373,8 @@ def explain(
         content=content,
         entropy=entropies,
         padding_share={name: content.padding_share(grid) for name, grid in maps.items()},
+        concentration={name: concentration(grid, prefixes.get(name), outliers, layout) for name, grid in maps.items()},
+        norms=norms,
         attention=attention_experiment(attention, forward, entropies, content, layout, geometry, entry.objects) if attention else None,
         rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies, content) if compared else None,
         objects=objects_experiment(forward, maps.get("rollout"), layout, geometry, objects) if objects else None,

@@ -118,6 +118,22 @@ class _Content(_Schema):
     padding_share: Annotated[dict[Text, Share], Field(max_length=MAX_LIST)]
 
 
+class _Concentration(_Schema):
+    peak: Pair
+    peak_share: Share
+    peak_is_outlier: bool
+    outlier_share: Share
+    prefix_share: Annotated[dict[Text, Share], Field(max_length=8)]
+    note: bool
+
+
+class _Norms(_Schema):
+    patches: list[Matrix]
+    prefix: list[list[Number]]
+    threshold: list[Number]
+    outliers: list[list[Pair]]
+
+
 class _Object(_Schema):
     label: Text
     base_label: Text
@@ -162,6 +178,8 @@ class Record(_Schema):
     error: None  # failed images are never cached
     size: Pair
     content: _Content
+    concentration: Annotated[dict[Text, _Concentration], Field(max_length=MAX_LIST)]
+    norms: _Norms | None
     attention: _Attention | None
     rollout: _Rollout | None
     objects: _Objects | None

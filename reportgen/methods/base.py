@@ -35,11 +35,19 @@ class TokenLayout:
         num_prefix_tokens: CLS (+ distillation, registers) before the patches.
         grid: patch grid (rows, cols).
         patch_size: patch (h, w) in input pixels.
+        prefix_kinds: what each prefix token is (``cls``, ``distillation``, ``register``, or
+            ``prefix`` when the model does not say), in token order.
     """
 
     num_prefix_tokens: int
     grid: tuple[int, int]
     patch_size: tuple[int, int]
+    prefix_kinds: tuple[str, ...] = ()
+
+    def kinds(self) -> tuple[str, ...]:
+        """``prefix_kinds``, or ``prefix`` for each prefix token when they are not known."""
+        known = len(self.prefix_kinds) == self.num_prefix_tokens
+        return self.prefix_kinds if known else ("prefix",) * self.num_prefix_tokens
 
     def to_grid(self, values: torch.Tensor) -> np.ndarray:
         """``[..., N]`` token values -> float64 ``[..., rows, cols]`` over the patches (prefix dropped)."""
@@ -53,12 +61,15 @@ class ForwardPass:
 
     Attributes:
         tokens: ``[N, C]`` final-layer tokens after the final norm.
+        token_norms: ``[L, N]`` L2 norm of every token at each block's output (None when not
+            captured).
         cls_rows: ``[L, H, N]`` the CLS row of every layer's attention per head (rows of the full
             matrix: each sums to 1 over all tokens), or None when no method needs them.
         kept: per method name, what its :class:`LayerReducer` kept for this image.
     """
 
     tokens: torch.Tensor
+    token_norms: torch.Tensor | None = None
     cls_rows: torch.Tensor | None = None
     kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -72,12 +83,15 @@ class MethodMaps:
         layers: float64 ``[L, K, rows, cols]``: the method's K explorer columns at every layer.
         extras: further arrays the method's own experiment reads (e.g. per-head maps).
         provenance: how the maps were made, in one sentence.
+        prefix: per map name, float64 ``[num_prefix_tokens]``: the map's values on the prefix
+            tokens, for maps that are rows over all tokens (attention, rollout); absent otherwise.
     """
 
     maps: dict[str, np.ndarray]
     layers: np.ndarray
     extras: dict[str, np.ndarray]
     provenance: str
+    prefix: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class LayerReducer(Protocol):

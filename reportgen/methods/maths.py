@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from reportgen.methods import HEAD_FUSIONS
+from reportgen.methods import HEAD_FUSIONS, OUTLIER_RATIO, OUTLIER_SIGMAS
 
 
 def fuse_heads(attn: torch.Tensor, how: str = "mean") -> torch.Tensor:
@@ -163,6 +163,30 @@ def padding_share(grid: np.ndarray, content: np.ndarray) -> float | None:
     grid, content = np.asarray(grid, dtype=np.float64), np.asarray(content, dtype=np.float64)
     total = float(grid.sum())
     return float((grid * (1.0 - content)).sum()) / total if total > 0 else None
+
+
+#: The MAD of a normal distribution times this is its standard deviation.
+MAD_TO_SIGMA = 1.4826
+
+
+def norm_outlier_threshold(norms: np.ndarray, sigmas: float = OUTLIER_SIGMAS, ratio: float = OUTLIER_RATIO) -> np.ndarray:
+    """Per row (layer), the norm above which a token is a high-norm outlier: the larger of
+    ``median + sigmas * 1.4826 * MAD`` and ``ratio * median`` of that row's values (MAD: the
+    median absolute deviation).
+
+    Median and MAD ignore the outliers themselves, unlike mean and standard deviation, which the
+    few artefact tokens of Darcet et al. 2024 (norms several times the rest) would inflate.
+
+    Args:
+        norms: ``[L, P]`` token norms per layer.
+
+    Returns:
+        ``[L]`` thresholds.
+    """
+    norms = np.asarray(norms, dtype=np.float64)
+    median = np.median(norms, axis=-1)
+    mad = np.median(np.abs(norms - median[..., None]), axis=-1)
+    return np.maximum(median + sigmas * MAD_TO_SIGMA * mad, ratio * median)
 
 
 def rank(values: np.ndarray) -> np.ndarray:

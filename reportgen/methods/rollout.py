@@ -49,7 +49,8 @@ class RolloutMethod:
         return _Rollout(depth, self.head_fusion, self.discard_ratio)
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
-        by_layer = layout.to_grid(forward.kept["rollout"]["cls_by_layer"])  # [L, rows, cols]
+        rows = forward.kept["rollout"]["cls_by_layer"]  # [L, N]
+        by_layer = layout.to_grid(rows)  # [L, rows, cols]
         discard = f", lowest {self.discard_ratio:g} of each layer discarded" if self.discard_ratio else ""
         return MethodMaps(
             maps={"rollout": by_layer[-1]},
@@ -59,6 +60,7 @@ class RolloutMethod:
                 f"attention rollout from the CLS token (Abnar & Zuidema 2020): heads fused by {self.head_fusion}"
                 f"{discard}, 0.5·A + 0.5·I with rows renormalised, multiplied through all layers"
             ),
+            prefix={"rollout": rows[-1, : layout.num_prefix_tokens].double().numpy()},
         )
 
 

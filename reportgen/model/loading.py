@@ -59,6 +59,15 @@ class LoadedModel:
         return len(getattr(self.model, "blocks", ()))
 
     @property
+    def prefix_kinds(self) -> tuple[str, ...]:
+        """What each prefix token is, in timm's token order (class, distillation, registers)."""
+        kinds = ["cls"] if getattr(self.model, "cls_token", None) is not None else []
+        if getattr(self.model, "dist_token", None) is not None:
+            kinds.append("distillation")
+        kinds += ["register"] * int(getattr(self.model, "num_reg_tokens", 0) or 0)
+        return tuple(kinds) if len(kinds) == self.num_prefix_tokens else ("prefix",) * self.num_prefix_tokens
+
+    @property
     def heads(self) -> int | None:
         """Attention heads per layer (None for a model without blocks)."""
         return getattr(self.model.blocks[0].attn, "num_heads", None) if self.depth else None

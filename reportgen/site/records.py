@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reportgen.methods import METHODS, figure_key, sectioned_methods
+from reportgen.methods import DOMINANT_SHARE, METHODS, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, sectioned_methods
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
     from reportgen.compute import ModelRun
     from reportgen.config import ImageEntry, Manifest
-    from reportgen.experiments import ImageResult, ObjectsResult
+    from reportgen.experiments import ImageResult, ObjectsResult, TokenNorms
 
 DIGITS = 6  # decimals kept in results.json
 
@@ -64,6 +64,8 @@ def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
         "size": None,
         "figures": {},
         "content": None,
+        "concentration": None,
+        "norms": None,
         "attention": None,
         "rollout": None,
         "objects": None,
@@ -87,6 +89,8 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
             "weights": plain(result.content.weights),
             "padding_share": plain(result.padding_share),
         },
+        concentration=plain(result.concentration),
+        norms=_norms_record(result.norms) if result.norms is not None else None,
     )
     if result.attention is not None:
         a = result.attention
@@ -138,6 +142,15 @@ def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
                 "figure": figure_key(stem),
             }
     return maps
+
+
+def _norms_record(n: TokenNorms) -> dict[str, Any]:
+    return {
+        "patches": plain(n.patches),
+        "prefix": plain(n.prefix),
+        "threshold": plain(n.threshold),
+        "outliers": [np.argwhere(layer).tolist() for layer in n.outliers],  # [row, col] per layer
+    }
 
 
 def _objects_record(o: ObjectsResult) -> dict[str, Any]:
@@ -229,6 +242,8 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "cmap": manifest.output.cmap,
             "alpha": manifest.output.alpha,
         },
+        # The fixed rules behind the token-norm and concentration statistics.
+        "rules": {"outlier_sigmas": OUTLIER_SIGMAS, "outlier_ratio": OUTLIER_RATIO, "dominant_share": DOMINANT_SHARE},
     }
 
 
