@@ -7,9 +7,13 @@
 3. Object embeddings pooled from patch tokens, plain and (with ``rollout``) rollout-weighted, and
    their cosine similarities.
 
-Every map of every configured method also gets its entropy. Results are dataclasses of numpy
+Every map of every configured method also gets its entropy and the share of its mass on letterbox
+padding. Every statistic of a map (entropy, rank agreement, top-10% overlap, mass in a box) is taken
+over the patches that hold image, each weighted by the fraction of it that is image
+(:class:`Content`), so padding neither dilutes nor inflates it. Results are dataclasses of numpy
 arrays, floats and images; later stages (figures, site, the API) never see tensors. Grids are
-``[rows, cols]`` arrays over the model input's patch grid.
+``[rows, cols]`` arrays over the model input's patch grid (padding included: the maps are what the
+model gave).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from PIL import Image
 
 from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
-from reportgen.methods import sectioned_methods
+from reportgen.methods import DOMINANT_SHARE, sectioned_methods
 from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, TokenLayout
 from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
@@ -31,7 +35,15 @@ from reportgen.methods.embeddings import (
     pooled_embedding,
     rollout_weights,
 )
-from reportgen.methods.maths import entropy, normalised_entropy, spearman, top_fraction_overlap
+from reportgen.methods.maths import (
+    content_values,
+    entropy,
+    norm_outlier_threshold,
+    normalised_entropy,
+    padding_share,
+    spearman,
+    top_fraction_overlap,
+)
 
 TOP_FRACTION = 0.1
 
@@ -68,12 +80,114 @@ def _defined(value: torch.Tensor | float) -> float | None:
 
 
 @dataclass(frozen=True)
+class Content:
+    """Which patches of the model input hold image rather than letterbox padding.
+
+    Attributes:
+        weights: ``[rows, cols]`` fraction of each patch covered by the image, in ``[0, 1]``.
+    """
+
+    weights: np.ndarray
+
+    @classmethod
+    def of(cls, geometry: Geometry, layout: TokenLayout) -> Content:
+        return cls(patch_coverage(geometry.content_box(), layout.grid, layout.patch_size))
+
+    @property
+    def fraction(self) -> float:
+        """Share of the patch grid's area that is image."""
+        return float(self.weights.mean())
+
+    def values(self, grid: np.ndarray) -> np.ndarray:
+        """``grid`` over the patches with image, each weighted by its image fraction (flat)."""
+        return content_values(grid, self.weights)
+
+    def padding_share(self, grid: np.ndarray) -> float | None:
+        """Share of ``grid``'s mass on padding (None for a map without mass)."""
+        return padding_share(grid, self.weights)
+
+
+@dataclass(frozen=True)
+class TokenNorms:
+    """The L2 norms of the patch tokens at each block's output, and the high-norm outliers.
+
+    Attributes:
+        patches: ``[L, rows, cols]`` norm of each patch token per layer.
+        prefix: ``[L, num_prefix_tokens]`` norm of each prefix token per layer.
+        threshold: ``[L]`` per layer, the norm above which a patch token is an outlier (see
+            :func:`~reportgen.methods.maths.norm_outlier_threshold`).
+        outliers: ``[L, rows, cols]`` True where a patch token's norm is above its layer's threshold.
+    """
+
+    patches: np.ndarray
+    prefix: np.ndarray
+    threshold: np.ndarray
+    outliers: np.ndarray
+
+    @classmethod
+    def of(cls, norms: torch.Tensor, layout: TokenLayout) -> TokenNorms:
+        values = norms.double().numpy()  # [L, N]
+        patches = values[:, layout.num_prefix_tokens :]
+        threshold = norm_outlier_threshold(patches)
+        return cls(
+            patches=patches.reshape(-1, *layout.grid),
+            prefix=values[:, : layout.num_prefix_tokens],
+            threshold=threshold,
+            outliers=(patches > threshold[:, None]).reshape(-1, *layout.grid),
+        )
+
+    @property
+    def last_outliers(self) -> np.ndarray:
+        """``[rows, cols]`` the outliers among the tokens the model ends with (last block's output)."""
+        return self.outliers[-1]
+
+
+@dataclass(frozen=True)
+class Concentration:
+    """Where a map's mass sits besides the image: one patch, high-norm tokens, prefix tokens.
+
+    Attributes:
+        peak: (row, col) of the map's largest patch (the first, in row order, among equals).
+        peak_share: that patch's share of the map's mass on the patches.
+        peak_is_outlier: the peak is a high-norm outlier token of the last layer.
+        outlier_share: share of the map's mass on the patches that lies on those outlier tokens.
+        prefix_share: per kind of prefix token (``cls``, ``register``, ...), its share of the
+            map's whole mass (prefix tokens and patches); empty for a map over the patches only.
+        note: the peak is an outlier token or holds more than ``DOMINANT_SHARE`` of the mass.
+    """
+
+    peak: tuple[int, int]
+    peak_share: float | None
+    peak_is_outlier: bool
+    outlier_share: float | None
+    prefix_share: dict[str, float]
+    note: bool
+
+
+def concentration(grid: np.ndarray, prefix: np.ndarray | None, outliers: np.ndarray | None, layout: TokenLayout) -> Concentration:
+    """The :class:`Concentration` of one map (``prefix``: its values on the prefix tokens, or None)."""
+    total = float(grid.sum())
+    flat = int(np.argmax(grid))
+    peak = (flat // grid.shape[1], flat % grid.shape[1])
+    peak_share = float(grid.max()) / total if total > 0 else None
+    peak_is_outlier = bool(outliers is not None and outliers[peak])
+    outlier_share = float(grid[outliers].sum()) / total if outliers is not None and total > 0 else None
+    prefix_share: dict[str, float] = {}
+    if prefix is not None and len(prefix):
+        whole = total + float(prefix.sum())
+        for kind, value in zip(layout.kinds(), prefix):
+            prefix_share[kind] = prefix_share.get(kind, 0.0) + (float(value) / whole if whole > 0 else 0.0)
+    dominant = peak_share is not None and peak_share > DOMINANT_SHARE
+    return Concentration(peak, peak_share, peak_is_outlier, outlier_share, prefix_share, peak_is_outlier or dominant)
+
+
+@dataclass(frozen=True)
 class BoxMass:
     """How much of the head-mean query attention falls inside an object's box.
 
     Attributes:
         label: the object's label.
-        mass: share of the attention (normalised over patches) inside the box, in [0, 1].
+        mass: share of the attention on the image (padding excluded) that is inside the box.
         area_share: the box's share of the image area the model sees (padding excluded).
     """
 
@@ -203,7 +317,11 @@ class ImageResult:
         original: the upright original image, as decoded (at most ``MAX_SIDE`` on its longest side).
         view: the model's view of it (model-input size, padding included).
         methods: per configured method, in order, its maps.
-        entropy: per map name, the entropy of the map over the patches.
+        content: which patches hold image rather than padding.
+        entropy: per map name, the entropy of the map over the image's patches.
+        padding_share: per map name, the share of its mass on letterbox padding (None without mass).
+        concentration: per map name, its peak and its mass on outlier and prefix tokens.
+        norms: the token norms per layer and their high-norm outliers (None when not captured).
         attention: experiment 1 (with the ``attention`` method), else None.
         rollout: experiment 2 (with ``attention`` and ``rollout``), else None.
         objects: experiment 3 (``multi`` images), else None.
@@ -215,7 +333,11 @@ class ImageResult:
     original: Image.Image
     view: Image.Image
     methods: dict[str, MethodMaps]
+    content: Content
     entropy: dict[str, Entropy]
+    padding_share: dict[str, float | None]
+    concentration: dict[str, Concentration]
+    norms: TokenNorms | None
     attention: AttentionResult | None
     rollout: RolloutResult | None
     objects: ObjectsResult | None
@@ -257,9 +379,13 @@ def explain(
     """Run the methods' maps and the experiments on one image's forward pass."""
     outputs = {method.spec.name: method.maps(forward, layout) for method in methods}
     maps = _all_maps(outputs)
-    entropies = {name: Entropy.of(grid) for name, grid in maps.items()}
+    content = Content.of(geometry, layout)
+    entropies = {name: Entropy.of(content.values(grid)) for name, grid in maps.items()}
     attention = outputs.get("attention")
     compared = "rollout" in sectioned_methods(outputs)
+    norms = TokenNorms.of(forward.token_norms, layout) if forward.token_norms is not None else None
+    outliers = norms.last_outliers if norms is not None else None
+    prefixes = {name: values for output in outputs.values() for name, values in output.prefix.items()}
     return ImageResult(
         entry=entry,
         size=geometry.source,
@@ -267,9 +393,13 @@ def explain(
         original=original,
         view=view,
         methods=outputs,
+        content=content,
         entropy=entropies,
-        attention=attention_experiment(attention, forward, entropies, layout, geometry, entry.objects) if attention else None,
-        rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies) if compared else None,
+        padding_share={name: content.padding_share(grid) for name, grid in maps.items()},
+        concentration={name: concentration(grid, prefixes.get(name), outliers, layout) for name, grid in maps.items()},
+        norms=norms,
+        attention=attention_experiment(attention, forward, entropies, content, layout, geometry, entry.objects) if attention else None,
+        rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies, content) if compared else None,
         objects=objects_experiment(forward, maps.get("rollout"), layout, geometry, objects) if objects else None,
     )
 
@@ -288,6 +418,7 @@ def attention_experiment(
     attention: MethodMaps,
     forward: ForwardPass,
     entropies: dict[str, Entropy],
+    content: Content,
     layout: TokenLayout,
     geometry: Geometry,
     boxes: tuple[ObjectBox, ...] = (),
@@ -303,7 +434,7 @@ def attention_experiment(
         box_mass.append(
             BoxMass(
                 label=label,
-                mass=float((coverage * mean).sum() / mean.sum()),
+                mass=float((coverage * mean).sum() / (content.weights * mean).sum()),
                 area_share=_box_fraction(input_box, geometry),
             )
         )
@@ -313,7 +444,7 @@ def attention_experiment(
         mean=mean,
         max=peak,
         token_attention=attention.extras["token_attention"],
-        head_entropy=tuple(Entropy.of(h) for h in heads),
+        head_entropy=tuple(Entropy.of(content.values(h)) for h in heads),
         mean_entropy=entropies["attention/mean"],
         max_entropy=entropies["attention/max"],
         token_entropy=Entropy.from_values(entropy(token).mean(), normalised_entropy(token).mean()),
@@ -322,15 +453,15 @@ def attention_experiment(
     )
 
 
-def rollout_experiment(raw: np.ndarray, rolled: np.ndarray, entropies: dict[str, Entropy]) -> RolloutResult:
-    """Experiment 2: the last-layer head-mean query attention against the rollout."""
+def rollout_experiment(raw: np.ndarray, rolled: np.ndarray, entropies: dict[str, Entropy], content: Content) -> RolloutResult:
+    """Experiment 2: the last-layer head-mean query attention against the rollout, over the image."""
     return RolloutResult(
         raw=raw,
         rollout=rolled,
         raw_entropy=entropies["attention/mean"],
         rollout_entropy=entropies["rollout"],
-        spearman=spearman(raw, rolled),
-        top_overlap=top_fraction_overlap(raw, rolled, TOP_FRACTION),
+        spearman=spearman(content.values(raw), content.values(rolled)),
+        top_overlap=top_fraction_overlap(content.values(raw), content.values(rolled), TOP_FRACTION),
     )
 
 

@@ -128,6 +128,28 @@ class _Map(_Schema):
     figure: Text
 
 
+class _Content(_Schema):
+    fraction: Share
+    weights: Matrix
+    padding_share: Annotated[dict[Text, Share], Field(max_length=MAX_LIST)]
+
+
+class _Concentration(_Schema):
+    peak: Pair
+    peak_share: Share
+    peak_is_outlier: bool
+    outlier_share: Share
+    prefix_share: Annotated[dict[Text, Share], Field(max_length=8)]
+    note: bool
+
+
+class _Norms(_Schema):
+    patches: list[Matrix]
+    prefix: list[list[Number]]
+    threshold: list[Number]
+    outliers: list[list[Pair]]
+
+
 class _Object(_Schema):
     label: Text
     base_label: Text
@@ -171,6 +193,9 @@ class Record(_Schema):
     figures: dict[str, Any]
     error: None  # failed images are never cached
     size: Pair
+    content: _Content
+    concentration: Annotated[dict[Text, _Concentration], Field(max_length=MAX_LIST)]
+    norms: _Norms | None
     attention: _Attention | None
     rollout: _Rollout | None
     objects: _Objects | None

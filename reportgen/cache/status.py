@@ -44,7 +44,7 @@ from reportgen.site.records import page_name
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 4  # 4: the model's query; numbers to 7 significant digits, null entropies, rollout provenance, boxes in source pixels
+STATUS_FORMAT = 4  # 4: the query, 7 significant digits, null entropies, rollout provenance, boxes in source pixels, statistics over the image, padding shares, token norms
 
 
 
@@ -277,6 +277,23 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
             raise ValueError("attention.box_mass does not match the image's boxes")
     if r is not None:
         grids.update({"rollout.raw": r.raw, "rollout.rollout": r.rollout})
+    grids["content.weights"] = record.content.weights
+    map_names = sorted(m for name in methods for m, _ in METHODS[name].maps)
+    if sorted(record.content.padding_share) != map_names:
+        raise ValueError("content.padding_share does not name the methods' maps")
+    if sorted(record.concentration) != map_names:
+        raise ValueError("concentration does not name the methods' maps")
+    if any(c.peak[0] >= rows or c.peak[1] >= cols for c in record.concentration.values()):
+        raise ValueError("concentration.peak is outside the model's patch grid")
+    if record.norms is not None:
+        n, depth = record.norms, len(run.capture.layers)
+        if not (len(n.patches) == len(n.prefix) == len(n.threshold) == len(n.outliers) == depth):
+            raise ValueError("norms do not have one entry per layer")
+        grids.update({f"norms.patches.{layer}": grid for layer, grid in enumerate(n.patches)})
+        if any(len(p) != run.model.num_prefix_tokens for p in n.prefix):
+            raise ValueError("norms.prefix does not match the model's prefix tokens")
+        if any(r >= rows or c >= cols for layer in n.outliers for r, c in layer):
+            raise ValueError("norms.outliers is outside the model's patch grid")
     others = [(name, m, figure_key(stem)) for name in methods if name not in shown for m, stem in METHODS[name].maps]
     if sorted(record.maps or {}) != sorted(m for _, m, _ in others):
         raise ValueError("maps do not match the methods")

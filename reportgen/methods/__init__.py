@@ -14,6 +14,14 @@ from dataclasses import dataclass
 #: How rollout fuses the heads of a layer (the settings accept exactly these).
 HEAD_FUSIONS = ("mean", "max", "min")
 
+# The rules of the token-norm and concentration statistics (the pages and results.json state them).
+#: High-norm outliers lie more than this many robust standard deviations above their layer's median ...
+OUTLIER_SIGMAS = 6.0
+#: ... and at more than this multiple of that median (a narrow layer's mild bumps are not outliers).
+OUTLIER_RATIO = 2.0
+#: A map whose largest patch holds more than this share of its mass on the patches gets a note.
+DOMINANT_SHARE = 0.1
+
 
 @dataclass(frozen=True)
 class Query:

@@ -48,12 +48,14 @@ class AttentionMethod:
         by_layer = layout.to_grid(forward.query_rows)  # [L, H, rows, cols]
         heads = by_layer[-1]
         mean = heads.mean(axis=0)
+        last_prefix = forward.query_rows[-1, :, : layout.num_prefix_tokens].double().numpy()  # [H, P]
         return MethodMaps(
             maps={"attention/mean": mean, "attention/max": heads.max(axis=0)},
             # explorer: every head of every layer, then the mean over heads
             layers=np.concatenate([by_layer, by_layer.mean(axis=1, keepdims=True)], axis=1),
             extras={"heads": heads, "token_attention": forward.kept["attention"]["token_attention"].double().numpy()},
             provenance=provenance(layout),
+            prefix={"attention/mean": last_prefix.mean(axis=0), "attention/max": last_prefix.max(axis=0)},
         )
 
 

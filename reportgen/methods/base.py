@@ -38,12 +38,15 @@ class TokenLayout:
         class_token: whether the first prefix token is a class token; None means "if there are
             prefix tokens" (timm puts the class token first). False with prefix tokens is a model
             with registers but global average pooling.
+        prefix_kinds: what each prefix token is (``cls``, ``distillation``, ``register``, or
+            ``prefix`` when the model does not say), in token order.
     """
 
     num_prefix_tokens: int
     grid: tuple[int, int]
     patch_size: tuple[int, int]
     class_token: bool | None = None
+    prefix_kinds: tuple[str, ...] = ()
 
     @property
     def query(self) -> Query:
@@ -62,6 +65,11 @@ class TokenLayout:
             return matrix[..., 0, :].clone()
         return matrix[..., self.num_prefix_tokens :, :].mean(dim=-2)
 
+    def kinds(self) -> tuple[str, ...]:
+        """``prefix_kinds``, or ``prefix`` for each prefix token when they are not known."""
+        known = len(self.prefix_kinds) == self.num_prefix_tokens
+        return self.prefix_kinds if known else ("prefix",) * self.num_prefix_tokens
+
     def to_grid(self, values: torch.Tensor) -> np.ndarray:
         """``[..., N]`` token values -> float64 ``[..., rows, cols]`` over the patches (prefix dropped)."""
         patches = values[..., self.num_prefix_tokens :]
@@ -74,12 +82,15 @@ class ForwardPass:
 
     Attributes:
         tokens: ``[N, C]`` final-layer tokens after the final norm.
+        token_norms: ``[L, N]`` L2 norm of every token at each block's output (None when not
+            captured).
         query_rows: ``[L, H, N]`` the query's row (:attr:`TokenLayout.query`) of every layer's
             attention per head (each sums to 1 over all tokens), or None when no method needs them.
         kept: per method name, what its :class:`LayerReducer` kept for this image.
     """
 
     tokens: torch.Tensor
+    token_norms: torch.Tensor | None = None
     query_rows: torch.Tensor | None = None
     kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -93,12 +104,15 @@ class MethodMaps:
         layers: float64 ``[L, K, rows, cols]``: the method's K explorer columns at every layer.
         extras: further arrays the method's own experiment reads (e.g. per-head maps).
         provenance: how the maps were made, in one sentence.
+        prefix: per map name, float64 ``[num_prefix_tokens]``: the map's values on the prefix
+            tokens, for maps that are rows over all tokens (attention, rollout); absent otherwise.
     """
 
     maps: dict[str, np.ndarray]
     layers: np.ndarray
     extras: dict[str, np.ndarray]
     provenance: str
+    prefix: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class LayerReducer(Protocol):

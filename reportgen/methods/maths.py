@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from reportgen.methods import HEAD_FUSIONS
+from reportgen.methods import HEAD_FUSIONS, OUTLIER_RATIO, OUTLIER_SIGMAS
 
 
 def fuse_heads(attn: torch.Tensor, how: str = "mean") -> torch.Tensor:
@@ -155,6 +155,54 @@ def normalised_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     n = p.shape[dim]
     h = entropy(p, dim=dim)
     return h / math.log(n) if n > 1 else torch.where(torch.isnan(h), h, torch.zeros_like(h))
+
+
+def content_values(grid: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """A map over the patches that hold image, each weighted by the fraction of it that is image.
+
+    Args:
+        grid: ``[rows, cols]`` map over the patch grid.
+        content: ``[rows, cols]`` fraction of each patch covered by the image (0 for letterbox
+            padding, 1 inside the image, in between on its border).
+
+    Returns:
+        ``[P']`` flat, the patches with any image only: the values every map statistic is taken over.
+    """
+    grid, content = np.asarray(grid, dtype=np.float64), np.asarray(content, dtype=np.float64)
+    inside = content > 0
+    return (grid * content)[inside]
+
+
+def padding_share(grid: np.ndarray, content: np.ndarray) -> float | None:
+    """Share of a non-negative map's mass on letterbox padding (the part of each patch that is not
+    image); None for a map without mass."""
+    grid, content = np.asarray(grid, dtype=np.float64), np.asarray(content, dtype=np.float64)
+    total = float(grid.sum())
+    return float((grid * (1.0 - content)).sum()) / total if total > 0 else None
+
+
+#: The MAD of a normal distribution times this is its standard deviation.
+MAD_TO_SIGMA = 1.4826
+
+
+def norm_outlier_threshold(norms: np.ndarray, sigmas: float = OUTLIER_SIGMAS, ratio: float = OUTLIER_RATIO) -> np.ndarray:
+    """Per row (layer), the norm above which a token is a high-norm outlier: the larger of
+    ``median + sigmas * 1.4826 * MAD`` and ``ratio * median`` of that row's values (MAD: the
+    median absolute deviation).
+
+    Median and MAD ignore the outliers themselves, unlike mean and standard deviation, which the
+    few artefact tokens of Darcet et al. 2024 (norms several times the rest) would inflate.
+
+    Args:
+        norms: ``[L, P]`` token norms per layer.
+
+    Returns:
+        ``[L]`` thresholds.
+    """
+    norms = np.asarray(norms, dtype=np.float64)
+    median = np.median(norms, axis=-1)
+    mad = np.median(np.abs(norms - median[..., None]), axis=-1)
+    return np.maximum(median + sigmas * MAD_TO_SIGMA * mad, ratio * median)
 
 
 def rank(values: np.ndarray) -> np.ndarray:

@@ -77,12 +77,14 @@ class RolloutMethod:
         )
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
-        by_layer = layout.to_grid(forward.kept["rollout"]["query_by_layer"])  # [L, rows, cols]
+        rows = forward.kept["rollout"]["query_by_layer"]  # [L, N]
+        by_layer = layout.to_grid(rows)  # [L, rows, cols]
         return MethodMaps(
             maps={"rollout": by_layer[-1]},
             layers=by_layer[:, None],
             extras={},
             provenance=self.provenance(layout.query.name, by_layer.shape[0]),
+            prefix={"rollout": rows[-1, : layout.num_prefix_tokens].double().numpy()},
         )
 
 

@@ -61,11 +61,20 @@ class LoadedModel:
     @property
     def layout(self) -> TokenLayout:
         """The token layout, and with it the query every map is read for."""
-        return TokenLayout(self.num_prefix_tokens, self.grid, self.patch_size, self.class_token)
+        return TokenLayout(self.num_prefix_tokens, self.grid, self.patch_size, self.class_token, self.prefix_kinds)
 
     @property
     def depth(self) -> int:
         return len(getattr(self.model, "blocks", ()))
+
+    @property
+    def prefix_kinds(self) -> tuple[str, ...]:
+        """What each prefix token is, in timm's token order (class, distillation, registers)."""
+        kinds = ["cls"] if getattr(self.model, "cls_token", None) is not None else []
+        if getattr(self.model, "dist_token", None) is not None:
+            kinds.append("distillation")
+        kinds += ["register"] * int(getattr(self.model, "num_reg_tokens", 0) or 0)
+        return tuple(kinds) if len(kinds) == self.num_prefix_tokens else ("prefix",) * self.num_prefix_tokens
 
     @property
     def heads(self) -> int | None:

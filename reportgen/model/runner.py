@@ -16,6 +16,7 @@ import torch
 from reportgen.methods.base import ATTENTION_ROWS, SERVED, ForwardPass, MapMethod
 from reportgen.model.capture import AttentionCapture, CaptureInfo, attention_modules
 from reportgen.model.loading import LoadedModel
+from reportgen.model.norms import TokenNormCapture
 
 
 class ModelRunner:
@@ -51,17 +52,19 @@ class ModelRunner:
             for reducer in reducers.values():
                 reducer.update(index, attn)
 
-        with AttentionCapture(model, on_layer) as capture:
+        with AttentionCapture(model, on_layer) as capture, TokenNormCapture(model, capture.info.layers) as norms:
             with torch.inference_mode():
                 capture.begin()
                 tokens = model.forward_features(batch.to(self.loaded.device)).float().cpu()
                 capture.check_complete()
+                token_norms = norms.norms()  # [B, L, N]
         self.capture_info = capture.info
         query_rows = torch.stack(rows, dim=1) if want_rows else None  # [B, L, H, N]
         kept = {name: reducer.kept() for name, reducer in reducers.items()}
         return [
             ForwardPass(
                 tokens=tokens[b],
+                token_norms=token_norms[b],
                 query_rows=query_rows[b] if query_rows is not None else None,
                 kept={name: {key: value[b] for key, value in arrays.items()} for name, arrays in kept.items()},
             )

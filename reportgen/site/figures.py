@@ -71,7 +71,36 @@ def heat_to_unit(heat: np.ndarray) -> np.ndarray:
     return np.clip(heat / top, 0.0, 1.0) if top > 0 else np.zeros_like(heat, dtype=np.float64)
 
 
-def overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float) -> Image.Image:
+# Padding is drawn in greys: the map's value stays visible as brightness, but no colour of the
+# scale, so a hot spot there is not read as a hot spot on the image.
+_PADDING_GREY = 0.55  # share of a light grey mixed into the desaturated map
+
+
+def grey_out(rgb: np.ndarray, padding: np.ndarray) -> np.ndarray:
+    """``rgb`` (``[..., 3]`` uint8 or float) with the pixels where ``padding`` is True desaturated
+    and lightened; the rest unchanged (same dtype)."""
+    out = rgb.astype(np.float32, copy=True)
+    luminance = out[padding] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    out[padding] = ((1.0 - _PADDING_GREY) * luminance + _PADDING_GREY * 200.0)[:, None]
+    return out.round().astype(rgb.dtype) if rgb.dtype == np.uint8 else out
+
+
+def padding_pixels(size: tuple[int, int], content_box: tuple[float, float, float, float]) -> np.ndarray:
+    """``[h, w]`` True for the pixels (by their centres) outside ``content_box`` (input pixels)."""
+    w, h = size
+    x0, y0, x1, y1 = content_box
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
+    inside_x, inside_y = (xs >= x0) & (xs <= x1), (ys >= y0) & (ys <= y1)
+    return ~(inside_y[:, None] & inside_x[None, :])
+
+
+def overlay(
+    view: Image.Image,
+    heat: np.ndarray,
+    cmap: str,
+    alpha: float,
+    content_box: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
     """Blend a patch-grid map over the model's view of the image.
 
     Args:
@@ -79,6 +108,8 @@ def overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float) -> Ima
         heat: ``[rows, cols]`` non-negative map, scaled to its maximum for display.
         cmap: matplotlib colour-map name.
         alpha: opacity of the colour layer, in (0, 1].
+        content_box: the part of ``view`` that is image (input pixels); outside it (letterbox
+            padding) the blend is drawn in greys. None: all of it is image.
     """
     unit = Image.fromarray(heat_to_unit(heat).astype(np.float32), mode="F")
     # Bilinear upsampling of the patch grid to pixels, as the seed did with cv2.resize.
@@ -86,14 +117,25 @@ def overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float) -> Ima
     colours = colourise(up, cmap)
     base = np.asarray(view, dtype=np.float32)
     blended = (1.0 - alpha) * base + alpha * colours.astype(np.float32)
+    if content_box is not None:
+        padding = padding_pixels(view.size, content_box)
+        if padding.any():
+            blended = grey_out(blended, padding)
     return Image.fromarray(blended.round().astype(np.uint8), "RGB")
 
 
-def write_overlay(view: Image.Image, heat: np.ndarray, cmap: str, alpha: float, path: Destination) -> None:
-    save_jpeg(overlay(view, heat, cmap, alpha), path)
+def write_overlay(
+    view: Image.Image,
+    heat: np.ndarray,
+    cmap: str,
+    alpha: float,
+    path: Destination,
+    content_box: tuple[float, float, float, float] | None = None,
+) -> None:
+    save_jpeg(overlay(view, heat, cmap, alpha, content_box), path)
 
 
-def write_explorer_sprite(layers: np.ndarray, cmap: str, path: Destination) -> None:
+def write_explorer_sprite(layers: np.ndarray, cmap: str, path: Destination, padding: np.ndarray | None = None) -> None:
     """Every patch-grid map of the layer explorer in one PNG, one pixel per patch.
 
     Row ``l`` holds layer ``l``'s tiles, one per explorer column (the methods' columns in order:
@@ -104,11 +146,14 @@ def write_explorer_sprite(layers: np.ndarray, cmap: str, path: Destination) -> N
 
     Args:
         layers: ``[L, K, rows, cols]`` the maps of the K columns at every layer.
+        padding: ``[rows, cols]`` True for patches that are all letterbox padding: drawn in greys.
     """
     count, columns, rows, cols = layers.shape
     top = layers.max(axis=(2, 3), keepdims=True)
     unit = np.divide(layers, top, out=np.zeros(layers.shape, dtype=np.float64), where=top > 0)
     colours = colourise(np.clip(unit, 0.0, 1.0), cmap)  # [L, K, rows, cols, 3]
+    if padding is not None and padding.any():
+        colours = grey_out(colours, np.broadcast_to(padding, colours.shape[:-1]))
     sheet = colours.transpose(0, 2, 1, 3, 4).reshape(count * rows, columns * cols, 3)
     save_png(Image.fromarray(np.ascontiguousarray(sheet), "RGB"), path)
 
@@ -341,6 +386,7 @@ def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float
     def out(name: str) -> BinaryIO:
         return outdir.open_new(root, figures[name] if name != "explorer" else figures[name]["sprite"])
 
+    content_box = result.geometry.content_box()
     shown = shrink(result.original, 768)
     with out("original") as file:
         save_jpeg(shown, file)
@@ -351,12 +397,12 @@ def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float
     for name, output in outputs.items():
         for map_name, stem in METHODS[name].maps:
             with out(figure_key(stem)) as file:
-                write_overlay(result.view, output.maps[map_name], cmap, alpha, file)
+                write_overlay(result.view, output.maps[map_name], cmap, alpha, file, content_box)
     if result.attention is not None:
         with out("tokens") as file:
             write_token_map(result.attention.token_attention, num_prefix_tokens, cmap, file)
     with out("explorer") as file:
-        write_explorer_sprite(stack, cmap, file)
+        write_explorer_sprite(stack, cmap, file, padding=result.content.weights == 0)
     if objects:
         with out("objects") as file:
             # Boxes are in the original image's pixels; the decoded image may be downscaled.

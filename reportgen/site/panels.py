@@ -16,8 +16,8 @@ def panel_figure(result: ImageResult, cmap: str, alpha: float, column_inches: fl
     """The model input, then every map of every method over it, in one row.
 
     Each map is blended over the model input exactly as the site's overlays are (scaled to its own
-    maximum); its title names the map and its normalised entropy over the patches (undefined for
-    an all-zero map).
+    maximum, letterbox padding in greys); its title names the map and its normalised entropy over
+    the image's patches (undefined for an all-zero map).
     """
     from matplotlib.figure import Figure  # object API: no backend switched, no pyplot state
 
@@ -29,7 +29,7 @@ def panel_figure(result: ImageResult, cmap: str, alpha: float, column_inches: fl
     axes[0].imshow(result.view)
     axes[0].set_title("model input", fontsize=9)
     for ax, (name, grid) in zip(axes[1:], maps.items()):
-        ax.imshow(overlay(result.view, grid, cmap, alpha))
+        ax.imshow(overlay(result.view, grid, cmap, alpha, result.geometry.content_box()))
         h = result.entropy[name].normalised
         ax.set_title(f"{name} (entropy {'undefined' if h is None else f'{h:.2f}'})", fontsize=9)
     for ax in axes:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reportgen.methods import METHODS, figure_key, sectioned_methods
+from reportgen.methods import DOMINANT_SHARE, METHODS, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, sectioned_methods
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
     from reportgen.compute import ModelRun
     from reportgen.config import ImageEntry, Manifest
-    from reportgen.experiments import ImageResult, ObjectsResult
+    from reportgen.experiments import ImageResult, ObjectsResult, TokenNorms
 
 # Significant digits kept in results.json. Relative rather than absolute precision: rollout values
 # around 0.002 would keep only 3-4 digits at 6 decimals, too few to check them at a relative 1e-6.
@@ -73,6 +73,9 @@ def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
         "error": None,
         "size": None,
         "figures": {},
+        "content": None,
+        "concentration": None,
+        "norms": None,
         "attention": None,
         "rollout": None,
         "objects": None,
@@ -87,7 +90,19 @@ def failure_record(entry: ImageEntry, message: str) -> dict[str, Any]:
 
 def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]:
     """The record of one image that worked, with its :func:`~reportgen.site.figures.figure_index`."""
-    record = _entry_record(result.entry, size=list(result.size), figures=figures)
+    record = _entry_record(
+        result.entry,
+        size=list(result.size),
+        figures=figures,
+        content={
+            "fraction": plain(result.content.fraction),
+            "weights": plain(result.content.weights),
+            "padding_share": plain(result.padding_share),
+        },
+        # Sorted, as a record read back from the status file is: pages list the maps in this order.
+        concentration=plain(dict(sorted(result.concentration.items()))),
+        norms=_norms_record(result.norms) if result.norms is not None else None,
+    )
     if result.attention is not None:
         a = result.attention
         record["attention"] = {
@@ -141,6 +156,15 @@ def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
                 "figure": figure_key(stem),
             }
     return maps
+
+
+def _norms_record(n: TokenNorms) -> dict[str, Any]:
+    return {
+        "patches": plain(n.patches),
+        "prefix": plain(n.prefix),
+        "threshold": plain(n.threshold),
+        "outliers": [np.argwhere(layer).tolist() for layer in n.outliers],  # [row, col] per layer
+    }
 
 
 def _objects_record(o: ObjectsResult) -> dict[str, Any]:
@@ -235,6 +259,8 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "cmap": manifest.output.cmap,
             "alpha": manifest.output.alpha,
         },
+        # The fixed rules behind the token-norm and concentration statistics.
+        "rules": {"outlier_sigmas": OUTLIER_SIGMAS, "outlier_ratio": OUTLIER_RATIO, "dominant_share": DOMINANT_SHARE},
     }
 
 
