@@ -19,6 +19,7 @@ import jinja2
 
 from reportgen import outdir
 from reportgen.site.records import plain
+from reportgen.site.scales import ordinal
 from reportgen.site.summary import fraction_lowered, object_tables, summarise_pairs
 
 
@@ -51,6 +52,7 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["fmt"] = _fmt
+    env.filters["ordinal"] = ordinal
     return env
 
 
