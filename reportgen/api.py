@@ -62,6 +62,8 @@ class Explanation:
     result: Any
     cmap: str = "inferno"
     alpha: float = 0.5
+    scale: str = "map"
+    scale_percentile: float = 99.0
 
     @property
     def maps(self) -> dict[str, np.ndarray]:
@@ -83,8 +85,9 @@ class Explanation:
     def figure(self, column_inches: float = 3.0):
         """The model input and every map over it, as a matplotlib Figure (shown by notebooks)."""
         from reportgen.site.panels import panel_figure
+        from reportgen.site.scales import ScaleSetting
 
-        return panel_figure(self.result, self.cmap, self.alpha, column_inches)
+        return panel_figure(self.result, self.cmap, self.alpha, column_inches, ScaleSetting(self.scale, self.scale_percentile))
 
 
 class Explainer:
@@ -101,6 +104,8 @@ class Explainer:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         batch_size: images per forward pass.
         cmap / alpha: colour map and opacity of :meth:`Explanation.figure`.
+        scale / scale_percentile: its colour scale, as the manifest's ``output.scale`` (``map``,
+            ``shared`` or ``percentile``) and ``output.scale_percentile``.
 
     Raises:
         SettingsError: (a ``ValueError``) a setting the manifest would also refuse, named with the
@@ -124,13 +129,15 @@ class Explainer:
         batch_size: int = 8,
         cmap: str = "inferno",
         alpha: float = 0.5,
+        scale: str = "map",
+        scale_percentile: float = 99.0,
     ):
         model_values = {"name": model, "weights": weights, "input_size": input_size, "pretrained": pretrained, "options": options}
         sections = check_overrides(
             model=model_values,
             attention={"head_fusion": head_fusion, "discard_ratio": discard_ratio,
                        "rollout_start_layer": rollout_start_layer},
-            output={"cmap": cmap, "alpha": alpha},
+            output={"cmap": cmap, "alpha": alpha, "scale": scale, "scale_percentile": scale_percentile},
             methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
         )
         self.options = build_options(device=device, batch_size=batch_size)
@@ -182,7 +189,8 @@ class Explainer:
         for outcome in computation.results(entries, memory):
             if isinstance(outcome, ImageFailure):
                 raise ImageError(f"images[{outcome.entry.index}] ({outcome.entry.id}): {outcome.message}")
-            explained.append(Explanation(outcome, self.output.cmap, self.output.alpha))
+            out = self.output
+            explained.append(Explanation(outcome, out.cmap, out.alpha, out.scale, out.scale_percentile))
         return explained[0] if single else explained
 
 

@@ -29,6 +29,7 @@ from reportgen.errors import ImageError, OutputError, ReportgenError
 from reportgen.site.figures import write_colourbar
 from reportgen.site.pages import write_site
 from reportgen.site.records import failure_record, image_record, model_run_record, run_record
+from reportgen.site.scales import ScaleSetting
 from reportgen.site.writer import FigureWriter
 from reportgen.swap import MARKER, OutputLock, make_staging, recover, remove_tree, swap_in
 
@@ -173,7 +174,8 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
     from reportgen.experiments import ImageFailure
 
     computation = Computation(manifest, options.device, options.batch_size, options.model_cache)
-    settings = (manifest.output.cmap, manifest.output.alpha)
+    scale = ScaleSetting.of(manifest.output)
+    settings = (manifest.output.cmap, manifest.output.alpha, scale)
     # Entered first, so the figure writer is shut down however this ends (also if the model
     # cannot be loaded); its thread imports seaborn while the model loads.
     with FigureWriter(staging, options.jobs, options.batch_size) as figures:
@@ -186,10 +188,10 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
                 model = computation.model_run.model
                 figures.submit(outcome, *settings, model.num_prefix_tokens, model.heads)
             for result, written in figures.finished():
-                _store_result(state, result, written)
+                _store_result(state, result, written, scale)
             state.advance()
         for result, written in figures.finished(wait=True):
-            _store_result(state, result, written)
+            _store_result(state, result, written, scale)
     state.report.model_load_seconds = computation.model_load_seconds
     state.report.warnings.extend(computation.warnings)
     return model_run_record(computation.model_run)
@@ -199,9 +201,9 @@ def _import_seaborn() -> None:
     import seaborn  # noqa: F401  (for the similarity heatmaps: pandas and scipy come with it)
 
 
-def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseException) -> None:
+def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseException, scale: ScaleSetting) -> None:
     """Store an image's record once its figures are written (``written`` is the figure index, or
-    the exception that stopped them)."""
+    the exception that stopped them; ``scale`` the colour scale they were drawn with)."""
     if isinstance(written, ImageError):
         state.fail(result.entry, str(written))
     elif isinstance(written, OSError):  # the output cannot be written (disk full ...): stops the build
@@ -212,7 +214,7 @@ def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseE
     else:
         # An image whose detector could not be loaded is not cached: the next build tries again.
         complete = result.objects is None or not result.objects.detector_unavailable
-        state.store(result.entry, image_record(result, written), cache=complete)
+        state.store(result.entry, image_record(result, written, scale), cache=complete)
 
 
 def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | None, state: _BuildState) -> None:

@@ -38,6 +38,8 @@ _SETTING_OPTIONS = {
     "detector_threshold": ("detector", "threshold"),
     "cmap": ("output", "cmap"),
     "alpha": ("output", "alpha"),
+    "scale": ("output", "scale"),
+    "scale_percentile": ("output", "scale_percentile"),
     "title": ("output", "title"),
     "methods": ("methods", None),
 }
@@ -108,6 +110,11 @@ def main() -> None:
               help="Minimum detector score.")
 @click.option("--cmap", default=None, help="Matplotlib colour map for overlays (e.g. cividis for colour-blind readers).")
 @click.option("--alpha", type=float, default=None, help="Overlay opacity, 0 < alpha <= 1.")
+@click.option("--scale", default=None,
+              help="Colour scale of the maps: map (each to its own maximum), shared (one maximum per "
+                   "figure family of an image) or percentile (each clipped at its --scale-percentile).")
+@click.option("--scale-percentile", type=float, default=None,
+              help="With --scale percentile: the percentile each map is clipped at, 50 < p <= 100 (default 99).")
 @click.option("--title", default=None, help="Site title.")
 @click.option("--methods", default=None,
               help="Map methods to run, comma-separated (e.g. attention,rollout), or all.")

@@ -167,6 +167,8 @@ SAME_RULE = [
     ("detector", "name", "", "--detector"),
     ("output", "alpha", 0.0, "--alpha"),
     ("output", "cmap", "infernoo", "--cmap"),
+    ("output", "scale", "max", "--scale"),
+    ("output", "scale_percentile", 50.0, "--scale-percentile"),
     ("output", "title", "t" * 501, "--title"),
 ]
 

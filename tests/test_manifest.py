@@ -139,7 +139,8 @@ def test_defaults(folder: Path):
     assert manifest.model.pretrained is True and dict(manifest.model.options) == {}
     assert manifest.attention == AttentionSettings(head_fusion="mean", discard_ratio=0.0, rollout_start_layer=1)
     assert manifest.detector == DetectorSettings(name="facebook/detr-resnet-50", threshold=0.9)
-    assert manifest.output == OutputSettings(dir=None, title="reportgen report", cmap="inferno", alpha=0.5)
+    assert manifest.output == OutputSettings(dir=None, title="reportgen report", cmap="inferno", alpha=0.5,
+                                             scale="map", scale_percentile=99.0)
     (image,) = manifest.images
     assert image == ImageEntry(
         index=0,
@@ -470,7 +471,7 @@ def test_several_problems_are_reported_at_once(folder: Path):
         ("detector: {thresh: 0.5}\nimages: [{path: cat.png}]\n",
          "detector: unknown key 'thresh' (allowed: name, threshold)"),
         ("output: {colormap: jet}\nimages: [{path: cat.png}]\n",
-         "output: unknown key 'colormap' (allowed: alpha, cmap, dir, title)"),
+         "output: unknown key 'colormap' (allowed: alpha, cmap, dir, scale, scale_percentile, title)"),
         ("images: [{path: cat.png, captoin: x}]\n",
          "images[0] (id 'cat'): unknown key 'captoin' (allowed: caption, id, kind, objects, path, title)"),
         ("images: [{path: cat.png, objects: [{label: c, box: [0, 0, 1, 1], score: 1}]}]\n",

@@ -150,6 +150,18 @@ class _Norms(_Schema):
     outliers: list[list[Pair]]
 
 
+class _Scale(_Schema):
+    kind: Literal["map", "shared", "percentile"]
+    top: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None
+    above: Count | None
+
+
+class _Scales(_Schema):
+    maps: Annotated[dict[Text, _Scale], Field(max_length=MAX_LIST)]
+    tokens: _Scale | None  # None without the attention method
+    explorer: Annotated[dict[Text, _Scale], Field(max_length=MAX_LIST)]
+
+
 class _Object(_Schema):
     label: Text
     base_label: Text
@@ -199,6 +211,7 @@ class Record(_Schema):
     attention: _Attention | None
     rollout: _Rollout | None
     objects: _Objects | None
+    scales: _Scales
     maps: Annotated[dict[Text, _Map], Field(max_length=MAX_LIST)] | None = None  # maps no section shows
 
 

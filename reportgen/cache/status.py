@@ -44,7 +44,7 @@ from reportgen.site.records import page_name
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 4  # 4: the query, 7 significant digits, null entropies, rollout provenance, boxes in source pixels, statistics over the image, padding shares, token norms
+STATUS_FORMAT = 5  # 4: the query, 7 significant digits, null entropies, rollout provenance, boxes in source pixels, statistics over the image, padding shares, token norms; 5: colour scales
 
 
 
@@ -66,9 +66,15 @@ def settings_key(manifest: Manifest) -> str:
                 manifest.attention.rollout_start_layer,
             ],
             "detector": [manifest.detector.name, manifest.detector.threshold],
-            "figures": [manifest.output.cmap, manifest.output.alpha],
+            "figures": [manifest.output.cmap, manifest.output.alpha, *_scale_key(manifest)],
         }
     )
+
+
+def _scale_key(manifest: Manifest) -> list:
+    """The colour scale; its percentile only where it is used, so changing an unused one redraws nothing."""
+    output = manifest.output
+    return [output.scale, output.scale_percentile] if output.scale == "percentile" else [output.scale]
 
 
 def image_key(entry: ImageEntry, global_key: str) -> str:
@@ -294,6 +300,12 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
             raise ValueError("norms.prefix does not match the model's prefix tokens")
         if any(r >= rows or c >= cols for layer in n.outliers for r, c in layer):
             raise ValueError("norms.outliers is outside the model's patch grid")
+    if sorted(record.scales.maps) != map_names:
+        raise ValueError("scales.maps does not name the methods' maps")
+    if sorted(record.scales.explorer) != sorted(methods):
+        raise ValueError("scales.explorer does not name the methods")
+    if (record.scales.tokens is None) == ("attention" in methods):
+        raise ValueError("scales.tokens does not match the methods")
     others = [(name, m, figure_key(stem)) for name in methods if name not in shown for m, stem in METHODS[name].maps]
     if sorted(record.maps or {}) != sorted(m for _, m, _ in others):
         raise ValueError("maps do not match the methods")

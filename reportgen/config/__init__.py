@@ -15,6 +15,7 @@ from reportgen.config.bounds import (  # noqa: F401
     MAX_OBJECTS,
     MAX_PATH_LENGTH,
     MAX_TITLE_LENGTH,
+    SCALE_KINDS,
 )
 from reportgen.config.manifest import ImageEntry, Manifest, ObjectBox, check_overrides, load_manifest  # noqa: F401
 from reportgen.config.messages import SettingsError  # noqa: F401

@@ -7,6 +7,10 @@ build, a huge figure or a crash.
 #: The kinds of image: "single" (one main object) or "multi" (several objects).
 IMAGE_KINDS = ("single", "multi")
 
+#: The colour scales of the maps (output.scale): each map to its own maximum, one maximum shared
+#: by a figure family of one image, or each map to its own percentile (output.scale_percentile).
+SCALE_KINDS = ("map", "shared", "percentile")
+
 #: Largest manifest file read: a manifest of thousands of images is well under 1 MiB; anything
 #: bigger is not a manifest (and /dev/zero would otherwise be read until memory runs out).
 MAX_MANIFEST_BYTES = 10 * 1024 * 1024

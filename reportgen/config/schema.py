@@ -27,6 +27,7 @@ from reportgen.config.bounds import (
     MAX_NAME_LENGTH,
     MAX_OBJECTS,
     MAX_TITLE_LENGTH,
+    SCALE_KINDS,
 )
 from reportgen.config.messages import file_stem_id, image_id, problem, show, with_problems
 from reportgen.config.rules import (
@@ -144,12 +145,19 @@ class OutputSettings(_Section):
         title: title of the report, at most :data:`MAX_TITLE_LENGTH` characters.
         cmap: matplotlib colour-map name for the heat maps.
         alpha: opacity of the heat-map overlay, 0 < a <= 1.
+        scale: which value of a map is drawn at the top colour, one of :data:`SCALE_KINDS`
+            (see :mod:`reportgen.site.scales`).
+        scale_percentile: with ``scale: percentile``, the percentile each map is clipped at,
+            50 < p <= 100 (ignored by the other scales).
     """
 
     dir: Annotated[Path, Folder()] | None = None
     title: Annotated[str, Text(MAX_TITLE_LENGTH)] = "reportgen report"
     cmap: Annotated[str, Colormap()] = "inferno"
     alpha: Annotated[float, Number(gt=0, le=1)] = 0.5
+    scale: Annotated[str, OneOf(SCALE_KINDS)] = "map"
+    # Above 50: at or below the median, half the map or more would be drawn at the top colour.
+    scale_percentile: Annotated[float, Number(gt=50, le=100)] = 99.0
 
 
 #: The sections of the manifest that settings (and command-line overrides) can change.

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from reportgen import outdir
 from reportgen.methods import METHODS, figure_key
+from reportgen.site.scales import ScaleSetting, result_scales, tile_tops, to_unit
 
 # Figures are built with matplotlib's object API (Figure, not pyplot), so no backend is switched
 # and no global figure state is touched in the user's process.
@@ -65,10 +66,12 @@ def colourise(unit: np.ndarray, cmap: str) -> np.ndarray:
     return colour_lut(cmap)[np.clip((unit * 255).round(), 0, 255).astype(np.uint8)]
 
 
-def heat_to_unit(heat: np.ndarray) -> np.ndarray:
-    """Scale a non-negative map to [0, 1] by its maximum (zero stays zero; an all-zero map stays 0)."""
-    top = float(np.max(heat)) if heat.size else 0.0
-    return np.clip(heat / top, 0.0, 1.0) if top > 0 else np.zeros_like(heat, dtype=np.float64)
+def heat_to_unit(heat: np.ndarray, top: float | None = None) -> np.ndarray:
+    """Scale a non-negative map to [0, 1] by ``top`` (default: its maximum); values above ``top``
+    become 1, and an all-zero map (or a ``top`` of 0) stays 0. See :mod:`reportgen.site.scales`."""
+    if top is None:
+        top = float(np.max(heat)) if heat.size else 0.0
+    return to_unit(heat, top)
 
 
 # Padding is drawn in greys: the map's value stays visible as brightness, but no colour of the
@@ -100,18 +103,19 @@ def overlay(
     cmap: str,
     alpha: float,
     content_box: tuple[float, float, float, float] | None = None,
+    top: float | None = None,
 ) -> Image.Image:
     """Blend a patch-grid map over the model's view of the image.
 
     Args:
         view: the RGB image the model saw (model-input size).
-        heat: ``[rows, cols]`` non-negative map, scaled to its maximum for display.
+        heat: ``[rows, cols]`` non-negative map, drawn from 0 to ``top`` (default: its maximum).
         cmap: matplotlib colour-map name.
         alpha: opacity of the colour layer, in (0, 1].
         content_box: the part of ``view`` that is image (input pixels); outside it (letterbox
             padding) the blend is drawn in greys. None: all of it is image.
     """
-    unit = Image.fromarray(heat_to_unit(heat).astype(np.float32), mode="F")
+    unit = Image.fromarray(heat_to_unit(heat, top).astype(np.float32), mode="F")
     # Bilinear upsampling of the patch grid to pixels, as the seed did with cv2.resize.
     up = np.asarray(unit.resize(view.size, Image.Resampling.BILINEAR), dtype=np.float32)
     colours = colourise(up, cmap)
@@ -131,27 +135,32 @@ def write_overlay(
     alpha: float,
     path: Destination,
     content_box: tuple[float, float, float, float] | None = None,
+    top: float | None = None,
 ) -> None:
-    save_jpeg(overlay(view, heat, cmap, alpha, content_box), path)
+    save_jpeg(overlay(view, heat, cmap, alpha, content_box, top), path)
 
 
-def write_explorer_sprite(layers: np.ndarray, cmap: str, path: Destination, padding: np.ndarray | None = None) -> None:
+def write_explorer_sprite(
+    layers: np.ndarray, cmap: str, path: Destination, padding: np.ndarray | None = None, tops: np.ndarray | None = None
+) -> None:
     """Every patch-grid map of the layer explorer in one PNG, one pixel per patch.
 
     Row ``l`` holds layer ``l``'s tiles, one per explorer column (the methods' columns in order:
     for ``attention`` each head then the mean over heads, for ``rollout`` the rollout through
-    layers ``0..l``); each tile is scaled to its own maximum. The page shows one tile at a time,
+    layers ``0..l``); each tile is drawn from 0 to its top (default: its own maximum). The page shows one tile at a time,
     scaled up by the browser. One file instead of ``L * K`` tiny ones: writing (and, on rebuilds,
     linking) the files cost more than drawing the maps.
 
     Args:
         layers: ``[L, K, rows, cols]`` the maps of the K columns at every layer.
         padding: ``[rows, cols]`` True for patches that are all letterbox padding: drawn in greys.
+        tops: ``[L, K]`` the value drawn at the top colour in each tile
+            (:func:`~reportgen.site.scales.tile_tops`); None: each tile's maximum.
     """
     count, columns, rows, cols = layers.shape
-    top = layers.max(axis=(2, 3), keepdims=True)
-    unit = np.divide(layers, top, out=np.zeros(layers.shape, dtype=np.float64), where=top > 0)
-    colours = colourise(np.clip(unit, 0.0, 1.0), cmap)  # [L, K, rows, cols, 3]
+    if tops is None:
+        tops = layers.max(axis=(2, 3))
+    colours = colourise(to_unit(layers, np.asarray(tops)[:, :, None, None]), cmap)  # [L, K, rows, cols, 3]
     if padding is not None and padding.any():
         colours = grey_out(colours, np.broadcast_to(padding, colours.shape[:-1]))
     sheet = colours.transpose(0, 2, 1, 3, 4).reshape(count * rows, columns * cols, 3)
@@ -175,14 +184,16 @@ def _save_figure(fig, path: Destination) -> None:
     fig.savefig(path, format="png", dpi=100, metadata={"Software": None}, pil_kwargs=PNG_OPTIONS)
 
 
-def write_token_map(attention: np.ndarray, num_prefix_tokens: int, cmap: str, path: Destination) -> None:
+def write_token_map(
+    attention: np.ndarray, num_prefix_tokens: int, cmap: str, path: Destination, top: float | None = None
+) -> None:
     """Token-to-token attention ``[N, N]`` (rows: queries, columns: keys), one pixel per token.
 
     Drawn with numpy/Pillow (a full matplotlib figure costs ~15x more) and scaled up by the browser
-    (pixelated); scaled to its maximum, with a white line between the prefix tokens and the
-    patches. The page's caption and colour bar explain the axes.
+    (pixelated); drawn from 0 to ``top`` (default: its maximum), with a white line between the
+    prefix tokens and the patches. The page's caption and colour bar explain the axes.
     """
-    colours = colourise(heat_to_unit(attention), cmap)
+    colours = colourise(heat_to_unit(attention, top), cmap)
     if num_prefix_tokens:
         # An inserted line, not an overwritten one: every token keeps its row and column.
         colours = np.insert(colours, num_prefix_tokens, 255, axis=0)
@@ -364,7 +375,16 @@ def figure_files(figures: dict) -> list[str]:
     return [value for value in figures.values() if isinstance(value, str)] + [figures["explorer"]["sprite"]]
 
 
-def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float, num_prefix_tokens: int, heads: int) -> dict:
+def write_image_figures(
+    result,
+    root: Path,
+    prefix: str,
+    cmap: str,
+    alpha: float,
+    num_prefix_tokens: int,
+    heads: int,
+    scale: ScaleSetting = ScaleSetting(),
+) -> dict:
     """Write every figure of one :class:`~reportgen.experiments.ImageResult`.
 
     Args:
@@ -374,6 +394,7 @@ def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float
         cmap / alpha: overlay colour map and opacity.
         num_prefix_tokens: prefix tokens at the start of the token map.
         heads: attention heads of the model.
+        scale: the colour scale of the maps (the image's record names the same scales).
 
     Returns:
         The image's :func:`figure_index`.
@@ -387,6 +408,7 @@ def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float
         return outdir.open_new(root, figures[name] if name != "explorer" else figures[name]["sprite"])
 
     content_box = result.geometry.content_box()
+    scales = result_scales(result, scale)
     shown = shrink(result.original, 768)
     with out("original") as file:
         save_jpeg(shown, file)
@@ -397,12 +419,13 @@ def write_image_figures(result, root: Path, prefix: str, cmap: str, alpha: float
     for name, output in outputs.items():
         for map_name, stem in METHODS[name].maps:
             with out(figure_key(stem)) as file:
-                write_overlay(result.view, output.maps[map_name], cmap, alpha, file, content_box)
+                write_overlay(result.view, output.maps[map_name], cmap, alpha, file, content_box, scales.maps[map_name].top)
     if result.attention is not None:
         with out("tokens") as file:
-            write_token_map(result.attention.token_attention, num_prefix_tokens, cmap, file)
+            write_token_map(result.attention.token_attention, num_prefix_tokens, cmap, file, scales.tokens.top)
     with out("explorer") as file:
-        write_explorer_sprite(stack, cmap, file, padding=result.content.weights == 0)
+        tops = tile_tops({name: output.layers for name, output in outputs.items()}, scale)
+        write_explorer_sprite(stack, cmap, file, padding=result.content.weights == 0, tops=tops)
     if objects:
         with out("objects") as file:
             # Boxes are in the original image's pixels; the decoded image may be downscaled.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reportgen.methods import DOMINANT_SHARE, METHODS, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, sectioned_methods
+from reportgen.site.scales import Scale, ScaleSetting, result_scales
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
     from reportgen.compute import ModelRun
@@ -79,6 +80,7 @@ def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
         "attention": None,
         "rollout": None,
         "objects": None,
+        "scales": None,
         **fields,
     }
 
@@ -88,8 +90,10 @@ def failure_record(entry: ImageEntry, message: str) -> dict[str, Any]:
     return _entry_record(entry, error=message)
 
 
-def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]:
-    """The record of one image that worked, with its :func:`~reportgen.site.figures.figure_index`."""
+def image_record(result: ImageResult, figures: dict[str, Any], scale: ScaleSetting) -> dict[str, Any]:
+    """The record of one image that worked, with its :func:`~reportgen.site.figures.figure_index`
+    and the colour scales its figures were drawn with under ``scale``."""
+    scales = result_scales(result, scale)
     record = _entry_record(
         result.entry,
         size=list(result.size),
@@ -102,6 +106,11 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
         # Sorted, as a record read back from the status file is: pages list the maps in this order.
         concentration=plain(dict(sorted(result.concentration.items()))),
         norms=_norms_record(result.norms) if result.norms is not None else None,
+        scales={
+            "maps": {name: _scale_record(s) for name, s in scales.maps.items()},
+            "tokens": None if scales.tokens is None else _scale_record(scales.tokens),
+            "explorer": {name: _scale_record(s) for name, s in scales.explorer.items()},
+        },
     )
     if result.attention is not None:
         a = result.attention
@@ -137,6 +146,11 @@ def image_record(result: ImageResult, figures: dict[str, Any]) -> dict[str, Any]
     if others:
         record["maps"] = others
     return record
+
+
+def _scale_record(scale: Scale) -> dict[str, Any]:
+    """``{"kind", "top", "above"}``: the value drawn at the top colour and the patches above it."""
+    return {"kind": scale.kind, "top": plain(scale.top), "above": scale.above}
 
 
 def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
@@ -258,6 +272,8 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "detector_threshold": manifest.detector.threshold,
             "cmap": manifest.output.cmap,
             "alpha": manifest.output.alpha,
+            "scale": manifest.output.scale,
+            "scale_percentile": manifest.output.scale_percentile if manifest.output.scale == "percentile" else None,
         },
         # The fixed rules behind the token-norm and concentration statistics.
         "rules": {"outlier_sigmas": OUTLIER_SIGMAS, "outlier_ratio": OUTLIER_RATIO, "dominant_share": DOMINANT_SHARE},

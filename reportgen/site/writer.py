@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reportgen.site.figures import write_image_figures
+from reportgen.site.scales import ScaleSetting
 
 if TYPE_CHECKING:
     from reportgen.experiments import ImageResult
@@ -50,10 +51,12 @@ class FigureWriter:
         if isinstance(self._pool, ThreadPoolExecutor):
             self._pool.submit(function)
 
-    def submit(self, result: ImageResult, cmap: str, alpha: float, num_prefix_tokens: int, heads: int) -> None:
+    def submit(
+        self, result: ImageResult, cmap: str, alpha: float, scale: ScaleSetting, num_prefix_tokens: int, heads: int
+    ) -> None:
         """Queue one image's figures (in ``figures/<slug>``); waits while too many are queued."""
         prefix = f"figures/{result.entry.slug}"
-        args = (result, self.root, prefix, cmap, alpha, num_prefix_tokens, heads)
+        args = (result, self.root, prefix, cmap, alpha, num_prefix_tokens, heads, scale)
         self._pending.append((result, self._pool.submit(write_image_figures, *args)))
         while len(self._pending) > self._limit:
             self._collect(self._pending.popleft())
