@@ -113,8 +113,9 @@ def test_results_agree_with_an_independent_computation(two_images, tmp_path):
 
 
 def test_explorer_sprite_tiles_are_the_maps_in_results(two_images, tmp_path):
-    # The last row of the sprite is the last layer: each head, the mean over heads and the
-    # rollout, each scaled to its maximum under the colour map (recomputed here with matplotlib).
+    # The last row of the sprite is the last layer: each head, the mean over heads, the rollout
+    # and the token norms, each scaled to its maximum under the colour map (recomputed here with
+    # matplotlib).
     import matplotlib
     import numpy as np
     from PIL import Image
@@ -125,10 +126,11 @@ def test_explorer_sprite_tiles_are_the_maps_in_results(two_images, tmp_path):
     street = results["images"][1]
     explorer = street["figures"]["explorer"]
     assert explorer == {"sprite": "figures/street-scene/explorer.png", "layers": 2, "heads": 3,
-                        "columns": 5, "mean_column": 3, "rollout_column": 4}
+                        "columns": 6, "mean_column": 3, "rollout_column": 4, "norms_column": 5}
     sheet = np.asarray(Image.open(out / explorer["sprite"]).convert("RGB"))
-    assert sheet.shape == (2 * 4, 5 * 4, 3)
-    maps = [*street["attention"]["cls_heads"], street["attention"]["cls_mean"], street["rollout"]["rollout"]]
+    assert sheet.shape == (2 * 4, 6 * 4, 3)
+    maps = [*street["attention"]["cls_heads"], street["attention"]["cls_mean"], street["rollout"]["rollout"],
+            street["norms"]["patches"][-1]]
     cmap = matplotlib.colormaps[results["settings"]["cmap"]]
     for column, grid in enumerate(maps):
         grid = np.asarray(grid, dtype=np.float64)

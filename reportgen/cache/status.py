@@ -330,7 +330,7 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
                 raise ValueError(f"objects.{name} does not match the methods")
             if matrix is not None and not _is_shape(matrix, count, count):
                 raise ValueError(f"objects.{name} is not {count}x{count}")
-    figures = figure_index(f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count)
+    figures = figure_index(f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None)
     if record.figures != figures:
         raise ValueError("figures are not the ones made for this image")
     return figures

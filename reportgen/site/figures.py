@@ -327,7 +327,7 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
         canvas.draw(labels, panels, path)
 
 
-def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int) -> dict:
+def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False) -> dict:
     """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
     the explorer sprite's layout. The only place figure file names are made (the build cache
     checks a reused record against it).
@@ -337,6 +337,7 @@ def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int,
         methods: the map methods that ran, in order (each map gets an overlay named by its spec).
         layers / heads: layers and heads of the model.
         objects: how many objects the image has (boxes from 1, similarity heat maps from 2).
+        norms: the explorer ends with a column of token norms per layer.
     """
     figures: dict = {
         "original": f"{prefix}/original.jpg",
@@ -353,6 +354,9 @@ def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int,
             explorer[f"{name}_column" if name != "attention" else "mean_column"] = columns
         else:
             explorer[f"{name}_column"] = columns
+        columns += 1
+    if norms:
+        explorer["norms_column"] = columns
         columns += 1
     if "attention" in methods:
         figures["tokens"] = f"{prefix}/tokens.png"
@@ -402,7 +406,8 @@ def write_image_figures(
     outputs = result.methods
     objects = result.objects.objects if result.objects is not None else []
     stack = np.concatenate([output.layers for output in outputs.values()], axis=1)
-    figures = figure_index(prefix, tuple(outputs), stack.shape[0], heads, len(objects))
+    norms = result.norms.patches[:, None] if result.norms is not None else None  # [L, 1, rows, cols]
+    figures = figure_index(prefix, tuple(outputs), stack.shape[0], heads, len(objects), norms is not None)
 
     def out(name: str) -> BinaryIO:
         return outdir.open_new(root, figures[name] if name != "explorer" else figures[name]["sprite"])
@@ -425,6 +430,9 @@ def write_image_figures(
             write_token_map(result.attention.token_attention, num_prefix_tokens, cmap, file, scales.tokens.top)
     with out("explorer") as file:
         tops = tile_tops({name: output.layers for name, output in outputs.items()}, scale)
+        if norms is not None:  # token norms: each layer's tile to its own largest norm
+            stack = np.concatenate([stack, norms], axis=1)
+            tops = np.concatenate([tops, norms.max(axis=(2, 3))], axis=1)
         write_explorer_sprite(stack, cmap, file, padding=result.content.weights == 0, tops=tops)
     if objects:
         with out("objects") as file:
