@@ -1,7 +1,7 @@
 """How the rollout start layer changes the rollout map, on the offline model and the sample images.
 
 For each start layer and sample image: the share of the rollout map's mass on its single largest
-patch, and the map's normalised entropy over the patches (1 = uniform, 0 = one patch). Prints a
+patch, and the map's normalised entropy over the image's patches (1 = uniform, 0 = one patch). Prints a
 Markdown table (the one in the README's rollout section). Run by hand, not by the test suite:
 
     python -m bench.rollout_start                      # start layers 1, 2, 4, 6 (this checkout's reportgen)
@@ -34,8 +34,7 @@ def measure(manifest_path: Path, starts: list[int], device: str) -> list[tuple[s
         )
         results = explainer.explain([entry.path for entry in manifest.images])
         for entry, result in zip(manifest.images, results):
-            grid = result.result.maps["rollout"]
-            rows[entry.id].append((float(grid.max() / grid.sum()), result.entropy["rollout"].normalised))
+            rows[entry.id].append((result.result.concentration["rollout"].peak_share, result.entropy["rollout"].normalised))
     return list(rows.items())
 
 
