@@ -26,7 +26,7 @@ from PIL import Image
 
 from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
-from reportgen.methods import DOMINANT_SHARE, sectioned_methods
+from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, sectioned_methods
 from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, TokenLayout
 from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
@@ -102,6 +102,12 @@ class Content:
         """``grid`` over the patches with image, each weighted by its image fraction (flat)."""
         return content_values(grid, self.weights)
 
+    @property
+    def dominant_share(self) -> float:
+        """The share of a map's mass on the image above which one patch dominates it:
+        ``DOMINANT_SHARE``, or ``DOMINANT_RATIO`` times a uniform map's share if that is more."""
+        return max(DOMINANT_SHARE, DOMINANT_RATIO / float(self.weights.sum()))
+
     def padding_share(self, grid: np.ndarray) -> float | None:
         """Share of ``grid``'s mass on padding (None for a map without mass)."""
         return padding_share(grid, self.weights)
@@ -109,7 +115,7 @@ class Content:
 
 @dataclass(frozen=True)
 class TokenNorms:
-    """The L2 norms of the patch tokens at each block's output, and the high-norm outliers.
+    """The L2 norms of the patch tokens entering each block, and the high-norm outliers.
 
     Attributes:
         patches: ``[L, rows, cols]`` norm of each patch token per layer.
@@ -138,7 +144,7 @@ class TokenNorms:
 
     @property
     def last_outliers(self) -> np.ndarray:
-        """``[rows, cols]`` the outliers among the tokens the model ends with (last block's output)."""
+        """``[rows, cols]`` the outliers among the tokens the last layer attends over (its input)."""
         return self.outliers[-1]
 
 
@@ -146,11 +152,13 @@ class TokenNorms:
 class Concentration:
     """Where a map's mass sits besides the image: one patch, high-norm tokens, prefix tokens.
 
+    Over the image: each patch weighted by the fraction of it that is image, as every map statistic.
+
     Attributes:
         peak: (row, col) of the map's largest patch (the first, in row order, among equals).
-        peak_share: that patch's share of the map's mass on the patches.
-        peak_is_outlier: the peak is a high-norm outlier token of the last layer.
-        outlier_share: share of the map's mass on the patches that lies on those outlier tokens.
+        peak_share: that patch's share of the map's mass on the image.
+        peak_is_outlier: the peak is a high-norm outlier among the tokens the last layer reads.
+        outlier_share: share of the map's mass on the image that lies on those outlier tokens.
         prefix_share: per kind of prefix token (``cls``, ``register``, ...), its share of the
             map's whole mass (prefix tokens and patches); empty for a map over the patches only.
         note: the peak is an outlier token or holds more than ``DOMINANT_SHARE`` of the mass.
@@ -164,21 +172,37 @@ class Concentration:
     note: bool
 
 
-def concentration(grid: np.ndarray, prefix: np.ndarray | None, outliers: np.ndarray | None, layout: TokenLayout) -> Concentration:
+def concentration(
+    grid: np.ndarray, content: Content, prefix: np.ndarray | None, outliers: np.ndarray | None, layout: TokenLayout
+) -> Concentration:
     """The :class:`Concentration` of one map (``prefix``: its values on the prefix tokens, or None)."""
-    total = float(grid.sum())
-    flat = int(np.argmax(grid))
+    weighted = grid * content.weights
+    total = float(weighted.sum())
+    flat = int(np.argmax(weighted))
     peak = (flat // grid.shape[1], flat % grid.shape[1])
-    peak_share = float(grid.max()) / total if total > 0 else None
+    peak_share = float(weighted.max()) / total if total > 0 else None
     peak_is_outlier = bool(outliers is not None and outliers[peak])
-    outlier_share = float(grid[outliers].sum()) / total if outliers is not None and total > 0 else None
+    outlier_share = float(weighted[outliers].sum()) / total if outliers is not None and total > 0 else None
     prefix_share: dict[str, float] = {}
     if prefix is not None and len(prefix):
-        whole = total + float(prefix.sum())
+        whole = float(grid.sum()) + float(prefix.sum())  # the whole row: prefix tokens and every patch
         for kind, value in zip(layout.kinds(), prefix):
             prefix_share[kind] = prefix_share.get(kind, 0.0) + (float(value) / whole if whole > 0 else 0.0)
-    dominant = peak_share is not None and peak_share > DOMINANT_SHARE
+    dominant = peak_share is not None and peak_share > content.dominant_share
     return Concentration(peak, peak_share, peak_is_outlier, outlier_share, prefix_share, peak_is_outlier or dominant)
+
+
+def dominant_layers(outputs: dict[str, MethodMaps], content: Content) -> dict[str, tuple[tuple[int, float], ...]]:
+    """Per method, ``(layer from 1, largest patch's share)`` of each layer whose explorer map (the
+    last column: the mean over heads, or the method's one map) has a patch holding more than
+    :attr:`Content.dominant_share` of its mass on the image."""
+    found = {}
+    for name, output in outputs.items():
+        summary = output.layers[:, -1] * content.weights  # [L, rows, cols]
+        totals = summary.sum(axis=(1, 2))
+        shares = np.divide(summary.max(axis=(1, 2)), totals, out=np.zeros_like(totals), where=totals > 0)
+        found[name] = tuple((layer + 1, float(share)) for layer, share in enumerate(shares) if share > content.dominant_share)
+    return found
 
 
 @dataclass(frozen=True)
@@ -321,6 +345,9 @@ class ImageResult:
         entropy: per map name, the entropy of the map over the image's patches.
         padding_share: per map name, the share of its mass on letterbox padding (None without mass).
         concentration: per map name, its peak and its mass on outlier and prefix tokens.
+        dominant_layers: per method, the layers (from 1) whose explorer map (the mean over heads,
+            or the method's one map) has one patch holding more than
+            :attr:`Content.dominant_share` of its mass on the image, with that share.
         norms: the token norms per layer and their high-norm outliers (None when not captured).
         attention: experiment 1 (with the ``attention`` method), else None.
         rollout: experiment 2 (with ``attention`` and ``rollout``), else None.
@@ -337,6 +364,7 @@ class ImageResult:
     entropy: dict[str, Entropy]
     padding_share: dict[str, float | None]
     concentration: dict[str, Concentration]
+    dominant_layers: dict[str, tuple[tuple[int, float], ...]]
     norms: TokenNorms | None
     attention: AttentionResult | None
     rollout: RolloutResult | None
@@ -396,7 +424,8 @@ def explain(
         content=content,
         entropy=entropies,
         padding_share={name: content.padding_share(grid) for name, grid in maps.items()},
-        concentration={name: concentration(grid, prefixes.get(name), outliers, layout) for name, grid in maps.items()},
+        concentration={name: concentration(grid, content, prefixes.get(name), outliers, layout) for name, grid in maps.items()},
+        dominant_layers=dominant_layers(outputs, content),
         norms=norms,
         attention=attention_experiment(attention, forward, entropies, content, layout, geometry, entry.objects) if attention else None,
         rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies, content) if compared else None,

@@ -1,5 +1,6 @@
-"""A map method written the way a user would add one (used by tests/test_methods.py): the CLS
-token's attention in the first layer, mean over heads, registered under the name ``first``."""
+"""A map method written the way a user would add one (used by tests/test_methods.py): the query's
+attention in the first layer (the CLS token's, or the mean of the patch queries'), mean over heads,
+registered under the name ``first``."""
 
 from reportgen.methods.base import ATTENTION_ROWS, ForwardPass, MethodMaps, TokenLayout
 
@@ -19,7 +20,7 @@ class FirstLayer:
             maps={"first/mean": by_layer[0]},
             layers=by_layer[:, None],
             extras={},
-            provenance="first-layer attention of the CLS token, mean over heads",
+            provenance=f"first-layer attention of {layout.query.name}, mean over heads",
         )
 
 

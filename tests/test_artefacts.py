@@ -45,7 +45,7 @@ def test_the_outlier_threshold_is_the_larger_of_the_robust_rule_and_twice_the_me
     assert not (norms[1] > threshold[1]).any()
 
 
-def test_token_norms_are_those_of_each_block_output():
+def test_token_norms_are_those_of_each_block_input():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3, embed_dim=24, num_heads=3).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     names = tuple(name for name, _ in attention_modules(model))
@@ -56,10 +56,10 @@ def test_token_norms_are_those_of_each_block_output():
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         expected = []
         for block in model.blocks:
-            h = block(h)
             expected.append(torch.sqrt((h * h).sum(-1)))
+            h = block(h)
     torch.testing.assert_close(norms, torch.stack(expected, dim=1))
-    assert all(not block._forward_hooks for block in model.blocks)  # hooks removed
+    assert all(not block._forward_pre_hooks for block in model.blocks)  # hooks removed
 
 
 def _forward(patch_norms: np.ndarray, rows: np.ndarray, rolled: np.ndarray, prefix: int) -> ForwardPass:
@@ -136,8 +136,25 @@ def test_the_page_and_results_json_name_prefix_kinds_and_outliers(tmp_path):
     grid = np.array(image["attention"]["cls_mean"])
     assert mean["peak_share"] == pytest.approx(grid.max() / grid.sum(), rel=1e-5)
     assert all([1, 2] in layer for layer in image["norms"]["outliers"])
-    assert results["rules"] == {"outlier_sigmas": 6.0, "outlier_ratio": 2.0, "dominant_share": 0.1}
+    assert results["rules"] == {"outlier_sigmas": 6.0, "outlier_ratio": 2.0, "dominant_share": 0.1, "dominant_ratio": 10.0}
     page = (tmp_path / "site" / "bright.html").read_text()
     assert "On register tokens" in page and "On the CLS token" in page
     counts = [len(layer) for layer in image["norms"]["outliers"]]
     assert f"{counts[0]} in layer 1, {counts[1]} in layer 2." in page
+
+
+def test_layers_where_one_patch_dominates_are_listed_per_method():
+    layout = TokenLayout(num_prefix_tokens=1, grid=(6, 6), patch_size=(2, 2), prefix_kinds=("cls",))
+    rows = np.full((2, 2, 37), 0.1)  # [L, H, N]: uniform rows ...
+    rows[0, :, 1 + 35] = 3.0  # ... but in layer 1 every head puts 3.0 on the last patch
+    rolled = np.full((2, 37), 0.1)
+    rolled[1, 1 + 20] = 0.7  # the rollout's layer 2: 0.7 / 4.2 = 0.167, above 0.1 but below 10/36
+    entry = ImageEntry(index=0, id="a", slug="a", path=Path("a.png"), title="a", caption="", kind="single", objects=())
+    view = Image.new("RGB", (12, 12))
+    geometry = Geometry(source=(12, 12), resized=(12, 12), left=0, top=0, output=(12, 12))
+    forward = _forward(np.full((2, 36), 10.0), rows, rolled, 1)
+    result = explain(entry, forward, [AttentionMethod(), RolloutMethod()], layout, geometry, view, view, None)
+    # A patch dominates above max(0.1, 10 x 1/36): layer 1's head mean holds 3.0 / 6.5 on one patch.
+    assert [layer for layer, _ in result.dominant_layers["attention"]] == [1]
+    assert result.dominant_layers["attention"][0][1] == pytest.approx(3.0 / 6.5, rel=1e-6)
+    assert result.dominant_layers["rollout"] == ()

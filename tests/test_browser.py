@@ -141,7 +141,7 @@ def test_explorer_steps_through_layers_and_heads(site, browser):
     assert sprite.get_attribute("alt") == "Layer 1 of 2: CLS attention of head 2"
     assert "Layer 1 of 2: CLS attention of head 2" in root.text
     Select(root.find_element(By.NAME, "map")).select_by_value("c5")  # the token norms' column
-    assert sprite.get_attribute("alt") == "Layer 1 of 2: token norms at this layer's output"
+    assert sprite.get_attribute("alt") == "Layer 1 of 2: token norms entering this layer"
     left = browser.execute_script("var s = arguments[0]; return (s.getBoundingClientRect().left"
                                   " - s.parentNode.getBoundingClientRect().left) / s.parentNode.getBoundingClientRect().width;", sprite)
     assert left == pytest.approx(-5, abs=1e-3)

@@ -116,10 +116,11 @@ def test_a_gap_site_states_its_query_on_the_pages_and_in_results_json(tmp_path):
     assert record["attention"]["prefix_mass"] == 0 and record["attention"]["token_count"] == 16
     page = (out / record["page"]).read_text()
     assert "Attention of the mean of the patch queries, last layer" in page
-    assert "the model has no CLS token" in page and "CLS" not in page.replace("no CLS token", "")
+    why = "the model pools the mean of its patch tokens rather than a CLS token"
+    assert why in page and "CLS" not in page.replace(why, "")
     index = (out / "index.html").read_text()
     assert "the maps show the attention of the mean of the patch queries" in index
-    assert "CLS" not in index.replace("no CLS token", "")
+    assert "CLS" not in index.replace(why, "")
     # The build cache reads the query back (untrusted input) and reuses the image.
     again = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out)])
     assert again.exit_code == 0 and "1 unchanged" in again.output, again.output
@@ -169,3 +170,14 @@ def test_rollout_start_layer_multiplies_layers_start_to_last(start, options):
         np.testing.assert_allclose(rolled.layers[layer, 0].ravel(), query_row(through), atol=1e-6)
     assert ("all layers" in rolled.provenance) == (start == 1)
     assert (f"layers {start} to 3" in rolled.provenance) == (start > 1)
+
+
+@pytest.mark.parametrize(("global_pool", "query"), [("token", "cls"), ("avg", "mean of patch queries")])
+def test_a_model_with_a_class_token_that_pools_its_patches_reads_their_mean(global_pool, query):
+    from reportgen.config import ModelSettings
+    from reportgen.model.loading import load_model
+
+    options = {**TINY_MODEL["options"], "global_pool": global_pool}
+    settings = ModelSettings(name=TINY_MODEL["name"], pretrained=False, input_size=TINY_MODEL["input_size"], options=options)
+    loaded = load_model(settings, "cpu")
+    assert loaded.num_prefix_tokens == 1 and loaded.layout.query.key == query

@@ -137,3 +137,13 @@ def test_explorer_tiles_grey_only_patches_that_are_all_padding(tmp_path):
     np.testing.assert_array_equal(greyed[~padded], plain[~padded])
     grey = greyed[padded]
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+def test_the_largest_patch_and_its_share_are_taken_over_the_image():
+    heads, rolled = _maps(5)  # the hot spot is on patch (0, 0), all padding
+    result = _explain(heads, rolled)
+    mean = heads[:, 1:].mean(axis=0).reshape(4, 4)
+    weighted = mean * CONTENT
+    c = result.concentration["attention/mean"]
+    assert c.peak == divmod(int(np.argmax(weighted)), 4) and c.peak[0] in (1, 2)
+    assert c.peak_share == pytest.approx(weighted.max() / weighted.sum(), rel=1e-6)

@@ -248,3 +248,14 @@ def test_a_change_of_scale_redraws_the_figures(photos):
     assert changed.reused == 0
     after = (out / results["images"][0]["figures"]["cls_mean"]).read_bytes()
     assert before != after  # the mean map is no longer stretched to its own maximum
+
+
+def test_scales_are_taken_over_the_image_not_the_padding():
+    heat = np.array([[50.0, 50.0, 50.0], [1.0, 2.0, 4.0], [8.0, 3.0, 2.0]])  # row 0: a hot padding band
+    inside = np.array([[False] * 3, [True] * 3, [True] * 3])
+    assert map_scale(heat, ScaleSetting("map"), inside) == Scale("map", 8.0, 0)
+    values = np.array([1.0, 2.0, 4.0, 8.0, 3.0, 2.0])
+    assert map_scale(heat, ScaleSetting("percentile", 80), inside) == Scale("percentile", float(np.percentile(values, 80)), 1)
+    scales = image_scales({"a": heat, "b": heat / 2}, None, {"m": heat[None, None]}, ScaleSetting("shared"), inside)
+    assert scales.maps["a"].top == 8.0 and scales.explorer["m"].top == 8.0
+    np.testing.assert_array_equal(tile_tops({"m": heat[None, None]}, ScaleSetting("map"), inside), [[8.0]])

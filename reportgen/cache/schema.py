@@ -143,6 +143,11 @@ class _Concentration(_Schema):
     note: bool
 
 
+class _LayerPeak(_Schema):
+    layer: Count
+    share: Share
+
+
 class _Norms(_Schema):
     patches: list[Matrix]
     prefix: list[list[Number]]
@@ -207,6 +212,7 @@ class Record(_Schema):
     size: Pair
     content: _Content
     concentration: Annotated[dict[Text, _Concentration], Field(max_length=MAX_LIST)]
+    dominant_layers: Annotated[dict[Text, Annotated[list[_LayerPeak], Field(max_length=MAX_LIST)]], Field(max_length=MAX_LIST)]
     norms: _Norms | None
     attention: _Attention | None
     rollout: _Rollout | None

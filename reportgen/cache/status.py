@@ -44,7 +44,7 @@ from reportgen.site.records import page_name
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 5  # 4: the query, 7 significant digits, null entropies, rollout provenance, boxes in source pixels, statistics over the image, padding shares, token norms; 5: colour scales
+STATUS_FORMAT = 5  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 
@@ -287,6 +287,11 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
     map_names = sorted(m for name in methods for m, _ in METHODS[name].maps)
     if sorted(record.content.padding_share) != map_names:
         raise ValueError("content.padding_share does not name the methods' maps")
+    depth = len(run.capture.layers)
+    if sorted(record.dominant_layers) != sorted(methods) or any(
+        not 1 <= p.layer <= depth for peaks in record.dominant_layers.values() for p in peaks
+    ):
+        raise ValueError("dominant_layers does not match the methods and the model's layers")
     if sorted(record.concentration) != map_names:
         raise ValueError("concentration does not name the methods' maps")
     if any(c.peak[0] >= rows or c.peak[1] >= cols for c in record.concentration.values()):

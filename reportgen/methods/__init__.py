@@ -19,8 +19,10 @@ HEAD_FUSIONS = ("mean", "max", "min")
 OUTLIER_SIGMAS = 6.0
 #: ... and at more than this multiple of that median (a narrow layer's mild bumps are not outliers).
 OUTLIER_RATIO = 2.0
-#: A map whose largest patch holds more than this share of its mass on the patches gets a note.
+#: A map whose largest patch holds more than this share of its mass on the image gets a note ...
 DOMINANT_SHARE = 0.1
+#: ... if that is also more than this many times a uniform map's share (small grids are exempt).
+DOMINANT_RATIO = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,14 @@ class Query:
     why: str = ""
 
 
-#: The CLS token's row: what a model with a class token pools, so what its maps should show.
+#: The CLS token's row: what a model that reads its output from the class token shows.
 CLS_QUERY = Query("cls", "the CLS token", "CLS")
-#: A model without prefix tokens (global average pooling) pools the mean of the patch tokens, so
-#: its maps read the mean of the patch tokens' rows; row 0 would be the top-left patch's alone.
+#: A model that pools the mean of its patch tokens (global average pooling; with or without a
+#: class token or registers) reads the mean of the patch tokens' rows; row 0 would be a single
+#: token's (the top-left patch's, or an unused class token's).
 PATCH_MEAN_QUERY = Query(
     "mean of patch queries", "the mean of the patch queries", "patch-mean",
-    why="the model has no CLS token: it pools the mean of its patch tokens",
+    why="the model pools the mean of its patch tokens rather than a CLS token",
 )
 
 #: Every query by its key (the cache reads keys back from disk).
@@ -107,5 +110,6 @@ def sectioned_methods(names) -> set[str]:
 
 def create_methods(names: tuple[str, ...] | list[str], settings) -> list:
     """The methods called ``names`` (already validated), made with ``settings`` (the attention
-    settings: head fusion and discard ratio for rollout). Imports their modules, and so torch."""
+    settings: head fusion, discard ratio and start layer for rollout). Imports their modules, and
+    so torch."""
     return [importlib.import_module(METHODS[name].module).create(settings) for name in names]

@@ -82,7 +82,7 @@ class ForwardPass:
 
     Attributes:
         tokens: ``[N, C]`` final-layer tokens after the final norm.
-        token_norms: ``[L, N]`` L2 norm of every token at each block's output (None when not
+        token_norms: ``[L, N]`` L2 norm of every token entering each block (None when not
             captured).
         query_rows: ``[L, H, N]`` the query's row (:attr:`TokenLayout.query`) of every layer's
             attention per head (each sums to 1 over all tokens), or None when no method needs them.

@@ -46,7 +46,7 @@ def pooled_embedding(tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def rollout_weights(coverage: np.ndarray, rollout_patches: np.ndarray) -> np.ndarray:
-    """CLS rollout attention inside the box (scaled by patch coverage), normalised to sum to 1."""
+    """The query's rollout attention inside the box (scaled by patch coverage), normalised to sum to 1."""
     weights = np.ravel(coverage) * np.ravel(rollout_patches)
     total = weights.sum()
     # A box whose patches all have zero rollout falls back to coverage weights rather than NaN.

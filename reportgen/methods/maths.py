@@ -37,7 +37,8 @@ def fuse_heads(attn: torch.Tensor, how: str = "mean") -> torch.Tensor:
 def discard_lowest(attn: torch.Tensor, ratio: float) -> torch.Tensor:
     """Zero the lowest ``ratio`` of each ``[N, N]`` map, as vit-explain does before the residual step.
 
-    The CLS-to-CLS entry (index 0 of the flattened map) is never discarded, matching vit-explain,
+    The entry (0, 0) of each map (the CLS token's attention to itself; for a model without prefix
+    tokens, the first patch's) is never discarded, matching vit-explain,
     so every row keeps some mass once the identity is added.
 
     Args:
@@ -136,7 +137,7 @@ def normalise(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Shannon entropy in nats of distributions along ``dim`` (``0 log 0 = 0``).
 
-    ``p`` is renormalised first, so a CLS row restricted to the patches (which does not sum to 1
+    ``p`` is renormalised first, so a query's row restricted to the patches (which does not sum to 1
     once the prefix tokens are dropped) is treated as a distribution over the patch grid. Negative
     weights count as 0. A row with no positive weight is no distribution: its entropy is NaN, not
     0, which would read as all the mass on one outcome.

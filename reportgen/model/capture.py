@@ -62,7 +62,34 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, Attention]]:
     return found
 
 
-class AttentionCapture:
+class Hooks:
+    """Context manager owning a set of module hooks: :meth:`_install` adds them on entry, and they
+    are all removed on exit, and at once if installing one of them fails."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class AttentionCapture(Hooks):
     """Context manager handing every layer's attention probabilities to a callback.
 
     Example::
@@ -79,9 +106,9 @@ class AttentionCapture:
     """
 
     def __init__(self, model: torch.nn.Module, on_layer: LayerCallback):
+        super().__init__()
         self._modules = attention_modules(model)
         self._on_layer = on_layer
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._seen: set[int] = set()
         self.info = CaptureInfo(
             method=METHOD,
@@ -89,23 +116,10 @@ class AttentionCapture:
             fused_attention=sum(bool(getattr(m, "fused_attn", False)) for _, m in self._modules),
         )
 
-    def __enter__(self) -> AttentionCapture:
-        try:
-            for index, (name, module) in enumerate(self._modules):
-                self._handles.append(module.register_forward_pre_hook(self._reject_masks(name), with_kwargs=True))
-                self._handles.append(module.qkv.register_forward_hook(self._from_qkv(index, module)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _install(self) -> None:
+        for index, (name, module) in enumerate(self._modules):
+            self._handles.append(module.register_forward_pre_hook(self._reject_masks(name), with_kwargs=True))
+            self._handles.append(module.qkv.register_forward_hook(self._from_qkv(index, module)))
 
     def begin(self) -> None:
         """Start a new forward pass: forget which layers were seen."""

@@ -107,6 +107,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return target
 
 
+def _pools_class_token(model: torch.nn.Module) -> bool:
+    """Whether the model's output is read from its class token: it has one and does not pool the
+    patch tokens instead (timm's ``global_pool`` ``avg``, ``max`` or ``avgmax``)."""
+    return getattr(model, "cls_token", None) is not None and getattr(model, "global_pool", "token") not in ("avg", "max", "avgmax")
+
+
 def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
     """Build the ViT described by ``settings``.
 
@@ -144,7 +150,7 @@ def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
         model=model,
         name=settings.name,
         num_prefix_tokens=int(model.num_prefix_tokens),
-        class_token=getattr(model, "cls_token", None) is not None,
+        class_token=_pools_class_token(model),
         grid=grid,
         patch_size=patch_size,
         device=target,

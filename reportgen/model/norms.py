@@ -1,8 +1,9 @@
-"""The L2 norm of every token at the output of every block, captured during the forward pass.
+"""The L2 norm of every token entering every block, captured during the forward pass.
 
 Vision Transformers trained without register tokens grow a few high-norm "artefact" tokens in
 background patches that soak up attention (Darcet et al., "Vision Transformers Need Registers",
-ICLR 2024). Their norms show it, and cost one ``[B, N]`` vector per layer to keep.
+ICLR 2024). Their norms show it, and cost one ``[B, N]`` vector per layer to keep. A block's input
+is what its attention reads, so layer ``l``'s norms describe the tokens layer ``l`` attends over.
 
 The blocks are the modules that hold each attention module (``blocks.3`` for ``blocks.3.attn``);
 their hooks live only inside :class:`TokenNormCapture` and are removed on exit, also on error.
@@ -13,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from reportgen.errors import CaptureError
+from reportgen.model.capture import Hooks
 
 
-class TokenNormCapture:
-    """Context manager recording ``[B, N]`` token norms at each block's output.
+class TokenNormCapture(Hooks):
+    """Context manager recording ``[B, N]`` token norms at each block's input.
 
     Args:
         model: the ViT.
@@ -25,32 +27,19 @@ class TokenNormCapture:
     """
 
     def __init__(self, model: torch.nn.Module, attention_names: tuple[str, ...]):
+        super().__init__()
         self._blocks = [(name.rpartition(".")[0], model.get_submodule(name.rpartition(".")[0])) for name in attention_names]
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._norms: list[torch.Tensor | None] = [None] * len(self._blocks)
 
-    def __enter__(self) -> TokenNormCapture:
-        try:
-            for index, (name, block) in enumerate(self._blocks):
-                self._handles.append(block.register_forward_hook(self._hook(index, name)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _install(self) -> None:
+        for index, (name, block) in enumerate(self._blocks):
+            self._handles.append(block.register_forward_pre_hook(self._hook(index, name)))
 
     def _hook(self, index: int, name: str):
-        def hook(_block, _inputs, output):
-            tokens = output[0] if isinstance(output, tuple) else output
+        def hook(_block, inputs):
+            tokens = inputs[0] if inputs else None
             if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
-                raise CaptureError(f"{name or 'a block'} does not return [batch, tokens, channels] tokens, so their norms cannot be read")
+                raise CaptureError(f"{name or 'a block'} does not take [batch, tokens, channels] tokens, so their norms cannot be read")
             self._norms[index] = tokens.detach().float().norm(dim=-1).cpu()
 
         return hook

@@ -429,10 +429,10 @@ def write_image_figures(
         with out("tokens") as file:
             write_token_map(result.attention.token_attention, num_prefix_tokens, cmap, file, scales.tokens.top)
     with out("explorer") as file:
-        tops = tile_tops({name: output.layers for name, output in outputs.items()}, scale)
-        if norms is not None:  # token norms: each layer's tile to its own largest norm
+        tops = tile_tops({name: output.layers for name, output in outputs.items()}, scale, result.content.weights > 0)
+        if norms is not None:  # token norms: each layer's tile to its own largest norm on the image
             stack = np.concatenate([stack, norms], axis=1)
-            tops = np.concatenate([tops, norms.max(axis=(2, 3))], axis=1)
+            tops = np.concatenate([tops, tile_tops({"norms": norms}, ScaleSetting("map"), result.content.weights > 0)], axis=1)
         write_explorer_sprite(stack, cmap, file, padding=result.content.weights == 0, tops=tops)
     if objects:
         with out("objects") as file:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reportgen.methods import DOMINANT_SHARE, METHODS, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, sectioned_methods
+from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, METHODS, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, sectioned_methods
 from reportgen.site.scales import Scale, ScaleSetting, result_scales
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
@@ -76,6 +76,7 @@ def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
         "figures": {},
         "content": None,
         "concentration": None,
+        "dominant_layers": None,
         "norms": None,
         "attention": None,
         "rollout": None,
@@ -105,6 +106,10 @@ def image_record(result: ImageResult, figures: dict[str, Any], scale: ScaleSetti
         },
         # Sorted, as a record read back from the status file is: pages list the maps in this order.
         concentration=plain(dict(sorted(result.concentration.items()))),
+        dominant_layers={
+            name: [{"layer": layer, "share": plain(share)} for layer, share in peaks]
+            for name, peaks in sorted(result.dominant_layers.items())
+        },
         norms=_norms_record(result.norms) if result.norms is not None else None,
         scales={
             "maps": {name: _scale_record(s) for name, s in scales.maps.items()},
@@ -276,7 +281,12 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "scale_percentile": manifest.output.scale_percentile if manifest.output.scale == "percentile" else None,
         },
         # The fixed rules behind the token-norm and concentration statistics.
-        "rules": {"outlier_sigmas": OUTLIER_SIGMAS, "outlier_ratio": OUTLIER_RATIO, "dominant_share": DOMINANT_SHARE},
+        "rules": {
+            "outlier_sigmas": OUTLIER_SIGMAS,
+            "outlier_ratio": OUTLIER_RATIO,
+            "dominant_share": DOMINANT_SHARE,
+            "dominant_ratio": DOMINANT_RATIO,
+        },
     }
 
 

@@ -14,8 +14,8 @@ values above ``top`` are drawn at the top colour. The setting ``output.scale`` c
   scale; they are drawn at the top colour and counted. A map whose percentile is 0 (at least
   ``p`` % of its patches are 0) is drawn to its maximum instead, and its scale says so.
 
-The scale is computed over every patch of the map as drawn, letterbox padding included (padding is
-drawn in greys, but its brightness follows the same scale). The token-to-token map is a different
+The scale is computed over the patches that hold image: a hot spot on letterbox padding does not
+set it (padding is drawn in greys, at most at the top colour's brightness). The token-to-token map is a different
 quantity, so it is never in a family: it follows ``map`` or ``percentile``, and under ``shared``
 its own maximum. Pure numpy, no I/O: the figures, the records and the notebook panels all read
 their scales from here, so the page names the scale the figure was drawn with.
@@ -60,9 +60,19 @@ class Scale:
     above: int | None = 0
 
 
-def map_scale(heat: np.ndarray, setting: ScaleSetting) -> Scale:
-    """The scale of one map on its own: its maximum, or under ``percentile`` its percentile."""
-    values = np.asarray(heat, dtype=np.float64)
+def _on_image(heat: np.ndarray, inside: np.ndarray | None) -> np.ndarray:
+    """The values of ``heat`` (``[..., rows, cols]``) on the patches with image, flattened per map:
+    ``[..., P']``."""
+    heat = np.asarray(heat)
+    if inside is None or inside.all() or not inside.any():
+        return heat.reshape(*heat.shape[:-2], -1)
+    return heat[..., inside]
+
+
+def map_scale(heat: np.ndarray, setting: ScaleSetting, inside: np.ndarray | None = None) -> Scale:
+    """The scale of one map on its own: its maximum over the patches with image (``inside``;
+    None: every patch), or under ``percentile`` its percentile there."""
+    values = _on_image(np.asarray(heat, dtype=np.float64), inside)
     peak = float(values.max()) if values.size else 0.0
     if setting.kind == "percentile" and values.size:
         top = float(np.percentile(values, setting.percentile))
@@ -71,9 +81,9 @@ def map_scale(heat: np.ndarray, setting: ScaleSetting) -> Scale:
     return Scale("map", peak, 0)
 
 
-def shared_scale(maps: Iterable[np.ndarray]) -> Scale:
-    """One scale for a family of maps: their largest value."""
-    peak = max((float(np.max(m)) for m in maps if np.size(m)), default=0.0)
+def shared_scale(maps: Iterable[np.ndarray], inside: np.ndarray | None = None) -> Scale:
+    """One scale for a family of maps: their largest value over the patches with image."""
+    peak = max((float(np.max(v)) for m in maps if (v := _on_image(m, inside)).size), default=0.0)
     return Scale("shared", peak, 0)
 
 
@@ -93,20 +103,21 @@ def to_unit(heat: np.ndarray, top: float | np.ndarray) -> np.ndarray:
     return np.clip(unit, 0.0, 1.0)
 
 
-def tile_tops(explorer: Mapping[str, np.ndarray], setting: ScaleSetting) -> np.ndarray:
+def tile_tops(explorer: Mapping[str, np.ndarray], setting: ScaleSetting, inside: np.ndarray | None = None) -> np.ndarray:
     """``[L, K]`` the top of every explorer tile, the methods' columns in order.
 
     Args:
         explorer: per method, its ``[L, K_m, rows, cols]`` explorer stack.
+        inside: ``[rows, cols]`` True for the patches with image (None: every patch).
     """
     tops = []
     for stack in explorer.values():
-        stack = np.asarray(stack)
-        peak = stack.max(axis=(2, 3))  # in the maps' own precision, as to_unit divides
+        values = _on_image(stack, inside)  # [L, K_m, P']
+        peak = values.max(axis=-1)  # in the maps' own precision, as to_unit divides
         if setting.kind == "shared":
-            tops.append(np.full_like(peak, shared_scale([stack]).top))
+            tops.append(np.full_like(peak, shared_scale([stack], inside).top))
         elif setting.kind == "percentile":
-            cut = np.percentile(stack.astype(np.float64), setting.percentile, axis=(2, 3))
+            cut = np.percentile(values.astype(np.float64), setting.percentile, axis=-1)
             tops.append(np.where(cut > 0, cut, peak).astype(peak.dtype))  # as map_scale: a zero percentile falls back
         else:
             tops.append(peak)
@@ -134,6 +145,7 @@ def image_scales(
     tokens: np.ndarray | None,
     explorer: Mapping[str, np.ndarray],
     setting: ScaleSetting,
+    inside: np.ndarray | None = None,
 ) -> ImageScales:
     """The scales of every figure of one image under ``setting``.
 
@@ -141,13 +153,14 @@ def image_scales(
         maps: every overlay's map by name.
         tokens: the token-to-token attention matrix, or None.
         explorer: per method, its ``[L, K_m, rows, cols]`` explorer stack.
+        inside: ``[rows, cols]`` True for the patches with image (None: every patch).
     """
     if setting.kind == "shared":
-        family = shared_scale(maps.values())
+        family = shared_scale(maps.values(), inside)
         map_scales = {name: family for name in maps}
-        tiles = {name: shared_scale([stack]) for name, stack in explorer.items()}
+        tiles = {name: shared_scale([stack], inside) for name, stack in explorer.items()}
     else:
-        map_scales = {name: map_scale(grid, setting) for name, grid in maps.items()}
+        map_scales = {name: map_scale(grid, setting, inside) for name, grid in maps.items()}
         tiles = {name: Scale(setting.kind, None, None) for name in explorer}
     alone = setting if setting.kind == "percentile" else ScaleSetting("map")
     return ImageScales(map_scales, None if tokens is None else map_scale(tokens, alone), tiles)
@@ -157,7 +170,7 @@ def result_scales(result, setting: ScaleSetting) -> ImageScales:
     """:func:`image_scales` of an :class:`~reportgen.experiments.ImageResult`."""
     tokens = result.attention.token_attention if result.attention is not None else None
     explorer = {name: output.layers for name, output in result.methods.items()}
-    return image_scales(result.maps, tokens, explorer, setting)
+    return image_scales(result.maps, tokens, explorer, setting, result.content.weights > 0)
 
 
 def ordinal(percentile: float) -> str:
