@@ -38,7 +38,8 @@ class WeightedLayers:
         self.weighted: list[torch.Tensor | None] = [None] * depth
 
     def update(self, index: int, attn: torch.Tensor, grad: torch.Tensor) -> None:
-        self.weighted[index] = positive_gradient_attention(attn.float(), grad.float(), self.clamp_each_head).cpu()
+        dtype = torch.promote_types(attn.dtype, torch.float32)  # at least float32, float64 kept
+        self.weighted[index] = positive_gradient_attention(attn.to(dtype), grad.to(dtype), self.clamp_each_head).cpu()
 
     def kept(self) -> dict[str, torch.Tensor]:
         assert all(w is not None for w in self.weighted), "a layer's gradient was not seen"

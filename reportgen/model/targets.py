@@ -52,13 +52,14 @@ class Targets:
         logits = self.model.forward_head(features)
         top1 = logits.detach().argmax(dim=-1)
         score = logits.gather(1, top1[:, None])[:, 0]
+        values = score.detach().cpu()
         probs = logits.detach().float().softmax(dim=-1).cpu()
         best = probs.topk(min(TOP_PREDICTIONS, probs.shape[-1]), dim=-1)
         targets, predictions = [], []
         for b, index in enumerate(top1.tolist()):
             name = self.name(index)
             named = f"class {index} ({name})" if name else f"class {index}"
-            targets.append(Target("class", f"the logit of {named}, the top-1 prediction", float(score[b]), index, name))
+            targets.append(Target("class", f"the logit of {named}, the top-1 prediction", float(values[b]), index, name))
             predictions.append(
                 tuple(Prediction(int(i), self.name(int(i)), float(p)) for p, i in zip(best.values[b], best.indices[b]))
             )
