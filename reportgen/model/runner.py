@@ -117,4 +117,6 @@ class ModelRunner:
 
 def _rng_devices(device: torch.device) -> list:
     """The accelerator devices whose RNG state ``fork_rng`` must save (the CPU's always is)."""
-    return [device] if device.type == "cuda" else []
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
