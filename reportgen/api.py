@@ -78,6 +78,19 @@ class Explanation:
         return self.result.entropy
 
     @property
+    def targets(self) -> dict[str, Any]:
+        """Per map name, what the map explains (a :class:`~reportgen.methods.base.Target`:
+        ``kind``, ``description``, ``score``, ``class_index``, ``class_name``), for the maps of
+        methods that explain one (``relevance``, ``grad-rollout``)."""
+        return self.result.targets
+
+    @property
+    def predictions(self) -> tuple | None:
+        """A classifier's top-5 predictions (``index``, ``name``, ``probability``), best first,
+        when a method that explains a target ran; None otherwise and for a headless model."""
+        return self.result.predictions
+
+    @property
     def objects(self):
         """The objects experiment (for images given ``boxes``), or None."""
         return self.result.objects

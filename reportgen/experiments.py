@@ -27,7 +27,7 @@ from PIL import Image
 from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
 from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, sectioned_methods
-from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, TokenLayout
+from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, Prediction, Target, TokenLayout
 from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
     number_duplicates,
@@ -352,6 +352,8 @@ class ImageResult:
         attention: experiment 1 (with the ``attention`` method), else None.
         rollout: experiment 2 (with ``attention`` and ``rollout``), else None.
         objects: experiment 3 (``multi`` images), else None.
+        predictions: a classifier's top-5 predictions with their softmax probabilities (with a
+            method that explains a target), else None.
     """
 
     entry: ImageEntry
@@ -369,11 +371,17 @@ class ImageResult:
     attention: AttentionResult | None
     rollout: RolloutResult | None
     objects: ObjectsResult | None
+    predictions: tuple[Prediction, ...] | None = None
 
     @property
     def maps(self) -> dict[str, np.ndarray]:
         """Every map of every method, by name (``attention/mean``, ``rollout``, ...)."""
         return _all_maps(self.methods)
+
+    @property
+    def targets(self) -> dict[str, Target]:
+        """Per map name, what it explains (maps of the methods that explain a target only)."""
+        return {name: out.target for out in self.methods.values() if out.target is not None for name in out.maps}
 
 
 @dataclass(frozen=True)
@@ -430,6 +438,7 @@ def explain(
         attention=attention_experiment(attention, forward, entropies, content, layout, geometry, entry.objects) if attention else None,
         rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies, content) if compared else None,
         objects=objects_experiment(forward, maps.get("rollout"), layout, geometry, objects) if objects else None,
+        predictions=forward.predictions,
     )
 
 

@@ -52,7 +52,7 @@ def test_methods_default_and_all(tmp_path, photo):
 
 
 @pytest.mark.parametrize("methods, expected", [
-    (["rollot"], "methods[0]: unknown method 'rollot'; did you mean 'rollout'? (known: attention, rollout)"),
+    (["rollot"], "methods[0]: unknown method 'rollot'; did you mean 'rollout', 'grad-rollout'? (known: attention, rollout, relevance, grad-rollout)"),
     (["attention", "rollout", "attention"], "methods[2]: 'attention' is listed more than once"),
     (["attention", 3], "methods[1]: expected a string, got 3 (put it in quotes to make it text)"),
     ("rollout", "methods: expected a list of method names or 'all', got 'rollout' (write [rollout] for one method)"),
@@ -68,7 +68,7 @@ def test_bad_methods_in_the_manifest_through_the_cli(tmp_path, photo):
     result = _cli(manifest, tmp_path / "out")
     assert result.exit_code == 1, result.output
     assert str(manifest) in result.output
-    assert "methods[1]: unknown method 'rolout'; did you mean 'rollout'?" in result.output
+    assert "methods[1]: unknown method 'rolout'; did you mean 'rollout', 'grad-rollout'?" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -104,7 +104,7 @@ def test_methods_option_overrides_the_manifest(tmp_path, photo, built_manifests,
 
 
 @pytest.mark.parametrize("option, expected", [
-    ("rollot", "Invalid value for '--methods': unknown method 'rollot'; did you mean 'rollout'?"),
+    ("rollot", "Invalid value for '--methods': unknown method 'rollot'; did you mean 'rollout', 'grad-rollout'?"),
     ("rollout,rollout", "Invalid value for '--methods': 'rollout' is listed more than once"),
     ("attention,", "Invalid value for '--methods': must not be empty"),
 ])

@@ -120,12 +120,27 @@ class _Rollout(_Schema):
         return self
 
 
+class _Target(_Schema):
+    kind: Literal["class", "label-free"]
+    description: Text
+    score: Finite
+    class_index: Count | None
+    class_name: Text | None
+
+
 class _Map(_Schema):
     method: Text
     provenance: Text
     entropy: _Entropy
     grid: Matrix
     figure: Text
+    target: _Target | None = None  # exactly for the methods that explain a target (checked in _check_record)
+
+
+class _Prediction(_Schema):
+    index: Count
+    name: Text | None
+    probability: Share
 
 
 class _Content(_Schema):
@@ -219,6 +234,7 @@ class Record(_Schema):
     objects: _Objects | None
     scales: _Scales
     maps: Annotated[dict[Text, _Map], Field(max_length=MAX_LIST)] | None = None  # maps no section shows
+    predictions: Annotated[list[_Prediction], Field(min_length=1, max_length=5)] | None = None  # a classifier's top 5
 
 
 class Entry(_Schema):

@@ -318,7 +318,11 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
         entry_map = record.maps[map_name]
         if entry_map.figure != figure or entry_map.method != method:
             raise ValueError(f"maps.{map_name} is not what its method makes")
+        if (entry_map.target is None) == METHODS[method].targeted:
+            raise ValueError(f"maps.{map_name}.target does not match its method")
         grids[f"maps.{map_name}.grid"] = entry_map.grid
+    if record.predictions is not None and not any(METHODS[name].targeted for name in methods):
+        raise ValueError("predictions were made without a method that explains a target")
     for name, grid in grids.items():
         if not _is_shape(grid, rows, cols):
             raise ValueError(f"{name} is not {rows}x{cols}, the model's patch grid")

@@ -67,12 +67,15 @@ class MethodSpec:
             map names start with the method's name (``attention/mean``).
         explorer: the explorer columns it adds per layer: ``"heads+mean"`` (one per head, then the
             mean over heads) or ``"one"``.
+        targeted: its maps explain a target (a class or a label-free score), which every record
+            of them names.
     """
 
     name: str
     module: str
     maps: tuple[tuple[str, str], ...]
     explorer: str
+    targeted: bool = False
 
 
 #: Every method, by name, in the order pages and results show them.
@@ -86,6 +89,16 @@ METHODS: dict[str, MethodSpec] = {
             explorer="heads+mean",
         ),
         MethodSpec("rollout", "reportgen.methods.rollout", maps=(("rollout", "rollout"),), explorer="one"),
+        MethodSpec(
+            "relevance", "reportgen.methods.relevance", maps=(("relevance", "relevance"),), explorer="one", targeted=True
+        ),
+        MethodSpec(
+            "grad-rollout",
+            "reportgen.methods.grad_rollout",
+            maps=(("grad-rollout", "grad-rollout"),),
+            explorer="one",
+            targeted=True,
+        ),
     )
 }
 

@@ -1,9 +1,11 @@
 """The contract between the model stage and a map method.
 
-A method says what it needs from the forward pass (:data:`ATTENTION_ROWS`, :data:`FULL_ATTENTION`;
-:data:`GRADIENTS` and :data:`TARGET` are the needs of gradient methods). For ``FULL_ATTENTION`` it
-gives the runner a :class:`LayerReducer`, which sees each layer's ``[B, H, N, N]`` attention while
-that layer runs and keeps only what the method needs, so memory does not grow with depth. After
+A method says what it needs from the forward pass (:data:`ATTENTION_ROWS`, :data:`FULL_ATTENTION`,
+:data:`GRADIENTS`, :data:`TARGET`). For ``FULL_ATTENTION`` it gives the runner a
+:class:`LayerReducer`, which sees each layer's ``[B, H, N, N]`` attention while that layer runs and
+keeps only what the method needs, so memory does not grow with depth. For ``GRADIENTS`` it gives a
+:class:`GradientReducer` instead, which sees each layer's attention with the gradient of the
+image's :class:`Target` with respect to it, as that gradient arrives (last layer first). After
 the pass, :meth:`MapMethod.maps` turns one image's :class:`ForwardPass` into :class:`MethodMaps`
 over the patch grid. Methods are pure maths: no hooks, files or figures.
 """
@@ -23,8 +25,42 @@ FULL_ATTENTION = "full attention"  # every layer's [B, H, N, N], seen by the met
 GRADIENTS = "gradients"  # gradients of a target with respect to each layer's attention
 TARGET = "target"  # a class, a label-free score or an object to explain
 
-#: The needs the model runner can serve today.
-SERVED = frozenset({ATTENTION_ROWS, FULL_ATTENTION})
+#: The needs the model runner can serve.
+SERVED = frozenset({ATTENTION_ROWS, FULL_ATTENTION, GRADIENTS, TARGET})
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One of a classifier's top predictions for an image.
+
+    Attributes:
+        index: the class index.
+        name: the class's name (ImageNet's for ImageNet classifiers), None when the model has none.
+        probability: its softmax probability over all classes.
+    """
+
+    index: int
+    name: str | None
+    probability: float
+
+
+@dataclass(frozen=True)
+class Target:
+    """The scalar a gradient method explains, for one image.
+
+    Attributes:
+        kind: ``class`` (a classifier's logit) or ``label-free`` (a headless model's embedding).
+        description: what it is, in words ("the logit of class 281, tabby, tabby cat, ...").
+        score: its value for this image.
+        class_index: the class whose logit it is (``class`` only).
+        class_name: that class's name, None when the model has none.
+    """
+
+    kind: str
+    description: str
+    score: float
+    class_index: int | None = None
+    class_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,13 +122,19 @@ class ForwardPass:
             captured).
         query_rows: ``[L, H, N]`` the query's row (:attr:`TokenLayout.query`) of every layer's
             attention per head (each sums to 1 over all tokens), or None when no method needs them.
-        kept: per method name, what its :class:`LayerReducer` kept for this image.
+        kept: per method name, what its :class:`LayerReducer` or :class:`GradientReducer` kept
+            for this image.
+        target: what the gradients are of (None when no method needs ``GRADIENTS``).
+        predictions: a classifier's top-5 predictions (None for a headless model, or when no
+            method needs ``TARGET``).
     """
 
     tokens: torch.Tensor
     token_norms: torch.Tensor | None = None
     query_rows: torch.Tensor | None = None
     kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    target: Target | None = None
+    predictions: tuple[Prediction, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +148,7 @@ class MethodMaps:
         provenance: how the maps were made, in one sentence.
         prefix: per map name, float64 ``[num_prefix_tokens]``: the map's values on the prefix
             tokens, for maps that are rows over all tokens (attention, rollout); absent otherwise.
+        target: what the maps explain (methods that need ``TARGET``), else None.
     """
 
     maps: dict[str, np.ndarray]
@@ -113,6 +156,7 @@ class MethodMaps:
     extras: dict[str, np.ndarray]
     provenance: str
     prefix: dict[str, np.ndarray] = field(default_factory=dict)
+    target: Target | None = None
 
 
 class LayerReducer(Protocol):
@@ -125,15 +169,29 @@ class LayerReducer(Protocol):
         """What was kept, each ``[B, ...]`` on the CPU."""
 
 
+class GradientReducer(Protocol):
+    """Folds each layer's attention and its gradient into what a gradient method keeps. Gradients
+    arrive in backward order (last layer first), so a method that multiplies through the layers
+    in forward order keeps a small per-layer summary and multiplies in :meth:`kept`."""
+
+    def update(self, index: int, attn: torch.Tensor, grad: torch.Tensor) -> None:
+        """See layer ``index``'s ``[B, H, N, N]`` attention and the gradient of each image's
+        target with respect to it (both detached, valid only during this call)."""
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        """What was kept, each ``[B, ...]`` on the CPU."""
+
+
 class MapMethod(Protocol):
     """A map method (see the module docstring)."""
 
     spec: MethodSpec
     needs: frozenset[str]
 
-    def reducer(self, depth: int, layout: TokenLayout) -> LayerReducer | None:
+    def reducer(self, depth: int, layout: TokenLayout) -> LayerReducer | GradientReducer | None:
         """A fresh reducer for one batch through ``depth`` layers of a model with token layout
-        ``layout`` (None without ``FULL_ATTENTION``)."""
+        ``layout``: a :class:`GradientReducer` with ``GRADIENTS``, a :class:`LayerReducer` with
+        ``FULL_ATTENTION``, else None."""
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
         """The method's maps for one image."""

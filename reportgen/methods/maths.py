@@ -126,6 +126,56 @@ def rollout(
     return joint
 
 
+def positive_gradient_attention(attn: torch.Tensor, grad: torch.Tensor, clamp_each_head: bool) -> torch.Tensor:
+    """The head mean of ``grad * attn`` with its negative part removed.
+
+    Chefer et al. (2021, Eq. 5) clamp each head's product at 0 before the mean
+    (``clamp_each_head``); vit-explain's ``grad_rollout`` clamps the mean. They differ wherever
+    heads disagree in sign.
+
+    Args:
+        attn: ``[..., H, N, N]`` attention probabilities.
+        grad: ``[..., H, N, N]`` gradient of the target with respect to ``attn``.
+
+    Returns:
+        ``[..., N, N]``, non-negative.
+    """
+    product = grad * attn
+    if clamp_each_head:
+        return product.clamp_min(0).mean(dim=-3)
+    return product.mean(dim=-3).clamp_min(0)
+
+
+def relevance_step(relevance: torch.Tensor | None, weighted: torch.Tensor) -> torch.Tensor:
+    """One block of Chefer et al.'s relevance for self-attention: ``R + Ā · R``.
+
+    Args:
+        relevance: ``[B, N, N]`` relevance through the previous blocks, or None before the first
+            (the identity: each token relevant to itself).
+        weighted: ``[B, N, N]`` this block's :func:`positive_gradient_attention` (``Ā``).
+
+    Returns:
+        ``[B, N, N]``; rows are not normalised.
+    """
+    if relevance is None:
+        eye = torch.eye(weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
+        relevance = eye.expand_as(weighted)
+    return relevance + weighted @ relevance
+
+
+def grad_rollout_step(joint: torch.Tensor | None, weighted: torch.Tensor, discard_ratio: float = 0.0) -> torch.Tensor:
+    """One layer of gradient attention rollout: the gradient-weighted, head-fused attention
+    (:func:`positive_gradient_attention`, mean clamped) with the lowest ``discard_ratio`` dropped,
+    ``(a + I) / 2`` with rows renormalised, multiplied onto ``joint`` (``a @ joint``).
+
+    Args:
+        joint: ``[B, N, N]`` through the previous layers, or None before the first.
+        weighted: ``[B, N, N]`` this layer's ``mean_h(A * grad(A))`` clamped at 0.
+    """
+    a = residual_attention(discard_lowest(weighted, discard_ratio))
+    return a if joint is None else a @ joint
+
+
 def normalise(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Scale non-negative weights to sum to 1 along ``dim`` (all-zero rows stay zero)."""
     total = weights.sum(dim=dim, keepdim=True)

@@ -145,6 +145,7 @@ class AttentionCapture(Hooks):
 
     def _from_qkv(self, index: int, module: Attention):
         def hook(_linear, _inputs, qkv: torch.Tensor):
+            qkv = qkv.detach()  # in a gradient pass, the copy the methods read stays off the graph
             B, N, _ = qkv.shape
             q, k, _v = qkv.reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = module.q_norm(q), module.k_norm(k)

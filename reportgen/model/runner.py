@@ -5,18 +5,29 @@ the query's row (the CLS token's, or the mean of the patch queries: see
 :attr:`~reportgen.methods.base.TokenLayout.query`) of every layer and head when a method needs it, and hands the matrix to each
 method's reducer (rollout advances one layer; attention keeps the last layer's head mean). At
 518 px (1370 tokens) that is a few MB per image instead of a full stack of per-head matrices.
+
+Without a gradient method, the pass runs under ``torch.inference_mode``. With one (a method that
+needs ``GRADIENTS``), the same single pass runs with autograd on and fused attention switched off
+per module (:class:`~reportgen.model.gradients.AttentionGradients`), each image's target
+(:mod:`reportgen.model.targets`) is computed from the final tokens, and ``torch.autograd.grad``
+takes its gradient down to the first layer's attention, handing each layer's attention and
+gradient to the gradient methods' reducers as it arrives. Parameters' ``.grad`` fields and
+``requires_grad`` flags, the training flag and the RNG state are left as they were.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import torch
 
-from reportgen.methods.base import ATTENTION_ROWS, SERVED, ForwardPass, MapMethod
+from reportgen.methods.base import ATTENTION_ROWS, GRADIENTS, SERVED, TARGET, ForwardPass, MapMethod
 from reportgen.model.capture import AttentionCapture, CaptureInfo, attention_modules
+from reportgen.model.gradients import AttentionGradients
 from reportgen.model.loading import LoadedModel
 from reportgen.model.norms import TokenNormCapture
+from reportgen.model.targets import Targets
 
 
 class ModelRunner:
@@ -34,6 +45,8 @@ class ModelRunner:
         self.loaded = loaded
         self.methods = list(methods)
         self.capture_info: CaptureInfo | None = None
+        self.gradients = any(GRADIENTS in m.needs for m in self.methods)
+        self.targets = Targets(loaded.model) if self.gradients or any(TARGET in m.needs for m in self.methods) else None
 
     def run(self, batch: torch.Tensor) -> list[ForwardPass]:
         """Forward ``[B, 3, H, W]`` preprocessed images; one :class:`ForwardPass` per image."""
@@ -43,21 +56,49 @@ class ModelRunner:
         want_rows = any(ATTENTION_ROWS in m.needs for m in self.methods)
         layout = self.loaded.layout
         reducers = {m.spec.name: r for m in self.methods if (r := m.reducer(depth, layout)) is not None}
+        graded = {m.spec.name for m in self.methods if GRADIENTS in m.needs}
+        on_attention = [r for name, r in reducers.items() if name not in graded]
+        on_gradient = [r for name, r in reducers.items() if name in graded]
 
         def on_layer(index: int, attn: torch.Tensor) -> None:
             if want_rows:
                 # query_row copies: a view (and .cpu() of a CPU tensor is the tensor itself)
                 # would keep this layer's whole [B, H, N, N] matrix alive until the batch ends.
                 rows[index] = layout.query_row(attn).cpu()
-            for reducer in reducers.values():
+            for reducer in on_attention:
                 reducer.update(index, attn)
 
-        with AttentionCapture(model, on_layer) as capture, TokenNormCapture(model, capture.info.layers) as norms:
-            with torch.inference_mode():
-                capture.begin()
-                tokens = model.forward_features(batch.to(self.loaded.device)).float().cpu()
-                capture.check_complete()
-                token_norms = norms.norms()  # [B, L, N]
+        def on_grad(index: int, attn: torch.Tensor, grad: torch.Tensor) -> None:
+            for reducer in on_gradient:
+                reducer.update(index, attn, grad)
+
+        x = batch.to(self.loaded.device)
+        targets = predictions = None
+        with ExitStack() as stack:
+            capture = stack.enter_context(AttentionCapture(model, on_layer))
+            norms = stack.enter_context(TokenNormCapture(model, capture.info.layers))
+            if not self.gradients:
+                with torch.inference_mode():
+                    capture.begin()
+                    tokens = model.forward_features(x).float().cpu()
+                    capture.check_complete()
+            else:
+                layers = stack.enter_context(AttentionGradients(model, on_grad))
+                # A model in training mode would draw dropout masks; the caller's RNG stream is kept.
+                stack.enter_context(torch.random.fork_rng(devices=_rng_devices(x.device)))
+                with torch.enable_grad():
+                    capture.begin()
+                    layers.begin()
+                    # The input on the graph: a model whose parameters are frozen still has one.
+                    features = model.forward_features(x.detach().clone().requires_grad_(True))
+                    capture.check_complete()
+                    layers.check_complete()
+                    tokens = features.detach().float().cpu()
+                    scores, targets, predictions = self.targets.scores(features)
+                    # Gradients down to the first layer's attention only: no parameter's .grad is
+                    # touched and nothing below the first block is differentiated.
+                    torch.autograd.grad(scores.sum(), layers.first())
+            token_norms = norms.norms()  # [B, L, N]
         self.capture_info = capture.info
         query_rows = torch.stack(rows, dim=1) if want_rows else None  # [B, L, H, N]
         kept = {name: reducer.kept() for name, reducer in reducers.items()}
@@ -67,6 +108,15 @@ class ModelRunner:
                 token_norms=token_norms[b],
                 query_rows=query_rows[b] if query_rows is not None else None,
                 kept={name: {key: value[b] for key, value in arrays.items()} for name, arrays in kept.items()},
+                target=targets[b] if targets is not None else None,
+                predictions=predictions[b] if predictions is not None else None,
             )
             for b in range(batch.shape[0])
         ]
+
+
+def _rng_devices(device: torch.device) -> list:
+    """The accelerator devices whose RNG state ``fork_rng`` must save (the CPU's always is)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]

@@ -150,6 +150,8 @@ def image_record(result: ImageResult, figures: dict[str, Any], scale: ScaleSetti
     others = _unsectioned_maps(result)
     if others:
         record["maps"] = others
+    if result.predictions is not None:
+        record["predictions"] = plain(result.predictions)  # [{index, name, probability}], best first
     return record
 
 
@@ -174,6 +176,8 @@ def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
                 "grid": plain(output.maps[map_name]),
                 "figure": figure_key(stem),
             }
+            if output.target is not None:
+                maps[map_name]["target"] = plain(output.target)  # {kind, description, score, class_index, class_name}
     return maps
 
 
