@@ -20,12 +20,12 @@ from collections.abc import Callable
 import torch
 
 from reportgen.errors import CaptureError
-from reportgen.model.capture import attention_modules
+from reportgen.model.capture import Hooks, attention_modules
 
 GradientCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-class AttentionGradients:
+class AttentionGradients(Hooks):
     """Context manager exposing every layer's attention and its gradient.
 
     Example::
@@ -43,32 +43,22 @@ class AttentionGradients:
     """
 
     def __init__(self, model: torch.nn.Module, on_gradient: GradientCallback):
+        super().__init__()
         self._modules = attention_modules(model)
         self._on_gradient = on_gradient
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fused: list[tuple[torch.nn.Module, object]] = []
         self._attn: list[torch.Tensor | None] = [None] * len(self._modules)
 
-    def __enter__(self) -> AttentionGradients:
-        try:
-            for index, (name, module) in enumerate(self._modules):
-                if not isinstance(getattr(module, "attn_drop", None), torch.nn.Module):
-                    raise CaptureError(f"{name} has no attn_drop module, so its attention cannot be read on the graph")
-                self._fused.append((module, module.__dict__.get("fused_attn", _ABSENT)))
-                module.fused_attn = False
-                self._handles.append(module.attn_drop.register_forward_hook(self._on_attention(index)))
-        except BaseException:
-            self._restore()
-            raise
-        return self
+    def _install(self) -> None:
+        for index, (name, module) in enumerate(self._modules):
+            if not isinstance(getattr(module, "attn_drop", None), torch.nn.Module):
+                raise CaptureError(f"{name} has no attn_drop module, so its attention cannot be read on the graph")
+            self._fused.append((module, module.__dict__.get("fused_attn", _ABSENT)))
+            module.fused_attn = False
+            self._handles.append(module.attn_drop.register_forward_hook(self._on_attention(index)))
 
-    def __exit__(self, *exc) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _remove(self) -> None:
+        super()._remove()
         for module, value in reversed(self._fused):
             if value is _ABSENT:
                 del module.fused_attn
