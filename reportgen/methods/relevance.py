@@ -50,8 +50,9 @@ class WeightedLayers:
         return {"query_by_layer": torch.stack(rows, dim=1)}  # [B, L, N]
 
 
-def query_maps(name: str, forward: ForwardPass, layout: TokenLayout, provenance: str) -> MethodMaps:
-    """The maps of a method whose reducer kept ``query_by_layer`` ([L, N] per image)."""
+def query_maps(name: str, forward: ForwardPass, layout: TokenLayout, provenance: str, prefix: bool = True) -> MethodMaps:
+    """The maps of a method whose reducer kept ``query_by_layer`` ([L, N] per image); with
+    ``prefix``, the row's values on the prefix tokens too (when the row is a distribution)."""
     rows = forward.kept[name]["query_by_layer"]
     by_layer = layout.to_grid(rows)  # [L, rows, cols]
     return MethodMaps(
@@ -59,7 +60,7 @@ def query_maps(name: str, forward: ForwardPass, layout: TokenLayout, provenance:
         layers=by_layer[:, None],
         extras={},
         provenance=provenance,
-        prefix={name: rows[-1, : layout.num_prefix_tokens].double().numpy()},
+        prefix={name: rows[-1, : layout.num_prefix_tokens].double().numpy()} if prefix else {},
         target=forward.target,
     )
 
@@ -80,7 +81,9 @@ class RelevanceMethod:
             f"row of {layout.query.name}: R = I, then R + Ā·R per block in forward order, Ā the head mean "
             "of (∂target/∂A ⊙ A) clamped at 0 per head; not row-normalised"
         )
-        return query_maps("relevance", forward, layout, provenance)
+        # R starts as the identity, so the query's own entry holds that 1, not relevance: no
+        # share on the prefix tokens is given.
+        return query_maps("relevance", forward, layout, provenance, prefix=False)
 
 
 def create(settings) -> RelevanceMethod:
