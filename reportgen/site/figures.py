@@ -116,7 +116,7 @@ def overlay(
             padding) the blend is drawn in greys. None: all of it is image.
     """
     unit = Image.fromarray(heat_to_unit(heat, top).astype(np.float32), mode="F")
-    # Bilinear upsampling of the patch grid to pixels, as the seed did with cv2.resize.
+    # Bilinear upsampling of the patch grid to pixels (smooth maps; the patch grid stays in the explorer).
     up = np.asarray(unit.resize(view.size, Image.Resampling.BILINEAR), dtype=np.float32)
     colours = colourise(up, cmap)
     base = np.asarray(view, dtype=np.float32)
