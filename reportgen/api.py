@@ -81,7 +81,7 @@ class Explanation:
     def targets(self) -> dict[str, Any]:
         """Per map name, what the map explains (a :class:`~reportgen.methods.base.Target`:
         ``kind``, ``description``, ``score``, ``class_index``, ``class_name``), for the maps of
-        methods that explain one (``relevance``, ``grad-rollout``)."""
+        methods that explain one (``relevance``, ``grad-rollout``, ``gradcam``)."""
         return self.result.targets
 
     @property

@@ -52,7 +52,7 @@ def test_methods_default_and_all(tmp_path, photo):
 
 
 @pytest.mark.parametrize("methods, expected", [
-    (["rollot"], "methods[0]: unknown method 'rollot'; did you mean 'rollout', 'grad-rollout'? (known: attention, rollout, relevance, grad-rollout)"),
+    (["rollot"], "methods[0]: unknown method 'rollot'; did you mean 'rollout', 'grad-rollout'? (known: attention, rollout, relevance, grad-rollout, gradcam)"),
     (["attention", "rollout", "attention"], "methods[2]: 'attention' is listed more than once"),
     (["attention", 3], "methods[1]: expected a string, got 3 (put it in quotes to make it text)"),
     ("rollout", "methods: expected a list of method names or 'all', got 'rollout' (write [rollout] for one method)"),
