@@ -41,9 +41,11 @@ class ModelRunner:
     Args:
         loaded: the model and its metadata.
         methods: the map methods the results are for.
+        target_class: the class whose logit the gradient methods explain in every image (an
+            index :meth:`~reportgen.model.targets.Targets.resolve` gave), None for each image's top-1.
     """
 
-    def __init__(self, loaded: LoadedModel, methods: Sequence[MapMethod]):
+    def __init__(self, loaded: LoadedModel, methods: Sequence[MapMethod], target_class: int | None = None):
         for method in methods:
             unserved = method.needs - SERVED
             assert not unserved, f"{method.spec.name} needs {', '.join(sorted(unserved))}, which the runner does not provide"
@@ -51,7 +53,8 @@ class ModelRunner:
         self.methods = list(methods)
         self.capture_info: CaptureInfo | None = None
         self.gradients = any(GRADIENT_NEEDS & m.needs for m in self.methods)
-        self.targets = Targets(loaded.model) if self.gradients or any(TARGET in m.needs for m in self.methods) else None
+        wanted = self.gradients or any(TARGET in m.needs for m in self.methods)
+        self.targets = Targets(loaded.model, target_class) if wanted else None
 
     def run(self, batch: torch.Tensor) -> list[ForwardPass]:
         """Forward ``[B, 3, H, W]`` preprocessed images; one :class:`ForwardPass` per image."""
