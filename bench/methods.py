@@ -34,9 +34,10 @@ METHOD_SETS = {
     "attention + rollout": ("attention", "rollout"),
     "relevance": ("relevance",),
     "grad-rollout": ("grad-rollout",),
+    "gradcam": ("gradcam",),
     "all": "all",
 }
-GRADIENT_SETS = {"relevance", "grad-rollout", "all"}
+GRADIENT_SETS = {"relevance", "grad-rollout", "gradcam", "all"}
 
 
 def floors(model: torch.nn.Module, batches: list[torch.Tensor], repeats: int) -> tuple[float, float]:

@@ -81,7 +81,7 @@ class Explanation:
     def targets(self) -> dict[str, Any]:
         """Per map name, what the map explains (a :class:`~reportgen.methods.base.Target`:
         ``kind``, ``description``, ``score``, ``class_index``, ``class_name``), for the maps of
-        methods that explain one (``relevance``, ``grad-rollout``)."""
+        methods that explain one (``relevance``, ``grad-rollout``, ``gradcam``)."""
         return self.result.targets
 
     @property
@@ -114,6 +114,8 @@ class Explainer:
         pretrained: False builds the model with random weights.
         options: extra keyword arguments for ``timm.create_model``.
         head_fusion / discard_ratio / rollout_start_layer: rollout settings.
+        target_class: the class the gradient methods explain (index or name), as the manifest's
+            ``attention.target_class``; None for each image's top-1 class.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         batch_size: images per forward pass.
         cmap / alpha: colour map and opacity of :meth:`Explanation.figure`.
@@ -138,6 +140,7 @@ class Explainer:
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
         rollout_start_layer: int = 1,
+        target_class: int | str | None = None,
         device: str = "auto",
         batch_size: int = 8,
         cmap: str = "inferno",
@@ -149,7 +152,7 @@ class Explainer:
         sections = check_overrides(
             model=model_values,
             attention={"head_fusion": head_fusion, "discard_ratio": discard_ratio,
-                       "rollout_start_layer": rollout_start_layer},
+                       "rollout_start_layer": rollout_start_layer, "target_class": target_class},
             output={"cmap": cmap, "alpha": alpha, "scale": scale, "scale_percentile": scale_percentile},
             methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
         )

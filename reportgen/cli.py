@@ -34,6 +34,7 @@ _SETTING_OPTIONS = {
     "head_fusion": ("attention", "head_fusion"),
     "discard_ratio": ("attention", "discard_ratio"),
     "rollout_start_layer": ("attention", "rollout_start_layer"),
+    "target_class": ("attention", "target_class"),
     "detector": ("detector", "name"),
     "detector_threshold": ("detector", "threshold"),
     "cmap": ("output", "cmap"),
@@ -104,6 +105,8 @@ def main() -> None:
               help="Rollout: drop this fraction of lowest attentions per layer (vit-explain style).")
 @click.option("--rollout-start-layer", type=int, default=None,
               help="Rollout: first layer multiplied (1 = all layers; earlier layers count as the identity).")
+@click.option("--target-class", default=None,
+              help="Gradient methods: the class to explain, by index or name (default: each image's top-1 class).")
 @click.option("--detector", default=None,
               help="DETR model name or folder for images without boxes; 'none' uses manifest boxes only.")
 @click.option("--detector-threshold", type=float, default=None,

@@ -27,11 +27,12 @@ from reportgen.config import ImageEntry, Manifest, ObjectBox
 from reportgen.errors import ImageError, ModelSettingsError
 from reportgen.experiments import ImageFailure, ImageResult, Objects, explain
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
-from reportgen.methods import create_methods
+from reportgen.methods import METHODS, create_methods
 from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel, load_model
 from reportgen.model.runner import ModelRunner
 from reportgen.model.sources import model_identity
+from reportgen.model.targets import Targets
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,9 @@ class Computation:
             CaptureError: attention could not be captured (a model reportgen cannot read).
         """
         loaded, self.model_load_seconds = kept_model(self.manifest, self.device, self.model_cache)
-        check_fits_model(self.manifest, loaded)
+        target_class = check_fits_model(self.manifest, loaded)
         methods = create_methods(self.manifest.methods, self.manifest.attention)
-        runner = ModelRunner(loaded, methods)
+        runner = ModelRunner(loaded, methods, target_class)
         self.model_run = ModelRun(loaded, None, _versions())
         layout = loaded.layout
         objects_for = _ObjectSource(self.manifest, self.warnings)
@@ -144,8 +145,10 @@ class Computation:
                         yield ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
-def check_fits_model(settings: Manifest, loaded: LoadedModel) -> None:
-    """The rules a setting can only be checked by once the model is loaded.
+def check_fits_model(settings: Manifest, loaded: LoadedModel) -> int | None:
+    """The rules a setting can only be checked by once the model is loaded. Returns the index of
+    the class the gradient methods explain (``attention.target_class``), None for each image's
+    top-1 (or when no method explains a target).
 
     Raises:
         ModelSettingsError: naming the setting, its value and what the model allows.
@@ -156,6 +159,13 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> None:
             f"attention.rollout_start_layer (--rollout-start-layer) {start}: greater than the depth of "
             f"{loaded.name} ({loaded.depth} layers); use a layer from 1 to {loaded.depth}."
         )
+    choice = settings.attention.target_class
+    if choice is None or not any(METHODS[name].targeted for name in settings.methods):
+        return None
+    try:
+        return Targets(loaded.model).resolve(choice)
+    except ValueError as err:
+        raise ModelSettingsError(f"attention.target_class (--target-class) {choice!r}: {loaded.name}: {err}.") from None
 
 
 def kept_model(manifest: Manifest, device: str, cache: dict | None) -> tuple[LoadedModel, float | None]:
@@ -188,10 +198,11 @@ def prepare_for_rebuilds(manifest: Manifest, device: str, cache: dict) -> float 
         ModelLoadError: if the model cannot be loaded.
     """
     loaded, seconds = kept_model(manifest, device, cache)
-    check_fits_model(manifest, loaded)
+    target_class = check_fits_model(manifest, loaded)
     if seconds is not None:
         _channels, height, width = loaded.data_config["input_size"]
-        ModelRunner(loaded, create_methods(manifest.methods, manifest.attention)).run(torch.zeros(1, 3, height, width))
+        ModelRunner(loaded, create_methods(manifest.methods, manifest.attention), target_class).run(
+            torch.zeros(1, 3, height, width))
         import seaborn  # noqa: F401  (the similarity heat maps' imports: pandas, scipy)
     return seconds
 

@@ -49,7 +49,7 @@ def test_a_batch_gives_the_same_numbers_as_single_calls(explainer, tmp_path):
 def test_methods_all_and_a_subset(tmp_path):
     photo = write_photo(tmp_path / "a.png")
     assert sorted(Explainer(TINY_MODEL["name"], methods="all", **TINY).explain(photo).maps) == [
-        "attention/max", "attention/mean", "grad-rollout", "relevance", "rollout"]
+        "attention/max", "attention/mean", "grad-rollout", "gradcam", "relevance", "rollout"]
     only = Explainer(TINY_MODEL["name"], methods=["rollout"], **TINY).explain(photo)
     assert list(only.maps) == ["rollout"] and only.result.attention is None
 

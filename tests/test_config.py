@@ -52,7 +52,7 @@ def test_methods_default_and_all(tmp_path, photo):
 
 
 @pytest.mark.parametrize("methods, expected", [
-    (["rollot"], "methods[0]: unknown method 'rollot'; did you mean 'rollout', 'grad-rollout'? (known: attention, rollout, relevance, grad-rollout)"),
+    (["rollot"], "methods[0]: unknown method 'rollot'; did you mean 'rollout', 'grad-rollout'? (known: attention, rollout, relevance, grad-rollout, gradcam)"),
     (["attention", "rollout", "attention"], "methods[2]: 'attention' is listed more than once"),
     (["attention", 3], "methods[1]: expected a string, got 3 (put it in quotes to make it text)"),
     ("rollout", "methods: expected a list of method names or 'all', got 'rollout' (write [rollout] for one method)"),
@@ -125,6 +125,7 @@ REFUSED_OPTIONS = [
     (["--input-size", "0"], "'--input-size': expected a positive integer, got 0"),
     (["--discard-ratio", "1"], "'--discard-ratio': must satisfy 0 <= value < 1, got 1.0"),
     (["--rollout-start-layer", "0"], "'--rollout-start-layer': expected a positive integer, got 0"),
+    (["--target-class", " "], "'--target-class': expected a class index (0 or more) or a class name, got ' '"),
     (["--alpha", "0"], "'--alpha': must satisfy 0 < value <= 1, got 0.0"),
     (["--detector-threshold", "1.5"], "'--detector-threshold': must satisfy 0 < value <= 1, got 1.5"),
     (["--head-fusion", "avg"], "'--head-fusion': expected one of mean, max, min, got 'avg'"),
@@ -163,6 +164,7 @@ SAME_RULE = [
     ("attention", "discard_ratio", 1.0, "--discard-ratio"),
     ("attention", "head_fusion", "avg", "--head-fusion"),
     ("attention", "rollout_start_layer", -2, "--rollout-start-layer"),
+    ("attention", "target_class", -1, "--target-class"),
     ("detector", "threshold", 1.5, "--detector-threshold"),
     ("detector", "name", "", "--detector"),
     ("output", "alpha", 0.0, "--alpha"),

@@ -304,7 +304,7 @@ def test_an_attention_build_runs_without_autograd():
 def test_every_method_is_in_all_and_the_defaults_are_unchanged():
     from reportgen.config.schema import DEFAULT_METHODS
 
-    assert {"relevance", "grad-rollout"} <= set(METHODS) and DEFAULT_METHODS == ("attention", "rollout")
+    assert {"relevance", "grad-rollout", "gradcam"} <= set(METHODS) and DEFAULT_METHODS == ("attention", "rollout")
     assert METHODS["relevance"].targeted and METHODS["grad-rollout"].targeted and not METHODS["rollout"].targeted
 
 
@@ -333,7 +333,7 @@ def test_a_classifier_site_names_the_target_class_and_lists_the_top_five(tmp_pat
 
     record, page, out = _site(tmp_path, TINY_MODEL)  # 1000 classes: ImageNet's names
     names = timm.data.ImageNetInfo()
-    for name in ("relevance", "grad-rollout"):
+    for name in ("relevance", "grad-rollout", "gradcam"):
         target = record["maps"][name]["target"]
         assert target["kind"] == "class" and target["class_name"] == names.index_to_description(target["class_index"])
         assert target["class_name"] in record["maps"][name]["provenance"]
@@ -364,8 +364,8 @@ def test_the_api_runs_every_method_with_all_and_names_the_targets(tmp_path):
     write_photo(tmp_path / "a.png")
     ex = Explainer(TINY_MODEL["name"], pretrained=False, input_size=32, options=TINY_MODEL["options"], methods="all", device="cpu")
     result = ex.explain(tmp_path / "a.png")
-    assert {"relevance", "grad-rollout", "rollout", "attention/mean"} <= set(result.maps)
-    assert set(result.targets) == {"relevance", "grad-rollout"}
+    assert {"relevance", "grad-rollout", "gradcam", "rollout", "attention/mean"} <= set(result.maps)
+    assert set(result.targets) == {"relevance", "grad-rollout", "gradcam"}
     assert result.targets["relevance"].class_index == result.predictions[0].index
 
 

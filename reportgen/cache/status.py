@@ -64,6 +64,8 @@ def settings_key(manifest: Manifest) -> str:
                 manifest.attention.head_fusion,
                 manifest.attention.discard_ratio,
                 manifest.attention.rollout_start_layer,
+                # Only when chosen, so a build that explains the top-1 class keeps its key.
+                *([manifest.attention.target_class] if manifest.attention.target_class is not None else []),
             ],
             "detector": [manifest.detector.name, manifest.detector.threshold],
             "figures": [manifest.output.cmap, manifest.output.alpha, *_scale_key(manifest)],

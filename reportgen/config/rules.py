@@ -125,6 +125,28 @@ class OneOf(_Rule):
 
 
 @dataclass(frozen=True)
+class ClassChoice(_Rule):
+    """A classifier's class: its index (an integer >= 0, also written as digits) or its name. Whether
+    the model has that class is known only once it is loaded (checked there)."""
+
+    most: int = 200
+
+    def check(self, value: Any, base: Path | None) -> int | str:
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            value = int(value)  # the command line gives text: "-1" is the integer it reads as
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise problem(f"expected a class index (0 or more) or a class name, got {show(value)}")
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise problem(f"expected a class index (0 or more) or a class name, got {show(value)}")
+        text = value.strip()
+        if len(text) > self.most:
+            raise problem(f"a class name of at most {self.most} characters, got {len(text)}")
+        return text
+
+
+@dataclass(frozen=True)
 class Pattern(_Rule):
     """Text matching ``pattern`` in full; ``described`` says what is accepted, ``hints`` why
     some values that look plausible are not."""

@@ -32,6 +32,7 @@ from reportgen.config.bounds import (
 from reportgen.config.messages import file_stem_id, image_id, problem, show, with_problems
 from reportgen.config.rules import (
     Box,
+    ClassChoice,
     Colormap,
     Count,
     File,
@@ -108,11 +109,15 @@ class AttentionSettings(_Section):
         rollout_start_layer: the first layer rollout multiplies (1-based; the layers before it
             count as the identity); 1 = all layers. At most the model's depth, which is known only
             once the model is loaded (checked there).
+        target_class: the class the gradient methods explain, by index or name, instead of each
+            image's top-1 prediction; None for the top-1. Whether the model has it (and a
+            classifier head at all) is known only once it is loaded (checked there).
     """
 
     head_fusion: Annotated[str, OneOf(HEAD_FUSIONS)] = "mean"
     discard_ratio: Annotated[float, Number(ge=0, lt=1)] = 0.0
     rollout_start_layer: Annotated[int, Count()] = 1
+    target_class: Annotated[int | str, ClassChoice()] | None = None
 
 
 @dataclass(frozen=True, config=_CONFIG)

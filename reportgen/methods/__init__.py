@@ -99,6 +99,7 @@ METHODS: dict[str, MethodSpec] = {
             explorer="one",
             targeted=True,
         ),
+        MethodSpec("gradcam", "reportgen.methods.gradcam", maps=(("gradcam", "gradcam"),), explorer="one", targeted=True),
     )
 }
 

@@ -1,11 +1,13 @@
 """The contract between the model stage and a map method.
 
 A method says what it needs from the forward pass (:data:`ATTENTION_ROWS`, :data:`FULL_ATTENTION`,
-:data:`GRADIENTS`, :data:`TARGET`). For ``FULL_ATTENTION`` it gives the runner a
+:data:`GRADIENTS`, :data:`TOKEN_GRADIENTS`, :data:`TARGET`). For ``FULL_ATTENTION`` it gives the runner a
 :class:`LayerReducer`, which sees each layer's ``[B, H, N, N]`` attention while that layer runs and
 keeps only what the method needs, so memory does not grow with depth. For ``GRADIENTS`` it gives a
 :class:`GradientReducer` instead, which sees each layer's attention with the gradient of the
-image's :class:`Target` with respect to it, as that gradient arrives (last layer first). After
+image's :class:`Target` with respect to it, as that gradient arrives (last layer first); for
+``TOKEN_GRADIENTS`` a :class:`TokenGradientReducer`, which sees the tokens each block's attention
+reads (the output of its ``norm1``) and their gradient the same way. After
 the pass, :meth:`MapMethod.maps` turns one image's :class:`ForwardPass` into :class:`MethodMaps`
 over the patch grid. Methods are pure maths: no hooks, files or figures.
 """
@@ -23,10 +25,14 @@ from reportgen.methods import CLS_QUERY, PATCH_MEAN_QUERY, MethodSpec, Query
 ATTENTION_ROWS = "attention rows"  # the query's row of every layer and head: [L, H, N]
 FULL_ATTENTION = "full attention"  # every layer's [B, H, N, N], seen by the method's reducer
 GRADIENTS = "gradients"  # gradients of a target with respect to each layer's attention
+TOKEN_GRADIENTS = "token gradients"  # each block's normalised input tokens and the target's gradient
 TARGET = "target"  # a class, a label-free score or an object to explain
 
 #: The needs the model runner can serve.
-SERVED = frozenset({ATTENTION_ROWS, FULL_ATTENTION, GRADIENTS, TARGET})
+SERVED = frozenset({ATTENTION_ROWS, FULL_ATTENTION, GRADIENTS, TOKEN_GRADIENTS, TARGET})
+
+#: The needs that make the runner take a gradient pass.
+GRADIENT_NEEDS = frozenset({GRADIENTS, TOKEN_GRADIENTS})
 
 
 @dataclass(frozen=True)
@@ -182,16 +188,28 @@ class GradientReducer(Protocol):
         """What was kept, each ``[B, ...]`` on the CPU."""
 
 
+class TokenGradientReducer(Protocol):
+    """Folds the tokens each block's attention reads and their gradient into what a gradient
+    method keeps. Gradients arrive in backward order (last block first)."""
+
+    def update(self, index: int, tokens: torch.Tensor, grad: torch.Tensor) -> None:
+        """See block ``index``'s ``[B, N, C]`` normalised input tokens and the gradient of each image's
+        target with respect to them (both detached, valid only during this call)."""
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        """What was kept, each ``[B, ...]`` on the CPU."""
+
+
 class MapMethod(Protocol):
     """A map method (see the module docstring)."""
 
     spec: MethodSpec
     needs: frozenset[str]
 
-    def reducer(self, depth: int, layout: TokenLayout) -> LayerReducer | GradientReducer | None:
+    def reducer(self, depth: int, layout: TokenLayout) -> LayerReducer | GradientReducer | TokenGradientReducer | None:
         """A fresh reducer for one batch through ``depth`` layers of a model with token layout
-        ``layout``: a :class:`GradientReducer` with ``GRADIENTS``, a :class:`LayerReducer` with
-        ``FULL_ATTENTION``, else None."""
+        ``layout``: a :class:`GradientReducer` with ``GRADIENTS``, a :class:`TokenGradientReducer`
+        with ``TOKEN_GRADIENTS``, a :class:`LayerReducer` with ``FULL_ATTENTION``, else None."""
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
         """The method's maps for one image."""

@@ -176,6 +176,27 @@ def grad_rollout_step(joint: torch.Tensor | None, weighted: torch.Tensor, discar
     return a if joint is None else a @ joint
 
 
+def gradcam(tokens: torch.Tensor, grad: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) on a transformer block's tokens, over the patches.
+
+    Channel ``c``'s weight is the mean over the patch tokens of the target's gradient in that
+    channel (the tokens stand in for a CNN's spatial positions); the map is the ReLU of the
+    weighted sum of the channels at each patch. Prefix tokens (CLS, distillation, registers) are
+    no image position, so they enter neither the weights nor the map.
+
+    Args:
+        tokens: ``[..., N, C]`` a block's tokens.
+        grad: ``[..., N, C]`` the gradient of the target with respect to ``tokens``.
+        num_prefix_tokens: tokens before the patches.
+
+    Returns:
+        ``[..., P]`` over the patch tokens, non-negative.
+    """
+    patches = tokens[..., num_prefix_tokens:, :]
+    weights = grad[..., num_prefix_tokens:, :].mean(dim=-2, keepdim=True)  # [..., 1, C]
+    return (weights * patches).sum(dim=-1).clamp_min(0)
+
+
 def normalise(weights: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Scale non-negative weights to sum to 1 along ``dim`` (all-zero rows stay zero)."""
     total = weights.sum(dim=dim, keepdim=True)

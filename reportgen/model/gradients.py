@@ -9,7 +9,11 @@ own ``fused_attn`` off (per instance; timm's global switch is left alone), so th
 gradient to a callback as the backward pass reaches that layer (last layer first); nothing per
 layer outlives the callback unless the callback keeps it.
 
-Hooks live only inside the context manager; on exit, also when an error is raised, they are
+:class:`BlockGradients` does the same for the tokens each block's attention reads (the output
+of its ``norm1``), for methods that weight tokens rather than attention; it leaves fused
+attention alone.
+
+Hooks live only inside the context managers; on exit, also when an error is raised, they are
 removed and every module's ``fused_attn`` is set back to what it was.
 """
 
@@ -102,3 +106,74 @@ class AttentionGradients(Hooks):
 
 
 _ABSENT = object()  # a module whose fused_attn came from its class, not the instance
+
+
+class BlockGradients(Hooks):
+    """Context manager exposing the tokens each block's attention reads, and their gradient.
+
+    The tokens are the output of the block's ``norm1`` (its normalised input), which is where
+    pytorch-grad-cam's ViT tutorial takes them for the last block. A block's own output would not
+    do for the last block of a model that reads its prediction from the class token: nothing after
+    it mixes tokens, so the gradient on every patch token there is exactly zero. A forward hook on
+    each ``norm1`` registers a tensor hook on its output, which passes the tokens and their
+    gradient to a callback as the backward pass reaches that block (last block first). Use as
+    :class:`AttentionGradients`; :meth:`first` is the first block's tokens.
+
+    Args:
+        model: a timm ViT.
+        attention_names: the qualified names of its attention modules, first layer first (their
+            parents are the blocks).
+        on_gradient: called as ``on_gradient(block_index, tokens, grad)`` with both ``[B, N, C]``
+            and detached, once per block during the backward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, attention_names: tuple[str, ...], on_gradient: GradientCallback):
+        super().__init__()
+        self._names = [name.rpartition(".")[0] or "the block" for name in attention_names]
+        self._blocks = [model.get_submodule(name.rpartition(".")[0]) for name in attention_names]
+        self._on_gradient = on_gradient
+        self._tokens: list[torch.Tensor | None] = [None] * len(self._blocks)
+
+    def _install(self) -> None:
+        for index, (name, block) in enumerate(zip(self._names, self._blocks)):
+            norm = getattr(block, "norm1", None)
+            if not isinstance(norm, torch.nn.Module):
+                raise CaptureError(f"{name} has no norm1 module, so the tokens its attention reads cannot be hooked")
+            self._handles.append(norm.register_forward_hook(self._on_output(index)))
+
+    def _remove(self) -> None:
+        super()._remove()
+        self._tokens = [None] * len(self._blocks)
+
+    def begin(self) -> None:
+        """Start a new pass: forget the previous one's tokens."""
+        self._tokens = [None] * len(self._blocks)
+
+    def check_complete(self) -> None:
+        """Raise :class:`CaptureError` unless every block's tokens are on the autograd graph."""
+        missing = [name for name, tokens in zip(self._names, self._tokens) if tokens is None]
+        if missing:
+            raise CaptureError(
+                f"the tokens of {len(missing)} of {len(self._blocks)} blocks were not [batch, tokens, channels] "
+                f"on the autograd graph ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+                "refusing to draw from partial data"
+            )
+
+    def first(self) -> torch.Tensor:
+        """The first block's tokens: a backward pass down to them reaches every block's."""
+        assert self._tokens[0] is not None, "no forward pass since begin()"
+        return self._tokens[0]
+
+    def _on_output(self, index: int):
+        def forward_hook(_norm, _inputs, output):
+            if not isinstance(output, torch.Tensor) or output.dim() != 3 or not output.requires_grad:
+                return  # check_complete reports the block
+            self._tokens[index] = output
+
+            # Through the list, not a closure over the output: emptying it on exit frees it.
+            def on_grad(grad: torch.Tensor) -> None:
+                self._on_gradient(index, self._tokens[index].detach(), grad.detach())
+
+            output.register_hook(on_grad)
+
+        return forward_hook

@@ -7,11 +7,14 @@ method's reducer (rollout advances one layer; attention keeps the last layer's h
 518 px (1370 tokens) that is a few MB per image instead of a full stack of per-head matrices.
 
 Without a gradient method, the pass runs under ``torch.inference_mode``. With one (a method that
-needs ``GRADIENTS``), the same single pass runs with autograd on and fused attention switched off
-per module (:class:`~reportgen.model.gradients.AttentionGradients`), each image's target
+needs ``GRADIENTS`` or ``TOKEN_GRADIENTS``), the same single pass runs with autograd on, for
+``GRADIENTS`` with fused attention switched off per module
+(:class:`~reportgen.model.gradients.AttentionGradients`), for ``TOKEN_GRADIENTS`` with the
+tokens each block's attention reads hooked (:class:`~reportgen.model.gradients.BlockGradients`); each image's target
 (:mod:`reportgen.model.targets`) is computed from the final tokens, and ``torch.autograd.grad``
-takes its gradient down to the first layer's attention, handing each layer's attention and
-gradient to the gradient methods' reducers as it arrives. Parameters' ``.grad`` fields and
+takes its gradient down to the first layer's attention and/or first block's tokens, handing each
+layer's attention or block's tokens, with the gradient, to the gradient methods' reducers as it
+arrives. Parameters' ``.grad`` fields and
 ``requires_grad`` flags, the training flag and the RNG state are left as they were.
 """
 
@@ -22,9 +25,11 @@ from contextlib import ExitStack
 
 import torch
 
-from reportgen.methods.base import ATTENTION_ROWS, GRADIENTS, SERVED, TARGET, ForwardPass, MapMethod
+from reportgen.methods.base import (
+    ATTENTION_ROWS, GRADIENT_NEEDS, GRADIENTS, SERVED, TARGET, TOKEN_GRADIENTS, ForwardPass, MapMethod,
+)
 from reportgen.model.capture import AttentionCapture, CaptureInfo, attention_modules
-from reportgen.model.gradients import AttentionGradients
+from reportgen.model.gradients import AttentionGradients, BlockGradients
 from reportgen.model.loading import LoadedModel
 from reportgen.model.norms import TokenNormCapture
 from reportgen.model.targets import Targets
@@ -36,17 +41,20 @@ class ModelRunner:
     Args:
         loaded: the model and its metadata.
         methods: the map methods the results are for.
+        target_class: the class whose logit the gradient methods explain in every image (an
+            index :meth:`~reportgen.model.targets.Targets.resolve` gave), None for each image's top-1.
     """
 
-    def __init__(self, loaded: LoadedModel, methods: Sequence[MapMethod]):
+    def __init__(self, loaded: LoadedModel, methods: Sequence[MapMethod], target_class: int | None = None):
         for method in methods:
             unserved = method.needs - SERVED
             assert not unserved, f"{method.spec.name} needs {', '.join(sorted(unserved))}, which the runner does not provide"
         self.loaded = loaded
         self.methods = list(methods)
         self.capture_info: CaptureInfo | None = None
-        self.gradients = any(GRADIENTS in m.needs for m in self.methods)
-        self.targets = Targets(loaded.model) if self.gradients or any(TARGET in m.needs for m in self.methods) else None
+        self.gradients = any(GRADIENT_NEEDS & m.needs for m in self.methods)
+        wanted = self.gradients or any(TARGET in m.needs for m in self.methods)
+        self.targets = Targets(loaded.model, target_class) if wanted else None
 
     def run(self, batch: torch.Tensor) -> list[ForwardPass]:
         """Forward ``[B, 3, H, W]`` preprocessed images; one :class:`ForwardPass` per image."""
@@ -57,8 +65,10 @@ class ModelRunner:
         layout = self.loaded.layout
         reducers = {m.spec.name: r for m in self.methods if (r := m.reducer(depth, layout)) is not None}
         graded = {m.spec.name for m in self.methods if GRADIENTS in m.needs}
-        on_attention = [r for name, r in reducers.items() if name not in graded]
+        token_graded = {m.spec.name for m in self.methods if TOKEN_GRADIENTS in m.needs}
+        on_attention = [r for name, r in reducers.items() if name not in graded | token_graded]
         on_gradient = [r for name, r in reducers.items() if name in graded]
+        on_token_gradient = [r for name, r in reducers.items() if name in token_graded]
 
         def on_layer(index: int, attn: torch.Tensor) -> None:
             if want_rows:
@@ -72,6 +82,10 @@ class ModelRunner:
             for reducer in on_gradient:
                 reducer.update(index, attn, grad)
 
+        def on_token_grad(index: int, tokens: torch.Tensor, grad: torch.Tensor) -> None:
+            for reducer in on_token_gradient:
+                reducer.update(index, tokens, grad)
+
         x = batch.to(self.loaded.device)
         targets = predictions = None
         with ExitStack() as stack:
@@ -83,21 +97,30 @@ class ModelRunner:
                     tokens = model.forward_features(x).float().cpu()
                     capture.check_complete()
             else:
-                layers = stack.enter_context(AttentionGradients(model, on_grad))
+                # Attention on the graph (fused attention off) only for methods that weight it.
+                layers = stack.enter_context(AttentionGradients(model, on_grad)) if graded else None
+                blocks = (
+                    stack.enter_context(BlockGradients(model, capture.info.layers, on_token_grad)) if token_graded else None
+                )
                 # A model in training mode would draw dropout masks; the caller's RNG stream is kept.
                 stack.enter_context(torch.random.fork_rng(devices=_rng_devices(x.device)))
                 with torch.enable_grad():
                     capture.begin()
-                    layers.begin()
+                    for hooked in (layers, blocks):
+                        if hooked is not None:
+                            hooked.begin()
                     # The input on the graph: a model whose parameters are frozen still has one.
                     features = model.forward_features(x.detach().clone().requires_grad_(True))
                     capture.check_complete()
-                    layers.check_complete()
+                    for hooked in (layers, blocks):
+                        if hooked is not None:
+                            hooked.check_complete()
                     tokens = features.detach().float().cpu()
                     scores, targets, predictions = self.targets.scores(features)
-                    # Gradients down to the first layer's attention only: no parameter's .grad is
-                    # touched and nothing below the first block is differentiated.
-                    torch.autograd.grad(scores.sum(), layers.first())
+                    # Gradients down to the first layer's attention and the first block's
+                    # tokens only: no parameter's .grad is touched and nothing below the first
+                    # block is differentiated.
+                    torch.autograd.grad(scores.sum(), [hooked.first() for hooked in (layers, blocks) if hooked is not None])
             token_norms = norms.norms()  # [B, L, N]
         self.capture_info = capture.info
         query_rows = torch.stack(rows, dim=1) if want_rows else None  # [B, L, H, N]

@@ -1,6 +1,7 @@
 """What a gradient method explains: one scalar per image, computed on the autograd graph.
 
-- A model with a classifier head (``num_classes > 0``): the logit of its top-1 predicted class.
+- A model with a classifier head (``num_classes > 0``): the logit of its top-1 predicted class, or
+  of one class chosen for every image (:meth:`Targets.resolve` finds it by index or name).
   Class names come from timm's ``ImageNetInfo`` for the ImageNet label sets timm recognises by the
   number of classes (1000 for ImageNet-1k); otherwise a class is named by its index.
 - A headless backbone (``num_classes == 0``): the label-free target of Crabbe & van der Schaar
@@ -31,12 +32,48 @@ class Targets:
 
     Args:
         model: a timm ViT (``forward_head`` and ``num_classes`` as timm's VisionTransformer).
+        chosen: the class every image's target is the logit of (from :meth:`resolve`); None for
+            each image's top-1 class.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, chosen: int | None = None):
         self.model = model
-        self.classifier = int(getattr(model, "num_classes", 0) or 0) > 0
+        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+        self.classifier = self.num_classes > 0
         self._names = _class_names(model) if self.classifier else None
+        assert chosen is None or 0 <= chosen < self.num_classes, chosen
+        self.chosen = chosen
+
+    def resolve(self, choice: int | str) -> int:
+        """The index of the class ``choice`` (an index, or a name: the class's full name or one of
+        its comma-separated synonyms, in any case).
+
+        Raises:
+            ValueError: saying why the model has no such class, in one sentence.
+        """
+        if not self.classifier:
+            raise ValueError(
+                "the model has no classifier head (num_classes = 0), so its gradient maps explain the "
+                "label-free target; leave the class out"
+            )
+        if isinstance(choice, int):
+            if choice >= self.num_classes:
+                raise ValueError(f"the model has {self.num_classes} classes, 0 to {self.num_classes - 1}")
+            return choice
+        if self._names is None:
+            raise ValueError(f"the model's {self.num_classes} classes have no names; give an index from 0 to {self.num_classes - 1}")
+        wanted = choice.strip().casefold()
+        found = [
+            index for index in range(self.num_classes)
+            if wanted == self.name(index).casefold()
+            or wanted in (synonym.strip().casefold() for synonym in self.name(index).split(","))
+        ]
+        if not found:
+            raise ValueError("no class of the model has that name; give its index, or a name as timm's ImageNetInfo spells it")
+        if len(found) > 1:
+            named = "; ".join(f"{index} ({self.name(index)})" for index in found)
+            raise ValueError(f"the name fits {len(found)} classes, {named}; give the index")
+        return found[0]
 
     def name(self, index: int) -> str | None:
         """The name of class ``index``, or None when the model's classes have none."""
@@ -51,15 +88,17 @@ class Targets:
             return score, [Target("label-free", LABEL_FREE, float(s)) for s in score.detach().cpu()], None
         logits = self.model.forward_head(features)
         top1 = logits.detach().argmax(dim=-1)
-        score = logits.gather(1, top1[:, None])[:, 0]
+        explained = top1 if self.chosen is None else torch.full_like(top1, self.chosen)
+        score = logits.gather(1, explained[:, None])[:, 0]
         values = score.detach().cpu()
         probs = logits.detach().float().softmax(dim=-1).cpu()
         best = probs.topk(min(TOP_PREDICTIONS, probs.shape[-1]), dim=-1)
         targets, predictions = [], []
-        for b, index in enumerate(top1.tolist()):
+        for b, index in enumerate(explained.tolist()):
             name = self.name(index)
             named = f"class {index} ({name})" if name else f"class {index}"
-            targets.append(Target("class", f"the logit of {named}, the top-1 prediction", float(values[b]), index, name))
+            why = "the top-1 prediction" if self.chosen is None else "the class chosen (attention.target_class)"
+            targets.append(Target("class", f"the logit of {named}, {why}", float(values[b]), index, name))
             predictions.append(
                 tuple(Prediction(int(i), self.name(int(i)), float(p)) for p, i in zip(best.values[b], best.indices[b]))
             )

@@ -277,6 +277,8 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "head_fusion": manifest.attention.head_fusion,
             "discard_ratio": manifest.attention.discard_ratio,
             "rollout_start_layer": manifest.attention.rollout_start_layer,
+            # As written (index or name); each map's target gives the index and name it resolved to.
+            **({"target_class": manifest.attention.target_class} if manifest.attention.target_class is not None else {}),
             "detector": manifest.detector.name,
             "detector_threshold": manifest.detector.threshold,
             "cmap": manifest.output.cmap,
