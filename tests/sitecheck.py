@@ -62,7 +62,10 @@ def broken_links(site: Path) -> list[str]:
 
 
 def lookup(data, path: str):
+    """The value at ``path``; None when a section on the way is absent (null), as a page shows it."""
     for part in path.split("."):
+        if data is None:
+            return None
         data = data[int(part)] if isinstance(data, list) else data[part]
     return data
 

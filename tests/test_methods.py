@@ -113,3 +113,20 @@ def test_a_site_with_one_method_shows_its_maps(tmp_path):
     assert "maps-heading" in page and "exp1-heading" not in page
     assert sorted(p.name for p in (out / "figures" / record["slug"]).iterdir()) == [
         "explorer.png", "input.jpg", "objects.jpg", "original.jpg", "rollout.jpg", "similarity.png", "thumb.jpg"]
+
+
+def test_a_site_with_only_a_method_no_section_shows_has_its_explorer(tmp_path):
+    # Neither attention nor rollout: the explorer starts on the method's own column.
+    from sitecheck import broken_links, disagreements
+
+    write_photo(tmp_path / "a.png")
+    manifest = write_manifest(tmp_path, [{"path": "a.png"}], methods=["relevance"])
+    out = tmp_path / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.json").read_text())["images"][0]
+    explorer = record["figures"]["explorer"]
+    assert explorer["relevance_column"] == 0 and explorer["mean_column"] is None and explorer["rollout_column"] is None
+    page = (out / record["page"]).read_text()
+    assert "Layer 2 of 2: relevance at this layer" in page and "All layers at once: relevance" in page
+    assert disagreements(out)[1] == [] and broken_links(out) == []
