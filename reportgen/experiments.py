@@ -161,7 +161,8 @@ class Concentration:
         outlier_share: share of the map's mass on the image that lies on those outlier tokens.
         prefix_share: per kind of prefix token (``cls``, ``register``, ...), its share of the
             map's whole mass (prefix tokens and patches); empty for a map over the patches only.
-        note: the peak is an outlier token or holds more than ``DOMINANT_SHARE`` of the mass.
+        note: the peak is an outlier token or holds more than :attr:`Content.dominant_share` of
+            the mass on the image.
     """
 
     peak: tuple[int, int]

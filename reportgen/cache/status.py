@@ -40,6 +40,7 @@ from reportgen.methods import METHODS, figure_key, sectioned_methods
 from reportgen.model.sources import model_identity
 from reportgen.site.figures import figure_files, figure_index
 from reportgen.site.records import page_name
+from reportgen.site.scales import ScaleSetting
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ def settings_key(manifest: Manifest) -> str:
 
 def _scale_key(manifest: Manifest) -> list:
     """The colour scale; its percentile only where it is used, so changing an unused one redraws nothing."""
-    output = manifest.output
-    return [output.scale, output.scale_percentile] if output.scale == "percentile" else [output.scale]
+    setting = ScaleSetting.of(manifest.output)
+    return [setting.kind] if setting.used_percentile is None else [setting.kind, setting.used_percentile]
 
 
 def image_key(entry: ImageEntry, global_key: str) -> str:

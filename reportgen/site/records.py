@@ -284,7 +284,7 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "cmap": manifest.output.cmap,
             "alpha": manifest.output.alpha,
             "scale": manifest.output.scale,
-            "scale_percentile": manifest.output.scale_percentile if manifest.output.scale == "percentile" else None,
+            "scale_percentile": ScaleSetting.of(manifest.output).used_percentile,
         },
         # The fixed rules behind the token-norm and concentration statistics.
         "rules": {

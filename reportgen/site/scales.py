@@ -41,6 +41,11 @@ class ScaleSetting:
         """The setting of :class:`~reportgen.config.OutputSettings`."""
         return cls(output.scale, output.scale_percentile)
 
+    @property
+    def used_percentile(self) -> float | None:
+        """The percentile, where the scale uses it (None under ``map`` and ``shared``)."""
+        return self.percentile if self.kind == "percentile" else None
+
 
 @dataclass(frozen=True)
 class Scale:
