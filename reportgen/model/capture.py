@@ -62,6 +62,18 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, Attention]]:
     return found
 
 
+def blocks_of(model: torch.nn.Module, attention_names: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of the block holding each attention module (``blocks.3`` for
+    ``blocks.3.attn``), first layer first."""
+    parents = [name.rpartition(".")[0] for name in attention_names]
+    return [(parent, model.get_submodule(parent)) for parent in parents]
+
+
+def some_names(names: list[str]) -> str:
+    """The first five ``names`` for a message, then "..." if there are more."""
+    return f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+
+
 class Hooks:
     """Context manager owning a set of module hooks: :meth:`_install` adds them on entry, and they
     are all removed on exit, and at once if installing one of them fails."""
@@ -131,7 +143,7 @@ class AttentionCapture(Hooks):
         if missing:
             raise CaptureError(
                 f"attention was not captured from {len(missing)} of {len(self._modules)} layers "
-                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); refusing to draw from partial data"
+                f"({some_names(missing)}); refusing to draw from partial data"
             )
 
     @staticmethod

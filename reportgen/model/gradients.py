@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from reportgen.errors import CaptureError
-from reportgen.model.capture import Hooks, attention_modules
+from reportgen.model.capture import Hooks, attention_modules, blocks_of, some_names
 
 GradientCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -81,7 +81,7 @@ class AttentionGradients(Hooks):
         if missing:
             raise CaptureError(
                 f"attention was not on the autograd graph in {len(missing)} of {len(self._modules)} layers "
-                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); refusing to draw from partial data"
+                f"({some_names(missing)}); refusing to draw from partial data"
             )
 
     def first(self) -> torch.Tensor:
@@ -129,8 +129,9 @@ class BlockGradients(Hooks):
 
     def __init__(self, model: torch.nn.Module, attention_names: tuple[str, ...], on_gradient: GradientCallback):
         super().__init__()
-        self._names = [name.rpartition(".")[0] or "the block" for name in attention_names]
-        self._blocks = [model.get_submodule(name.rpartition(".")[0]) for name in attention_names]
+        blocks = blocks_of(model, attention_names)
+        self._names = [name or "the block" for name, _ in blocks]
+        self._blocks = [block for _, block in blocks]
         self._on_gradient = on_gradient
         self._tokens: list[torch.Tensor | None] = [None] * len(self._blocks)
 
@@ -155,7 +156,7 @@ class BlockGradients(Hooks):
         if missing:
             raise CaptureError(
                 f"the tokens of {len(missing)} of {len(self._blocks)} blocks were not [batch, tokens, channels] "
-                f"on the autograd graph ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+                f"on the autograd graph ({some_names(missing)}); "
                 "refusing to draw from partial data"
             )
 

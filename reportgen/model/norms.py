@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from reportgen.errors import CaptureError
-from reportgen.model.capture import Hooks
+from reportgen.model.capture import Hooks, blocks_of
 
 
 class TokenNormCapture(Hooks):
@@ -28,7 +28,7 @@ class TokenNormCapture(Hooks):
 
     def __init__(self, model: torch.nn.Module, attention_names: tuple[str, ...]):
         super().__init__()
-        self._blocks = [(name.rpartition(".")[0], model.get_submodule(name.rpartition(".")[0])) for name in attention_names]
+        self._blocks = blocks_of(model, attention_names)
         self._norms: list[torch.Tensor | None] = [None] * len(self._blocks)
 
     def _install(self) -> None:
