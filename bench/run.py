@@ -339,10 +339,10 @@ def instrumented():
     def counting_run(original):
         timed = prof.timed("ModelRunner.run", original)
 
-        def run(self, batch):
+        def run(self, batch, *args, **kwargs):
             prof.counters["images run through the model"] += int(batch.shape[0])
             prof.counters["forward passes"] += 1
-            return timed(self, batch)
+            return timed(self, batch, *args, **kwargs)
 
         return run
 
