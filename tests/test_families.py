@@ -4,6 +4,7 @@ relative position bias included), every map method runs on it, and the model is 
 Windowed families are refused at load with the reason."""
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -20,25 +21,36 @@ TINY = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 SIZE = 32  # a 4 x 4 patch grid
 REGISTERS = ("register",) * 4
 
-#: family -> (timm architecture, options, prefix kinds, read from the class token, what the logits
-#: add to q kᵀ: None, "rotary" or "bias").
+class Family(NamedTuple):
+    architecture: str  # timm name
+    options: dict
+    prefix_kinds: tuple[str, ...]
+    class_token: bool  # the output is read from the class token
+    extra: str | None  # what the logits add to q kᵀ: "rotary", "bias" or nothing
+    path: str  # "qkv": recomputed from the qkv projection, "softmax": the module's own softmax
+
+
 FAMILIES = {
-    "EVA-02": ("eva02_tiny_patch14_224", {"num_classes": 5}, ("cls",), False, "rotary"),
-    "EVA-01": ("eva_giant_patch14_224", {"num_classes": 0}, ("cls",), False, None),
-    "EVA rope, register, avg": ("vit_medium_patch16_rope_reg1_gap_256", {"num_classes": 0}, ("register",), False, "rotary"),
-    "BEiT": ("beit_base_patch16_224", {"num_classes": 5}, ("cls",), False, "bias"),
-    "ViT relpos": ("vit_relpos_small_patch16_224", {"num_classes": 5}, (), False, "bias"),
-    "DeiT-III": ("deit3_small_patch16_224", {"num_classes": 5}, ("cls",), True, None),
-    "CLIP": ("vit_base_patch16_clip_224", {"num_classes": 0}, ("cls",), True, None),
-    "DINOv2 registers": ("vit_small_patch14_reg4_dinov2", {}, ("cls", *REGISTERS), True, None),
-    "SigLIP": ("vit_base_patch16_siglip_224", {}, (), False, None),
+    "EVA-02": Family("eva02_tiny_patch14_224", {"num_classes": 5}, ("cls",), False, "rotary", "softmax"),
+    "EVA-01": Family("eva_giant_patch14_224", {"num_classes": 0}, ("cls",), False, None, "softmax"),
+    "EVA rope, register, avg": Family(
+        "vit_medium_patch16_rope_reg1_gap_256", {"num_classes": 0}, ("register",), False, "rotary", "softmax"
+    ),
+    "EVA-02 CLIP, post-norm": Family("eva02_enormous_patch14_clip_224", {"num_classes": 5}, ("cls",), True, None, "softmax"),
+    "Perception Encoder": Family("vit_pe_core_tiny_patch16_384", {"num_classes": 0}, ("cls",), False, "rotary", "softmax"),
+    "BEiT": Family("beit_base_patch16_224", {"num_classes": 5}, ("cls",), False, "bias", "softmax"),
+    "ViT relpos": Family("vit_relpos_small_patch16_224", {"num_classes": 5}, (), False, "bias", "softmax"),
+    "DeiT-III": Family("deit3_small_patch16_224", {"num_classes": 5}, ("cls",), True, None, "qkv"),
+    "CLIP": Family("vit_base_patch16_clip_224", {"num_classes": 0}, ("cls",), True, None, "qkv"),
+    "DINOv2 registers": Family("vit_small_patch14_reg4_dinov2", {}, ("cls", *REGISTERS), True, None, "qkv"),
+    "SigLIP": Family("vit_base_patch16_siglip_224", {}, (), False, None, "qkv"),
 }
 
 
 def load(family: str):
     """The family's tiny model through reportgen's loader, with sharper attention than timm's
     small initial weights, so the logits' extra terms change the probabilities visibly."""
-    architecture, options, *_ = FAMILIES[family]
+    architecture, options = FAMILIES[family].architecture, FAMILIES[family].options
     loaded = load_model(ModelSettings(name=architecture, pretrained=False, input_size=SIZE, options={**TINY, **options}), "cpu")
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -119,7 +131,7 @@ FUSED_GLOBALLY = timm.layers.use_fused_attn()
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loads_with_the_family_token_layout(family):
-    _architecture, _options, kinds, class_token, _extra = FAMILIES[family]
+    kinds, class_token = FAMILIES[family].prefix_kinds, FAMILIES[family].class_token
     loaded = load(family)
     assert loaded.grid == (4, 4) and loaded.patch_size == (8, 8) and loaded.depth == 2 and loaded.heads == 2
     assert loaded.num_prefix_tokens == len(kinds) and loaded.prefix_kinds == kinds
@@ -131,7 +143,7 @@ def test_loads_with_the_family_token_layout(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("on_graph", [False, True], ids=["inference", "gradient pass"])
 def test_captured_attention_is_the_family_maths(family, on_graph):
-    *_, extra = FAMILIES[family]
+    extra = FAMILIES[family].extra
     loaded = load(family)
     model, adapter = loaded.model, loaded.adapter
     flags = fused_flags(model)
@@ -187,7 +199,7 @@ def test_every_map_method_runs(family):
     runner = ModelRunner(loaded, methods)
     forwards = runner.run(images())
     assert runner.capture_info.layers == loaded.adapter.layer_names
-    path = "softmax output" if FAMILIES[family][4] or family == "EVA-01" else "qkv projection"
+    path = {"softmax": "own softmax output", "qkv": "qkv projection"}[FAMILIES[family].path]
     assert path in runner.capture_info.method
     for forward in forwards:
         for method in methods:
@@ -212,3 +224,29 @@ def test_a_vit_with_attention_reportgen_cannot_read_is_refused_at_load():
     settings = ModelSettings(name="cait_xxs24_224", pretrained=False, input_size=32, options={"depth": 1, "depth_token_only": 1, "patch_size": 8})
     with pytest.raises(ModelLoadError, match=r"'cait_xxs24_224' is not supported: Cait has no timm Attention modules \(it has .*ClassAttn"):
         load_model(settings, "cpu")
+
+
+def test_token_gradients_are_what_the_attention_reads_also_in_a_post_norm_block():
+    """EVA-02 CLIP's post-norm blocks apply norm1 after the attention, which reads the block's
+    input itself: Grad-CAM's tokens must be that input, not norm1's output."""
+    loaded = load("EVA-02 CLIP, post-norm")
+    model, adapter = loaded.model, loaded.adapter
+    assert type(model.blocks[0]).__name__ == "EvaBlockPostNorm"
+    block_inputs, tokens = {}, {}
+    hooks = [
+        block.register_forward_pre_hook(lambda _m, args, index=index: block_inputs.__setitem__(index, args[0].detach().clone()))
+        for index, block in enumerate(model.blocks)
+    ]
+    try:
+        with adapter.block_gradients(lambda i, t, g: tokens.__setitem__(i, (t.clone(), g.clone()))) as blocks, torch.enable_grad():
+            blocks.begin()
+            features = adapter.forward_features(images())
+            blocks.check_complete()
+            torch.autograd.grad(adapter.forward_head(features).sum(), blocks.first())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(tokens) == [0, 1]
+    for index, (seen, grad) in tokens.items():
+        torch.testing.assert_close(seen, block_inputs[index])
+        assert grad.shape == seen.shape and grad.abs().sum() > 0
