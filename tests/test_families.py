@@ -250,3 +250,18 @@ def test_token_gradients_are_what_the_attention_reads_also_in_a_post_norm_block(
     for index, (seen, grad) in tokens.items():
         torch.testing.assert_close(seen, block_inputs[index])
         assert grad.shape == seen.shape and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["EVA-02", "BEiT"])
+def test_the_model_is_left_as_found_when_a_pass_fails(family):
+    loaded = load(family)
+    flags = fused_flags(loaded.model)
+
+    def boom(_index, _attn):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with loaded.adapter.attention_capture(boom) as capture, loaded.adapter.attention_gradients(lambda *a: None):
+            capture.begin()
+            loaded.adapter.forward_features(images())
+    assert_left_as_found(loaded.model, flags)
