@@ -1,7 +1,8 @@
 """timm ViT families: each loads from a tiny random config, its captured attention equals the
 family's own maths written out here from the module's weights (rotary position embedding and
-relative position bias included), every map method runs on it, and the model is left as found.
-Windowed families are refused at load with the reason."""
+relative position bias included), so do the attention and its gradient on the autograd graph,
+every map method runs on it, and the model is left as found. Windowed families are refused at
+load with the reason."""
 
 import math
 from typing import NamedTuple
@@ -14,12 +15,14 @@ import torch
 from reportgen.config import AttentionSettings, ModelSettings
 from reportgen.errors import ModelLoadError
 from reportgen.methods import CLS_QUERY, METHODS, PATCH_MEAN_QUERY, create_methods
+from reportgen.model.adapters import TimmAdapter
 from reportgen.model.loading import load_model
 from reportgen.model.runner import ModelRunner
 
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 SIZE = 32  # a 4 x 4 patch grid
 REGISTERS = ("register",) * 4
+
 
 class Family(NamedTuple):
     architecture: str  # timm name
@@ -278,8 +281,6 @@ def test_attention_gradients_equal_those_through_the_family_maths_written_out(fa
 
     def score(features):
         return features.square().mean(dim=-1).sum()
-
-    from reportgen.model.adapters import TimmAdapter
 
     adapter = TimmAdapter(model)
     handed = {}
