@@ -187,7 +187,7 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int
     choice = settings.attention.target_classes
     if choice is None or not any(METHODS[name].targeted for name in settings.methods):
         return (), 1
-    targets = Targets(loaded.model)
+    targets = Targets(loaded.adapter)
     written = choice.plain()
     try:
         if not targets.classifier:

@@ -3,8 +3,9 @@
 - A model with a classifier head (``num_classes > 0``): the logit of each of its top-k predicted
   classes (top-1 by default), or of classes chosen for every image (:meth:`Targets.resolve` finds
   them by index or name); one target, and so one set of maps, per class.
-  Class names come from timm's ``ImageNetInfo`` for the ImageNet label sets timm recognises by the
-  number of classes (1000 for ImageNet-1k); otherwise a class is named by its index.
+  Class names come from the model's adapter (for timm models, timm's ``ImageNetInfo`` for the
+  ImageNet label sets timm recognises by the number of classes, 1000 for ImageNet-1k); otherwise
+  a class is named by its index.
 - A headless backbone (``num_classes == 0``): the label-free target of Crabbe & van der Schaar
   (ICML 2022, "Label-Free Explainability for Unsupervised Models"), the inner product of the
   pooled image embedding with a detached copy of itself, whose gradient says which inputs make up
@@ -19,14 +20,14 @@ each image, the gradient of its own ``k``-th target.
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from reportgen.errors import CaptureError
 from reportgen.methods.base import Prediction, Target
+from reportgen.model.adapters import ModelAdapter, adapter_for
 
 TOP_PREDICTIONS = 5
 
@@ -46,17 +47,18 @@ class Targets:
     """The targets of a model's images.
 
     Args:
-        model: a timm ViT (``forward_head`` and ``num_classes`` as timm's VisionTransformer).
+        model: the model's adapter (a timm model is wrapped in its
+            :class:`~reportgen.model.adapters.TimmAdapter`).
         chosen: the classes every image's targets are the logits of (indices from
             :meth:`resolve`), in order; empty for each image's ``top`` predicted classes.
         top: how many of each image's top predicted classes to explain, without ``chosen``.
     """
 
-    def __init__(self, model: torch.nn.Module, chosen: tuple[int, ...] = (), top: int = 1):
-        self.model = model
-        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+    def __init__(self, model: ModelAdapter | torch.nn.Module, chosen: tuple[int, ...] = (), top: int = 1):
+        self.adapter = adapter_for(model)
+        self.num_classes = self.adapter.num_classes
         self.classifier = self.num_classes > 0
-        self._names = _class_names(model) if self.classifier else None
+        self._names = self.adapter.class_names() if self.classifier else None
         assert all(0 <= c < self.num_classes for c in chosen), chosen
         assert chosen or 1 <= top <= max(self.num_classes, 1), top
         self.chosen = tuple(chosen)
@@ -108,10 +110,10 @@ class Targets:
         """From ``[B, N, C]`` final tokens on the graph: ``[B, K]`` target values (on the graph;
         K = :attr:`count`), each image's K :class:`Target` and, for a classifier, its top predictions."""
         if not self.classifier:
-            embedding = self.model.forward_head(features, pre_logits=True)
+            embedding = self.adapter.forward_head(features, pre_logits=True)
             score = (embedding * embedding.detach()).sum(dim=-1)
             return score[:, None], [(Target("label-free", LABEL_FREE, float(s)),) for s in score.detach().cpu()], None
-        logits = self.model.forward_head(features)
+        logits = self.adapter.forward_head(features)
         if self.chosen:
             explained = torch.tensor(self.chosen, device=logits.device).expand(logits.shape[0], -1)
         else:
@@ -139,7 +141,7 @@ class Targets:
         [rows, cols] patch coverage)``: ``[B, J]`` cosine similarities on the graph (J the most
         objects of an image; 0, with no gradient, past an image's last object) and each image's
         object :class:`Target` s."""
-        embedding = self.model.forward_head(features, pre_logits=True)  # [B, D]
+        embedding = self.adapter.forward_head(features, pre_logits=True)  # [B, D]
         patches = features[:, num_prefix_tokens:].detach()  # [B, P, C]: the objects are held fixed
         if embedding.shape[-1] != patches.shape[-1]:
             raise CaptureError(
@@ -171,12 +173,3 @@ class Targets:
             return "a class chosen (attention.target_classes)"
         return "the top-1 prediction" if k == 0 else f"the top-{k + 1} prediction"
 
-
-def _class_names(model: torch.nn.Module):
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    subset = infer_imagenet_subset(model)
-    if subset is None:
-        return None
-    info = ImageNetInfo(subset)
-    return info.index_to_description
