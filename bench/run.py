@@ -349,9 +349,9 @@ def instrumented():
         return run
 
     prof.patch(runner_mod.ModelRunner, "run", make=counting_run)
-    prof.patch(rollout_mod._Rollout, "update", "rollout reducer (rollout step, .cpu)")
+    prof.patch(rollout_mod._Rollout, "update", "rollout reducer (each layer's factor)")
+    prof.patch(rollout_mod._Rollout, "kept", "rollout rows (vector-matrix products, .cpu)")
     prof.patch(attention_mod._LastLayer, "update", "attention reducer (last layer's head mean)")
-    prof.patch(rollout_mod, "rollout_step", "rollout_step")
 
     def timed_hook_factory(original):
         def factory(self, index, module):

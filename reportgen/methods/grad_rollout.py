@@ -14,7 +14,7 @@ from functools import partial
 
 from reportgen.methods import METHODS
 from reportgen.methods.base import GRADIENTS, TARGET, ForwardPass, MethodMaps, TokenLayout
-from reportgen.methods.maths import grad_rollout_step
+from reportgen.methods.maths import grad_rollout_factor
 from reportgen.methods.relevance import WeightedLayers, query_maps
 
 
@@ -32,8 +32,8 @@ class GradRolloutMethod:
         self.discard_ratio = discard_ratio
 
     def reducer(self, depth: int, layout: TokenLayout) -> WeightedLayers:
-        step = partial(grad_rollout_step, discard_ratio=self.discard_ratio)
-        return WeightedLayers(depth, layout, clamp_each_head=False, step=step)
+        factor = partial(grad_rollout_factor, discard_ratio=self.discard_ratio)
+        return WeightedLayers(depth, layout, clamp_each_head=False, factor=factor)
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
         assert forward.target is not None, "grad-rollout needs a target"

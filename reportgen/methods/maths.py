@@ -8,6 +8,7 @@ patches.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -79,6 +80,12 @@ def residual_attention(fused: torch.Tensor) -> torch.Tensor:
     return a / a.sum(dim=-1, keepdim=True)
 
 
+def rollout_factor(layer_attn: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+    """One layer's factor of attention rollout: heads fused, the lowest ``discard_ratio`` dropped,
+    the residual step (:func:`residual_attention`). ``[B, H, N, N]`` -> ``[B, N, N]``, rows sum to 1."""
+    return residual_attention(discard_lowest(fuse_heads(layer_attn, head_fusion), discard_ratio))
+
+
 def rollout_step(
     joint: torch.Tensor | None,
     layer_attn: torch.Tensor,
@@ -96,9 +103,38 @@ def rollout_step(
     Returns:
         ``[B, N, N]`` rollout through this layer: ``A_l @ joint``; rows sum to 1.
     """
-    fused = discard_lowest(fuse_heads(layer_attn, head_fusion), discard_ratio)
-    a = residual_attention(fused)
+    a = rollout_factor(layer_attn, head_fusion, discard_ratio)
     return a if joint is None else a @ joint
+
+
+def query_rows(factors: Sequence[torch.Tensor | None], query_row: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The query's row of the product ``F_l ⋯ F_2 F_1`` after every layer ``l``, from per-layer
+    ``[B, N, N]`` factors in forward order (None: the identity).
+
+    Row ``l`` is ``q F_l F_(l-1) ⋯ F_1``, so it is built from the left with vector-matrix products:
+    ``L²/2`` of them cost ``O(L² N²)`` per image, where forming the products ``F_l ⋯ F_1`` as
+    matrices costs ``O(L N³)`` (at 1370 tokens, some 200 times more).
+
+    Args:
+        factors: per layer ``[B, N, N]``, or None for a layer that counts as the identity.
+        query_row: ``[..., N, N]`` -> ``[..., N]``, the query's row of a matrix
+            (:meth:`~reportgen.methods.base.TokenLayout.query_row`); linear in the matrix.
+
+    Returns:
+        ``[B, L, N]``.
+    """
+    present = [f for f in factors if f is not None]
+    assert present, "at least one layer must be a factor"
+    identity_row = query_row(torch.eye(present[0].shape[-1], dtype=present[0].dtype, device=present[0].device))
+    rows = []
+    for last in range(len(factors)):
+        row = None
+        for factor in reversed(factors[: last + 1]):
+            if factor is None:
+                continue
+            row = query_row(factor) if row is None else torch.einsum("bn,bnm->bm", row, factor)
+        rows.append(identity_row.expand(present[0].shape[0], -1) if row is None else row)
+    return torch.stack(rows, dim=1)
 
 
 def rollout(
@@ -146,34 +182,30 @@ def positive_gradient_attention(attn: torch.Tensor, grad: torch.Tensor, clamp_ea
     return product.mean(dim=-3).clamp_min(0)
 
 
-def relevance_step(relevance: torch.Tensor | None, weighted: torch.Tensor) -> torch.Tensor:
-    """One block of Chefer et al.'s relevance for self-attention: ``R + Ā · R``.
+def relevance_factor(weighted: torch.Tensor) -> torch.Tensor:
+    """One block's factor of Chefer et al.'s relevance for self-attention: ``R + Ā · R = (I + Ā) R``.
 
     Args:
-        relevance: ``[B, N, N]`` relevance through the previous blocks, or None before the first
-            (the identity: each token relevant to itself).
         weighted: ``[B, N, N]`` this block's :func:`positive_gradient_attention` (``Ā``).
 
     Returns:
-        ``[B, N, N]``; rows are not normalised.
+        ``[B, N, N]`` ``I + Ā``; with ``R = I`` before the first block, ``R`` after block ``l`` is
+        the product of the factors of blocks ``l`` down to 1. Rows are not normalised.
     """
-    if relevance is None:
-        eye = torch.eye(weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
-        relevance = eye.expand_as(weighted)
-    return relevance + weighted @ relevance
+    eye = torch.eye(weighted.shape[-1], dtype=weighted.dtype, device=weighted.device)
+    return weighted + eye
 
 
-def grad_rollout_step(joint: torch.Tensor | None, weighted: torch.Tensor, discard_ratio: float = 0.0) -> torch.Tensor:
-    """One layer of gradient attention rollout: the gradient-weighted, head-fused attention
+def grad_rollout_factor(weighted: torch.Tensor, discard_ratio: float = 0.0) -> torch.Tensor:
+    """One layer's factor of gradient attention rollout: the gradient-weighted, head-fused attention
     (:func:`positive_gradient_attention`, mean clamped) with the lowest ``discard_ratio`` dropped,
-    ``(a + I) / 2`` with rows renormalised, multiplied onto ``joint`` (``a @ joint``).
+    ``(a + I) / 2`` with rows renormalised; the rollout is the product of the factors in forward
+    order (``joint = a_l · joint``).
 
     Args:
-        joint: ``[B, N, N]`` through the previous layers, or None before the first.
         weighted: ``[B, N, N]`` this layer's ``mean_h(A * grad(A))`` clamped at 0.
     """
-    a = residual_attention(discard_lowest(weighted, discard_ratio))
-    return a if joint is None else a @ joint
+    return residual_attention(discard_lowest(weighted, discard_ratio))
 
 
 def gradcam(tokens: torch.Tensor, grad: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ query's row of ``R`` over the patches (the CLS token's, or the mean of the patch
 a model without one), not row-normalised. The target is the image's :class:`~reportgen.methods.base.Target`:
 the top-1 class's logit, or for a headless model the label-free one.
 
-The reducer keeps one ``[B, N, N]`` ``Ā`` per layer as the gradients arrive (last layer first) and
-multiplies them in forward order at the end; the explorer shows the query's row of ``R`` after
-each block.
+The reducer keeps one ``[B, N, N]`` ``Ā`` per layer as the gradients arrive (last layer first);
+the query's row of ``R`` after each block, which the explorer shows, is then built from the left
+with vector-matrix products (:func:`~reportgen.methods.maths.query_rows`).
 """
 
 from __future__ import annotations
@@ -18,23 +18,24 @@ import torch
 
 from reportgen.methods import METHODS
 from reportgen.methods.base import GRADIENTS, TARGET, ForwardPass, MethodMaps, TokenLayout
-from reportgen.methods.maths import positive_gradient_attention, relevance_step
+from reportgen.methods.maths import positive_gradient_attention, query_rows, relevance_factor
 
 
 class WeightedLayers:
-    """Keeps each layer's gradient-weighted attention and folds the layers in forward order.
+    """Keeps each layer's gradient-weighted attention; the query's row of the product of the
+    layers' factors, after each layer.
 
     Args:
         depth: layers.
         layout: whose row to keep.
         clamp_each_head: see :func:`~reportgen.methods.maths.positive_gradient_attention`.
-        step: ``step(joint or None, weighted) -> joint``, one layer in forward order.
+        factor: ``factor(weighted) -> [B, N, N]``, one layer's factor of the product.
     """
 
-    def __init__(self, depth: int, layout: TokenLayout, clamp_each_head: bool, step):
+    def __init__(self, depth: int, layout: TokenLayout, clamp_each_head: bool, factor):
         self.layout = layout
         self.clamp_each_head = clamp_each_head
-        self.step = step
+        self.factor = factor
         self.weighted: list[torch.Tensor | None] = [None] * depth
 
     def update(self, index: int, attn: torch.Tensor, grad: torch.Tensor) -> None:
@@ -43,11 +44,8 @@ class WeightedLayers:
 
     def kept(self) -> dict[str, torch.Tensor]:
         assert all(w is not None for w in self.weighted), "a layer's gradient was not seen"
-        joint, rows = None, []
-        for weighted in self.weighted:
-            joint = self.step(joint, weighted)
-            rows.append(self.layout.query_row(joint))
-        return {"query_by_layer": torch.stack(rows, dim=1)}  # [B, L, N]
+        factors = [self.factor(weighted) for weighted in self.weighted]
+        return {"query_by_layer": query_rows(factors, self.layout.query_row)}  # [B, L, N]
 
 
 def query_maps(name: str, forward: ForwardPass, layout: TokenLayout, provenance: str, prefix: bool = True) -> MethodMaps:
@@ -72,7 +70,7 @@ class RelevanceMethod:
     needs = frozenset({GRADIENTS, TARGET})
 
     def reducer(self, depth: int, layout: TokenLayout) -> WeightedLayers:
-        return WeightedLayers(depth, layout, clamp_each_head=True, step=relevance_step)
+        return WeightedLayers(depth, layout, clamp_each_head=True, factor=relevance_factor)
 
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
         assert forward.target is not None, "relevance needs a target"

@@ -4,9 +4,12 @@ Heads fused (mean, max or min), optionally the lowest fraction of each layer dis
 identity added for the residual and rows renormalised, ``(A + I) / (1 + s)`` with ``s`` the fused
 row's sum, multiplied layer by layer from the start layer on (the layers before it count as the
 identity, as Chefer et al. 2021 start theirs). That is ``0.5·A + 0.5·I`` only when the fused rows
-sum to 1 (mean fusion, nothing discarded); the provenance says which it is. The reducer advances
-the rollout as each layer runs and keeps only the query's row per layer (the CLS token's, or the
-mean of the patch queries' rows: see :attr:`~reportgen.methods.base.TokenLayout.query`).
+sum to 1 (mean fusion, nothing discarded); the provenance says which it is. The reducer keeps each
+layer's ``[B, N, N]`` factor as the layer runs (not its per-head matrices) and, after the pass, the
+query's row of the rollout after each layer (the CLS token's, or the mean of the patch queries'
+rows: see :attr:`~reportgen.methods.base.TokenLayout.query`), built from the left with
+vector-matrix products (:func:`~reportgen.methods.maths.query_rows`): the N x N x N products of
+the rollout matrices themselves are never formed.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 from reportgen.methods import METHODS
 from reportgen.methods.base import FULL_ATTENTION, ForwardPass, MethodMaps, TokenLayout
-from reportgen.methods.maths import rollout_step
+from reportgen.methods.maths import query_rows, rollout_factor
 
 
 class _Rollout:
@@ -26,21 +29,17 @@ class _Rollout:
         self.head_fusion = head_fusion
         self.discard_ratio = discard_ratio
         self.start = start_layer - 1  # 0-based index of the first layer multiplied
-        self.rows: list[torch.Tensor | None] = [None] * depth
-        self._joint: torch.Tensor | None = None
+        # The layers before the start count as the identity (None).
+        self.factors: list[torch.Tensor | None] = [None] * depth
 
     def update(self, index: int, attn: torch.Tensor) -> None:
-        if index < self.start:
-            # The rollout is still the identity: its query row, without an N x N matrix.
-            eye = torch.eye(attn.shape[-1], dtype=attn.dtype, device=attn.device)
-            self.rows[index] = self.layout.query_row(eye).expand(attn.shape[0], -1).cpu()
-            return
-        self._joint = rollout_step(self._joint, attn, self.head_fusion, self.discard_ratio)
-        # query_row copies: a view would keep the whole [B, N, N] product alive.
-        self.rows[index] = self.layout.query_row(self._joint).cpu()
+        if index >= self.start:
+            self.factors[index] = rollout_factor(attn, self.head_fusion, self.discard_ratio)
 
     def kept(self) -> dict[str, torch.Tensor]:
-        return {"query_by_layer": torch.stack(self.rows, dim=1)}  # [B, L, N]
+        rows = query_rows(self.factors, self.layout.query_row).cpu()  # [B, L, N]
+        self.factors = [None] * len(self.factors)  # the factors are not needed past the batch
+        return {"query_by_layer": rows}
 
 
 class RolloutMethod:
