@@ -53,6 +53,8 @@ class BuildReport:
     model_load_seconds: float | None = None
 
 
+#: Called with the number of images just finished (reused, failed, or with their figures written);
+#: it may be called from the figure writer's thread.
 ProgressCallback = Callable[[int], None]
 
 
@@ -79,7 +81,8 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
     Args:
         manifest: a validated manifest (with any command-line overrides applied).
         options: output folder, device, batch size, strictness, cache use.
-        progress: called with the number of images just finished.
+        progress: called with the number of images just finished, one image at a time as its
+            figures are written (from the figure writer's thread: it must be thread-safe).
 
     Raises:
         ReportgenError: for an output folder that must not be replaced, a model that cannot be
@@ -184,12 +187,14 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
         for outcome in computation.results(state.todo):
             if isinstance(outcome, ImageFailure):
                 state.fail(outcome.entry, outcome.message)
+                state.advance()
             else:
                 model = computation.model_run.model
-                figures.submit(outcome, *settings, model.num_prefix_tokens, model.heads)
+                # An image counts as done once its figures are written: the model yields a
+                # batch's images at once, the figures are written one by one.
+                figures.submit(outcome, *settings, model.num_prefix_tokens, model.heads, done=state.advance)
             for result, written in figures.finished():
                 _store_result(state, result, written, scale)
-            state.advance()
         for result, written in figures.finished(wait=True):
             _store_result(state, result, written, scale)
     state.report.model_load_seconds = computation.model_load_seconds

@@ -231,7 +231,8 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
         ok = report.images - len(report.failed)
         reused = f", {report.reused} unchanged" if report.reused else ""
         load = f", model loaded in {report.model_load_seconds:.1f} s" if report.model_load_seconds is not None else ""
-        click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images{reused}{load}, {report.seconds:.1f} s)", err=True)
+        click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images{reused}{load}, "
+                   f"{report.seconds:.1f} s in total)", err=True)
     return (EXIT_IMAGES_FAILED if report.failed else 0), loaded
 
 
@@ -286,6 +287,7 @@ def _run_with_progress(run_build, manifest, options, quiet: bool):
         return run_build(manifest, options)
     started = time.perf_counter()
     done = 0
+    lock = threading.Lock()  # images finish in the figure writer's thread and in this one
 
     def rate(_item) -> str:
         elapsed = time.perf_counter() - started
@@ -295,8 +297,9 @@ def _run_with_progress(run_build, manifest, options, quiet: bool):
 
         def advance(count: int) -> None:
             nonlocal done
-            done += count
-            bar.update(count, current_item=done)
+            with lock:
+                done += count
+                bar.update(count, current_item=done)
 
         return run_build(manifest, options, progress=advance)
 

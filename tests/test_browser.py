@@ -126,7 +126,7 @@ def test_explorer_steps_through_layers_and_heads(site, browser):
     )
     sprite = root.find_element(By.CSS_SELECTOR, ".tile img")
     assert sprite.get_attribute("src").endswith("/explorer.png")
-    # Where the sprite sits in its clipping box, in units of the box: head 2 is column 2 of
+    # Where the sprite sits in its clipping box, in units of the box: value h2 (head 3) is column 2 of
     # 3 heads + mean + rollout + token norms, layer 1 is row 0 of 2; the box covers the model
     # input exactly.
     geometry = browser.execute_script(
@@ -139,8 +139,9 @@ def test_explorer_steps_through_layers_and_heads(site, browser):
     )
     assert geometry[:3] == [True, 6 * 4, 2 * 4]  # a 4x4 patch grid per tile
     assert geometry[3:] == pytest.approx([-2, 0, 6, 2, 1, 1], abs=1e-3)
-    assert sprite.get_attribute("alt") == "Layer 1 of 2: CLS attention of head 2"
-    assert "Layer 1 of 2: CLS attention of head 2" in root.text
+    # Column 2 is the third head: heads are numbered from 1, as layers are.
+    assert sprite.get_attribute("alt") == "Layer 1 of 2: CLS attention of head 3"
+    assert "Layer 1 of 2: CLS attention of head 3" in root.text
     Select(root.find_element(By.NAME, "map")).select_by_value("c5")  # the token norms' column
     assert sprite.get_attribute("alt") == "Layer 1 of 2: token norms entering this layer"
     left = browser.execute_script("var s = arguments[0]; return (s.getBoundingClientRect().left"
