@@ -18,7 +18,7 @@ model gave).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -206,6 +206,16 @@ def dominant_layers(outputs: dict[str, MethodMaps], content: Content) -> dict[st
     return found
 
 
+def layer_entropy(outputs: dict[str, MethodMaps], content: Content) -> dict[str, tuple[float | None, ...]]:
+    """Per method, the normalised entropy over the image's patches of its explorer map at each
+    layer (the last column: the mean over heads, or the method's one map); None where that map
+    is all zero (rollout before its start layer: the identity's row has nothing on the patches)."""
+    return {
+        name: tuple(Entropy.of(content.values(grid)).normalised for grid in output.layers[:, -1])
+        for name, output in outputs.items()
+    }
+
+
 @dataclass(frozen=True)
 class BoxMass:
     """How much of the head-mean query attention falls inside an object's box.
@@ -355,6 +365,8 @@ class ImageResult:
         objects: experiment 3 (``multi`` images), else None.
         predictions: a classifier's top-5 predictions with their softmax probabilities (with a
             method that explains a target), else None.
+        layer_entropy: per method, the normalised entropy of its explorer map at each layer
+            (:func:`layer_entropy`).
     """
 
     entry: ImageEntry
@@ -373,6 +385,7 @@ class ImageResult:
     rollout: RolloutResult | None
     objects: ObjectsResult | None
     predictions: tuple[Prediction, ...] | None = None
+    layer_entropy: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
 
     @property
     def maps(self) -> dict[str, np.ndarray]:
@@ -440,6 +453,7 @@ def explain(
         rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies, content) if compared else None,
         objects=objects_experiment(forward, maps.get("rollout"), layout, geometry, objects) if objects else None,
         predictions=forward.predictions,
+        layer_entropy=layer_entropy(outputs, content),
     )
 
 

@@ -1,11 +1,13 @@
 """What the pages and the command line say, in words: numbering, grammar, wording, progress."""
 
+import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_MODEL, write_manifest, write_photo
+from conftest import TINY_MODEL, hand_attention, hand_rollout, write_manifest, write_photo
 
 from reportgen.cli import main
 
@@ -105,3 +107,52 @@ def test_progress_moves_per_image_as_its_figures_are_written(tmp_path):
     assert [count for count, _ in seen] == [1, 1, 1, 1]
     # Figures are written in order by one writer: at the k-th step, the first k images' are there.
     assert [written for _, written in seen] == [[f"p{i}" for i in range(k + 1)] for k in range(4)]
+
+
+def _hand_entropy(p) -> float:
+    p = np.asarray(p, dtype=np.float64).ravel()
+    p = p / p.sum()
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / np.log(p.size))
+
+
+def test_layer_entropy_agrees_with_a_hand_computation_and_the_index_draws_it(tmp_path):
+    """Per layer, the normalised entropy of the CLS attention (mean over heads) and of the rollout
+    through that layer, recomputed here from the tiny model's qkv weights (conftest.hand_attention,
+    timm's own transform, numpy); the index's seaborn figure plots their mean over the images."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from reportgen.config import load_manifest
+    from reportgen.model.loading import load_model
+    from reportgen.site.figures import layer_entropy_figure
+
+    for i in range(3):
+        write_photo(tmp_path / f"p{i}.png", (48, 40), seed=i)
+    path = write_manifest(tmp_path, [{"path": f"p{i}.png", "id": f"p{i}"} for i in range(3)])
+    out = tmp_path / "site"
+    assert CliRunner().invoke(main, ["build", str(path), "-o", str(out), "--quiet"]).exit_code == 0
+    results = json.loads((out / "results.json").read_text())
+    manifest = load_manifest(path)
+    loaded = load_model(manifest.model, "cpu")  # the same seeded random weights the build used
+    for entry, record in zip(manifest.images, results["images"]):
+        x = create_transform(**loaded.data_config, is_training=False)(Image.open(entry.path).convert("RGB"))[None]
+        attentions, _ = hand_attention(loaded.model, x)
+        attention = [_hand_entropy(a[0].double().numpy().mean(axis=0)[0, 1:]) for a in attentions]
+        rollout = [_hand_entropy(hand_rollout(attentions[: layer + 1])) for layer in range(len(attentions))]
+        assert record["layer_entropy"]["attention"] == pytest.approx(attention, rel=1e-5)
+        assert record["layer_entropy"]["rollout"] == pytest.approx(rollout, rel=1e-5)
+        assert record["layer_entropy"]["attention"][-1] == record["attention"]["mean_entropy"]["normalised"]
+    # The figure: one line per method at layers 1 and 2, the mean over the three images.
+    index = (out / "index.html").read_text()
+    figure_file = re.search(r'<img src="(figures/entropy-by-layer\.[0-9a-f]{10}\.png)"', index).group(1)
+    with Image.open(out / figure_file) as png:
+        assert png.format == "PNG" and png.size == (640, 360)
+    figure = layer_entropy_figure(results["images"])
+    lines = [line for line in figure.axes[0].lines if len(line.get_xdata()) == 2]
+    assert len(lines) == 2
+    for line, method in zip(lines, ("attention", "rollout")):
+        expected = np.mean([r["layer_entropy"][method] for r in results["images"]], axis=0)
+        assert list(line.get_xdata()) == [1, 2]
+        np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-12)
+    assert "Entropy per layer" in _text(out / "index.html")

@@ -229,6 +229,7 @@ class Record(_Schema):
     concentration: Annotated[dict[Text, _Concentration], Field(max_length=MAX_LIST)]
     dominant_layers: Annotated[dict[Text, Annotated[list[_LayerPeak], Field(max_length=MAX_LIST)]], Field(max_length=MAX_LIST)]
     norms: _Norms | None
+    layer_entropy: Annotated[dict[Text, Annotated[list[Share], Field(max_length=MAX_LIST)]], Field(max_length=MAX_LIST)]
     attention: _Attention | None
     rollout: _Rollout | None
     objects: _Objects | None

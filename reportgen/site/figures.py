@@ -180,7 +180,8 @@ def write_colourbar(cmap: str, path: Destination, width: int = 256, height: int 
     save_png(Image.fromarray(np.repeat(row[None], height, axis=0), "RGB"), path)
 
 
-def _save_figure(fig, path: Destination) -> None:
+def save_figure(fig, path: Destination) -> None:
+    """A matplotlib figure as PNG at 100 dpi, with no metadata that changes between runs."""
     _make_parent(path)
     fig.savefig(path, format="png", dpi=100, metadata={"Software": None}, pil_kwargs=PNG_OPTIONS)
 
@@ -364,7 +365,7 @@ class _SimilarityCanvas:
             if i == 0:
                 ax.set_yticklabels(labels, rotation=0)
             ax.set_title(title, fontsize=9)
-        _save_figure(self.figure, path)
+        save_figure(self.figure, path)
 
 
 _similarity_canvases: dict[tuple[int, int], _SimilarityCanvas] = {}
@@ -393,6 +394,47 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
                 _similarity_canvases.pop(next(iter(_similarity_canvases)))
             canvas = _similarity_canvases[key] = _SimilarityCanvas(*key)
         canvas.draw(labels, panels, path)
+
+
+#: Raised when a figure drawn from the records changes its look (the index's figure is named by a
+#: hash of its data and this, so a rebuild links the old one only if it would look the same).
+FIGURE_VERSION = 1
+
+#: What each method's line in the entropy-per-layer figure shows.
+LAYER_LINES = {"attention": "attention (mean over heads)", "rollout": "rollout through the layer"}
+
+
+def layer_entropy_figure(records: list[dict]):
+    """Normalised entropy per layer across the images (seaborn): one line per method, the mean
+    over the images that have a value at that layer, with their range shaded (no random
+    resampling, so the same records draw the same figure). None when no image has any."""
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    rows = [
+        (LAYER_LINES.get(method, method), layer + 1, value)
+        for record in records
+        for method, values in (record.get("layer_entropy") or {}).items()
+        for layer, value in enumerate(values)
+        if value is not None
+    ]
+    if not rows:
+        return None
+    order = [LAYER_LINES.get(m, m) for m in METHODS if any(LAYER_LINES.get(m, m) == r[0] for r in rows)]
+    data = pd.DataFrame(rows, columns=["map", "layer", "normalised entropy"])
+    figure = Figure(figsize=(6.4, 3.6))
+    ax = figure.add_axes((0.1, 0.3, 0.87, 0.66))
+    sns.lineplot(data=data, x="layer", y="normalised entropy", hue="map", hue_order=order, estimator="mean",
+                 errorbar=("pi", 100), marker="o", markersize=4, ax=ax)
+    layers = int(data["layer"].max())
+    ax.set_xticks(range(1, layers + 1) if layers <= 16 else range(1, layers + 1, -(-layers // 12)))
+    ax.set_xlim(0.5, layers + 0.5)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("normalised entropy")
+    ax.legend(title=None, fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    return figure
 
 
 def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False) -> dict:
