@@ -207,3 +207,21 @@ def test_a_site_whose_input_is_a_link_or_missing_or_not_json_is_refused(copy, tm
     (copy / "results.json").write_text('{"format": 2,\n "images": [}')
     result = _export(copy, tmp_path / "x.svg", "--image", "one")
     assert result.exit_code == 1 and "not valid JSON (line 2" in result.output
+
+
+@pytest.mark.parametrize("source", [(451, 300), (300, 451), (640, 427), (50, 400), (224, 224), (1000, 10)])
+def test_the_letterbox_is_recovered_from_the_patch_weights_results_json_keeps(source):
+    """A site keeps each patch's image fraction (7 significant digits), not the content box: the
+    export recovers the box, to the pixel, for letterboxed landscape and portrait photos."""
+    from reportgen.imaging import plan_geometry
+    from reportgen.site.export import content_box
+    from reportgen.site.records import plain
+
+    config = {"input_size": (3, 224, 224), "crop_pct": 1.0, "crop_mode": "border"}
+    box = plan_geometry(source, config).content_box()
+    # Each 14-px patch's covered fraction, by hand, rounded as results.json rounds it.
+    edges = np.arange(17) * 14.0
+    cover_x = np.clip(np.minimum(edges[1:], box[2]) - np.maximum(edges[:-1], box[0]), 0, None) / 14
+    cover_y = np.clip(np.minimum(edges[1:], box[3]) - np.maximum(edges[:-1], box[1]), 0, None) / 14
+    weights = np.asarray(plain(np.outer(cover_y, cover_x)))
+    assert content_box(weights, (14, 14)) == box

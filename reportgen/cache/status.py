@@ -295,7 +295,8 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
         not 1 <= p.layer <= depth for peaks in record.dominant_layers.values() for p in peaks
     ):
         raise ValueError("dominant_layers does not match the methods and the model's layers")
-    if sorted(record.layer_entropy) != sorted(methods) or any(len(v) != depth for v in record.layer_entropy.values()):
+    entropies = record.layer_entropy
+    if entropies is None or sorted(entropies) != sorted(methods) or any(len(v) != depth for v in entropies.values()):
         raise ValueError("layer_entropy does not have one entry per layer for each method")
     if sorted(record.concentration) != map_names:
         raise ValueError("concentration does not name the methods' maps")

@@ -128,13 +128,22 @@ def content_box(weights: np.ndarray, patch: tuple[int, int]) -> tuple[float, flo
     """The part of the model input that is image (input pixels), from each patch's image fraction.
 
     A content box is a rectangle, so each patch's fraction is its column's covered width times its
-    row's covered height (both as fractions of the patch); a column's is its largest fraction over
-    the rows that are covered whole, and the edges are where those fractions begin and end.
+    row's covered height (both as fractions of the patch). The image fills the input along one
+    side (the longer one: its columns, or rows, include whole ones), so a column's width is its
+    largest fraction divided by the largest fraction of all, and the edges are where those
+    fractions begin and end (exact unless the image is narrower than two patches on a side, where
+    the fraction gives its width but not where in the patch it lies).
     """
-    rows, cols = weights.shape
     ph, pw = patch
-    along_x = weights.max(axis=0)  # [cols] the covered width of each column (as a share of a patch)
-    along_y = weights.max(axis=1)  # [rows]
+    along_x, along_y = weights.max(axis=0), weights.max(axis=1)  # [cols], [rows]
+    top = float(weights.max())
+    if top > 0:
+        # The side with more covered patches is the one the image spans: there the largest
+        # fraction is 1, and the other side's shares were scaled by the largest of that side.
+        if np.count_nonzero(along_x) >= np.count_nonzero(along_y):
+            along_x = along_x / top
+        else:
+            along_y = along_y / top
     def edges(cover: np.ndarray, side: int) -> tuple[float, float]:
         inside = np.flatnonzero(cover > 1e-6)
         if inside.size == 0:
