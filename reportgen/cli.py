@@ -172,7 +172,8 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
 @click.option("--image", required=True, help="The id of the image to export (as in the manifest and results.json).")
 @click.option("--format", "format_", default="svg", show_default=True, help="svg, pdf or png.")
 @click.option("--dpi", type=int, default=300, show_default=True,
-              help="Dots per inch: a PNG's pixels per inch (PDF and SVG embed the images at their own pixels).")
+              help="Dots per inch: a PNG's pixels per inch; in PDF and SVG, the resolution of the colour bars' "
+                   "gradients (the images are embedded at their own pixels).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="The file to write (default: the image's id as a file name, with the format's suffix).")
 @click.option("--device", default="auto", show_default=True, help="From a manifest: where the model runs.")

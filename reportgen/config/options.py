@@ -82,7 +82,8 @@ class ExportOptions:
         image: the id of the image (as in the manifest, and ``id`` in results.json).
         format: ``svg``, ``pdf`` or ``png``.
         dpi: dots per inch: the PNG's pixels per inch (its size is the figure's inches times
-            this); PDF and SVG embed the images at their own pixels, whatever the dpi.
+            this); in PDF and SVG only the colour bars' gradients are rasterised at it (the
+            images are embedded at their own pixels, the text and lines are vectors).
         output: the file to write.
         device: where the model runs when exporting from a manifest.
     """
