@@ -34,6 +34,7 @@ METADATA = {
 SVG_HASH_SALT = "reportgen"
 #: The caption's lines: characters per inch of width, and inches per line (6.5 pt, spaced 1.3).
 CAPTION_CHARS_PER_INCH = 19
+TITLE_CHARS_PER_INCH = 12
 CAPTION_LINE_INCHES = 6.5 * 1.3 / 72
 
 
@@ -199,7 +200,9 @@ def export_figure(
     caption_height = CAPTION_LINE_INCHES * lines + 0.2
     width, height = PANEL_INCHES * columns, panel_height * rows + caption_height + 0.35
     figure = Figure(figsize=(width, height), dpi=100)
-    figure.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top", parse_math=False)  # user text: "$5" is a price
+    # One line: a long title is cut (the caption below gives it whole).
+    shown = textwrap.shorten(title, width=int(TITLE_CHARS_PER_INCH * width), placeholder=" …")
+    figure.suptitle(shown, fontsize=10, y=1 - 0.12 / height, va="top", parse_math=False)  # user text: "$5" is a price
     box = content_box(np.asarray(weights, dtype=np.float64), tuple(model["patch_size"]))
     cmap = colormaps[settings["cmap"]]
     image_w, image_h = PANEL_INCHES - 0.3, (PANEL_INCHES - 0.3) * aspect
