@@ -5,8 +5,8 @@ skipped locally, but fails under CI (CI=true), where a skip would hide a missing
 """
 
 import json
-import re
 import os
+import re
 import shutil
 from pathlib import Path
 
