@@ -15,6 +15,8 @@ empty or carries reportgen's marker file: a user's own folder is never deleted.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from reportgen import outdir
 from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
 from reportgen.config import BuildOptions, ImageEntry, Manifest
 from reportgen.errors import ImageError, OutputError, ReportgenError
-from reportgen.site.figures import write_colourbar
+from reportgen.site.figures import FIGURE_VERSION, layer_entropy_figure, save_figure, write_colourbar
 from reportgen.site.pages import write_site
 from reportgen.site.records import failure_record, image_record, model_run_record, run_record
 from reportgen.site.scales import ScaleSetting
@@ -53,6 +55,8 @@ class BuildReport:
     model_load_seconds: float | None = None
 
 
+#: Called with the number of images just finished (reused, failed, or with their figures written);
+#: it may be called from the figure writer's thread.
 ProgressCallback = Callable[[int], None]
 
 
@@ -79,7 +83,8 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
     Args:
         manifest: a validated manifest (with any command-line overrides applied).
         options: output folder, device, batch size, strictness, cache use.
-        progress: called with the number of images just finished.
+        progress: called with the number of images just finished, one image at a time as its
+            figures are written (from the figure writer's thread: it must be thread-safe).
 
     Raises:
         ReportgenError: for an output folder that must not be replaced, a model that cannot be
@@ -187,12 +192,14 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
         for outcome in computation.results(state.todo):
             if isinstance(outcome, ImageFailure):
                 state.fail(outcome.entry, outcome.message)
+                state.advance()
             else:
                 model = computation.model_run.model
-                figures.submit(outcome, *settings, model.num_prefix_tokens, model.heads)
+                # An image counts as done once its figures are written: the model yields a
+                # batch's images at once, the figures are written one by one.
+                figures.submit(outcome, *settings, model.num_prefix_tokens, model.heads, done=state.advance)
             for result, written in figures.finished():
                 _store_result(state, result, written, scale)
-            state.advance()
         for result, written in figures.finished(wait=True):
             _store_result(state, result, written, scale)
     state.report.model_load_seconds = computation.model_load_seconds
@@ -221,7 +228,7 @@ def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseE
 
 
 def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | None, state: _BuildState) -> None:
-    """Phase 3: the colour bar, pages, results.json, and the status file last."""
+    """Phase 3: the colour bar, the index's figure, pages, results.json, and the status file last."""
     ordered = [state.records[entry.slug] for entry in manifest.images]
     colourbar = "assets/colourbar.png"
     # It depends only on the colour map, which is in the settings key: a rebuild with the
@@ -229,7 +236,19 @@ def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | N
     if previous is None or not reuse_file(output, staging, colourbar):
         with outdir.open_new(staging, colourbar) as file:
             write_colourbar(manifest.output.cmap, file)
-    write_site(staging, run=run_record(manifest, state.status.model_run, ordered), records=ordered, colourbar=colourbar)
+    # Entropy per layer across the images, drawn from the records (cached or new). Its name holds
+    # a hash of what it shows, so a rebuild that changes none of it links the old one.
+    entropy = None
+    drawn = [record.get("layer_entropy") for record in ordered if record.get("layer_entropy")]
+    if drawn:
+        digest = hashlib.sha256(json.dumps([FIGURE_VERSION, drawn], sort_keys=True).encode()).hexdigest()[:10]
+        entropy = f"figures/entropy-by-layer.{digest}.png"
+        if previous is None or not reuse_file(output, staging, entropy):
+            figure = layer_entropy_figure(ordered)
+            with outdir.open_new(staging, entropy) as file:
+                save_figure(figure, file)
+    write_site(staging, run=run_record(manifest, state.status.model_run, ordered), records=ordered, colourbar=colourbar,
+               layer_entropy=entropy)
     outdir.write_text(staging, STATUS_FILE, state.status.to_json() + "\n")  # written last
 
 

@@ -78,7 +78,7 @@ def _usage_error(err: ValueError) -> click.UsageError:
         return click.UsageError(str(err))
     options = {target: option for option, target in _SETTING_OPTIONS.items()}
     key, message = err.problems[0]
-    if err.section == "options":  # BuildOptions: each field is the option of the same name
+    if err.section in ("options", "export"):  # BuildOptions, ExportOptions: each field is the option of the same name
         option = key.split(".", 1)[0]
     else:
         option = options.get((err.section, None)) or options.get((err.section, key.split(".", 1)[0]))
@@ -174,6 +174,38 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
     sys.exit(status)
 
 
+@main.command()
+@click.argument("source", metavar="SITE_OR_MANIFEST", type=click.Path(path_type=Path))
+@click.option("--image", required=True, help="The id of the image to export (as in the manifest and results.json).")
+@click.option("--format", "format_", default="svg", show_default=True, help="svg, pdf or png.")
+@click.option("--dpi", type=int, default=300, show_default=True,
+              help="Dots per inch: a PNG's pixels per inch; in PDF and SVG, the resolution of the colour bars' "
+                   "gradients (the images are embedded at their own pixels).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="The file to write (default: the image's id as a file name, with the format's suffix).")
+@click.option("--device", default="auto", show_default=True, help="From a manifest: where the model runs.")
+def export(source: Path, image: str, format_: str, dpi: int, output: Path | None, device: str) -> None:
+    """Write one image's panels as a print-ready figure: the model input and every map with a
+    labelled colour bar, the method and the target in the caption.
+
+    SITE_OR_MANIFEST is a built site (its folder or its results.json: the figure is drawn from the
+    numbers the pages show, no model runs) or a manifest (the model runs on that one image).
+    """
+    from reportgen.config import SettingsError, export_options
+    from reportgen.export import export as run_export
+
+    try:
+        options = export_options(image=image, format=format_, dpi=dpi, output=output, device=device)
+    except SettingsError as err:
+        raise _usage_error(err) from None
+    try:
+        written = run_export(source, options)
+    except ReportgenError as err:
+        click.echo(f"reportgen: {err}", err=True)
+        sys.exit(EXIT_ERROR)
+    click.echo(f"Wrote {written}", err=True)
+
+
 def _build_once(manifest_path: Path, output: Path | None, options, settings: dict, quiet: bool,
                 watching: bool) -> tuple[int, object]:
     """Load the manifest, build, print what happened. Returns the exit status and the manifest
@@ -207,7 +239,8 @@ def _build_once(manifest_path: Path, output: Path | None, options, settings: dic
         ok = report.images - len(report.failed)
         reused = f", {report.reused} unchanged" if report.reused else ""
         load = f", model loaded in {report.model_load_seconds:.1f} s" if report.model_load_seconds is not None else ""
-        click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images{reused}{load}, {report.seconds:.1f} s)", err=True)
+        click.echo(f"Wrote {report.output / 'index.html'} ({ok} of {report.images} images{reused}{load}, "
+                   f"{report.seconds:.1f} s in total)", err=True)
     return (EXIT_IMAGES_FAILED if report.failed else 0), loaded
 
 
@@ -262,6 +295,7 @@ def _run_with_progress(run_build, manifest, options, quiet: bool):
         return run_build(manifest, options)
     started = time.perf_counter()
     done = 0
+    lock = threading.Lock()  # images finish in the figure writer's thread and in this one
 
     def rate(_item) -> str:
         elapsed = time.perf_counter() - started
@@ -271,8 +305,9 @@ def _run_with_progress(run_build, manifest, options, quiet: bool):
 
         def advance(count: int) -> None:
             nonlocal done
-            done += count
-            bar.update(count, current_item=done)
+            with lock:
+                done += count
+                bar.update(count, current_item=done)
 
         return run_build(manifest, options, progress=advance)
 

@@ -19,7 +19,7 @@ model gave).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -207,6 +207,16 @@ def dominant_layers(outputs: dict[str, MethodMaps], content: Content) -> dict[st
     return found
 
 
+def layer_entropy(outputs: dict[str, MethodMaps], content: Content) -> dict[str, tuple[float | None, ...]]:
+    """Per method, the normalised entropy over the image's patches of its explorer map at each
+    layer (the last column: the mean over heads, or the method's one map); None where that map
+    is all zero (rollout before its start layer: the identity's row has nothing on the patches)."""
+    return {
+        name: tuple(Entropy.of(content.values(grid)).normalised for grid in output.layers[:, -1])
+        for name, output in outputs.items()
+    }
+
+
 @dataclass(frozen=True)
 class BoxMass:
     """How much of the head-mean query attention falls inside an object's box.
@@ -359,6 +369,8 @@ class ImageResult:
         target_count: how many class (or label-free) targets each method that explains one has
             maps for (see :func:`~reportgen.methods.method_maps`).
         object_target_count: how many objects it has maps for.
+        layer_entropy: per method, the normalised entropy of its explorer map at each layer
+            (:func:`layer_entropy`).
     """
 
     entry: ImageEntry
@@ -379,6 +391,7 @@ class ImageResult:
     predictions: tuple[Prediction, ...] | None = None
     target_count: int = 1
     object_target_count: int = 0
+    layer_entropy: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
 
     @property
     def maps(self) -> dict[str, np.ndarray]:
@@ -461,6 +474,7 @@ def explain(
         predictions=forward.predictions,
         target_count=1 + sum(t.kind != "object" for t, _kept in forward.other_targets),
         object_target_count=sum(t.kind == "object" for t, _kept in forward.other_targets),
+        layer_entropy=layer_entropy(outputs, content),
     )
 
 

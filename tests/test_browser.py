@@ -6,6 +6,7 @@ skipped locally, but fails under CI (CI=true), where a skip would hide a missing
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def test_explorer_steps_through_layers_and_heads(site, browser):
     )
     sprite = root.find_element(By.CSS_SELECTOR, ".tile img")
     assert sprite.get_attribute("src").endswith("/explorer.png")
-    # Where the sprite sits in its clipping box, in units of the box: head 2 is column 2 of
+    # Where the sprite sits in its clipping box, in units of the box: value h2 (head 3) is column 2 of
     # 3 heads + mean + rollout + token norms, layer 1 is row 0 of 2; the box covers the model
     # input exactly.
     geometry = browser.execute_script(
@@ -138,8 +139,9 @@ def test_explorer_steps_through_layers_and_heads(site, browser):
     )
     assert geometry[:3] == [True, 6 * 4, 2 * 4]  # a 4x4 patch grid per tile
     assert geometry[3:] == pytest.approx([-2, 0, 6, 2, 1, 1], abs=1e-3)
-    assert sprite.get_attribute("alt") == "Layer 1 of 2: CLS attention of head 2"
-    assert "Layer 1 of 2: CLS attention of head 2" in root.text
+    # Column 2 is the third head: heads are numbered from 1, as layers are.
+    assert sprite.get_attribute("alt") == "Layer 1 of 2: CLS attention of head 3"
+    assert "Layer 1 of 2: CLS attention of head 3" in root.text
     Select(root.find_element(By.NAME, "map")).select_by_value("c5")  # the token norms' column
     assert sprite.get_attribute("alt") == "Layer 1 of 2: token norms entering this layer"
     left = browser.execute_script("var s = arguments[0]; return (s.getBoundingClientRect().left"
@@ -213,3 +215,33 @@ def test_every_summary_column_sorts_with_a_failed_image(site, browser):
             key = str.lower if column < 2 else None
             assert known == sorted(known, key=key, reverse=not ascending), f"column {column}: {titles}"
             assert button.find_element(By.XPATH, "..").get_attribute("aria-sort") == ("ascending" if ascending else "descending")
+
+
+def test_exported_svg_opens_in_chromium(site, browser, tmp_path):
+    """The print figure of ``reportgen export`` as a browser shows it: the SVG opened by itself
+    (an SVG document, no errors, its embedded images decoded) and as an <img> of a page."""
+    svg = tmp_path / "two.svg"
+    result = CliRunner().invoke(main, ["export", str(site), "--image", "two", "--format", "svg", "-o", str(svg)])
+    assert result.exit_code == 0, result.output
+    browser.get(svg.as_uri())
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert errors == [], errors
+    root = browser.execute_script("var r = document.documentElement, b = r.getBBox(); return [r.tagName, b.width, b.height];")
+    assert root[0] == "svg" and root[1] > 100 and root[2] > 100
+    # Each embedded raster decodes in the browser: the model input and one overlay per map (mean,
+    # max, rollout) at the model's 32 x 32 pixels, and the three maps' colour bars.
+    sizes = browser.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "var hrefs = Array.from(document.querySelectorAll('image')).map(i => i.getAttribute('xlink:href') || i.getAttribute('href'));"
+        "Promise.all(hrefs.map(h => new Promise(ok => { var im = new Image(); im.onload = () => ok([im.naturalWidth, im.naturalHeight]);"
+        " im.onerror = () => ok([0, 0]); im.src = h; }))).then(done);"
+    )
+    assert sorted(sizes).count([32, 32]) == 4, sizes
+    assert len(sizes) == 4 + 3 and all(w > 0 and h > 0 for w, h in sizes), sizes
+    page = tmp_path / "page.html"
+    page.write_text('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>figure</title></head>'
+                    '<body><img src="two.svg" alt="figure"></body></html>')
+    errors = _open(browser, page)
+    assert errors == [] and browser.execute_script(BROKEN_IMAGES) == []
+    width = browser.execute_script("return document.images[0].naturalWidth")
+    assert width == pytest.approx(float(re.search(r'width="([\d.]+)pt"', svg.read_text()).group(1)) * 4 / 3, abs=1)

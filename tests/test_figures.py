@@ -93,3 +93,45 @@ def test_explorer_sprite_layout_and_an_all_zero_map(tmp_path):
             expected = _rgb("cividis", tile / top if top > 0 else np.zeros_like(tile))
             got = sheet[layer * rows : (layer + 1) * rows, column * cols : (column + 1) * cols]
             assert np.abs(got - expected).max() <= 1, (layer, column)
+
+
+def _label_layouts():
+    """Boxes whose labels collide when each is put by its box's top-left corner: nested boxes from
+    the same corner (a flag in front of a person, the whole frame's height), boxes at the top edge,
+    and more labels than fit by their boxes."""
+    portrait = [("person", (0, 0, 300, 500), 0.99), ("flag", (0, 0, 97, 500), 0.95), ("face", (100, 40, 200, 160), None)]
+    top_edge = [(f"thing {i}", (10 * i, 0, 10 * i + 120, 80), None) for i in range(6)]
+    crowded = [(f"object {i}", (0, 0, 300, 500), None) for i in range(64)]
+    return {"portrait": portrait, "top edge": top_edge, "crowded": crowded}
+
+
+@pytest.mark.parametrize("name", list(_label_layouts()))
+def test_box_labels_never_overlap(name):
+    """Where the labels really are, read from the drawing: on a plain purple image, the black pixels
+    (the labels' text; no box colour is black) all lie inside the label rectangles, each rectangle
+    holds only its box's colour and its text (black, anti-aliased: shades between the colour and
+    black), and no two rectangles intersect."""
+    boxes = _label_layouts()[name]
+    background = (128, 0, 128)  # no shade of any box colour
+    canvas, rects = figures.draw_boxes(Image.new("RGB", (300, 500), background), boxes)
+    pixels = np.asarray(canvas).astype(int)
+    assert len(rects) == len(boxes)
+    for i, a in enumerate(rects):
+        for b in rects[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+        x0, y0, x1, y1 = a
+        assert 0 <= x0 < x1 <= canvas.width and 0 <= y0 < y1 <= canvas.height
+        colour = np.array(Image.new("RGB", (1, 1), figures.BOX_COLOURS[i % len(figures.BOX_COLOURS)]).getpixel((0, 0)))
+        inside = pixels[y0:y1, x0:x1].reshape(-1, 3)
+        shade = inside @ colour / (colour @ colour)  # each pixel as a shade t * colour, t in [0, 1]
+        on_line = np.abs(inside - shade[:, None] * colour).max(axis=1) <= 3
+        assert on_line.all(), boxes[i][0]  # nothing but the label's colour and its text in it
+        assert (shade < 0.2).any() and (shade > 0.99).mean() > 0.5, boxes[i][0]  # text on a filled label
+    black = pixels.sum(axis=2) == 0
+    covered = np.zeros(black.shape, dtype=bool)
+    for x0, y0, x1, y1 in rects:
+        covered[y0:y1, x0:x1] = True
+    assert not (black & ~covered).any()  # no text outside the label rectangles
+    if name != "crowded":  # the labels fit by their boxes: the figure is the image's size
+        assert canvas.size == (300, 500)
+        assert all(y1 <= 500 for _x0, _y0, _x1, y1 in rects)

@@ -44,6 +44,7 @@ LINE_WIDTH = 200
 _JSON_VERSIONS = re.compile(r'"versions": \{([^{}]*)\}')
 _JSON_ENTRY = re.compile(r'"([^"]+)": (?:"[^"]*"|null)')
 _HTML_VERSIONS = re.compile(r"<dt>Versions</dt><dd>([^<]*)</dd>")
+_DATA_HASHED = re.compile(r"(figures/entropy-by-layer)\.[0-9a-f]{10}\.png")
 _DECIMAL = re.compile(r"-?\d+\.(\d+)(?:[eE][-+]?\d+)?")
 NUMBER_TOLERANCE = 1e-5
 
@@ -90,13 +91,15 @@ def _html_versions(block: re.Match) -> str:
 
 
 def scrub(name: str, data: bytes) -> bytes:
-    """``data`` with every version string other than reportgen's replaced by the placeholder."""
+    """``data`` with every version string other than reportgen's replaced by the placeholder, and
+    the hash in the name of a figure drawn from the images' numbers (whose last float digits may
+    differ between machines, as the numbers' tolerance allows) by another."""
     text = data.decode("utf-8")
     if name == "results.json":
         text = _JSON_VERSIONS.sub(_json_versions, text)
     elif name.endswith(".html"):
         text = _HTML_VERSIONS.sub(_html_versions, text)
-    return text.encode("utf-8")
+    return _DATA_HASHED.sub(r"\1.HASH.png", text).encode("utf-8")
 
 
 def _numbers(data: bytes) -> tuple[str, list[tuple[float, int]]]:

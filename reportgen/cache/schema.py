@@ -230,6 +230,8 @@ class Record(_Schema):
     concentration: Annotated[dict[Text, _Concentration], Field(max_length=MAX_LIST)]
     dominant_layers: Annotated[dict[Text, Annotated[list[_LayerPeak], Field(max_length=MAX_LIST)]], Field(max_length=MAX_LIST)]
     norms: _Norms | None
+    # Required in the build cache (checked in _check_record); sites written before it was added lack it.
+    layer_entropy: Annotated[dict[Text, Annotated[list[Share], Field(max_length=MAX_LIST)]], Field(max_length=MAX_LIST)] | None = None
     attention: _Attention | None
     rollout: _Rollout | None
     objects: _Objects | None

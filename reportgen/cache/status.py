@@ -45,7 +45,7 @@ from reportgen.site.scales import ScaleSetting
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 6  # raised whenever what a record holds, or what its numbers mean, changes
+STATUS_FORMAT = 7  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 
@@ -302,6 +302,9 @@ def _check_record(
         not 1 <= p.layer <= depth for peaks in record.dominant_layers.values() for p in peaks
     ):
         raise ValueError("dominant_layers does not match the methods and the model's layers")
+    entropies = record.layer_entropy
+    if entropies is None or sorted(entropies) != sorted(methods) or any(len(v) != depth for v in entropies.values()):
+        raise ValueError("layer_entropy does not have one entry per layer for each method")
     if sorted(record.concentration) != map_names:
         raise ValueError("concentration does not name the methods' maps")
     if any(c.peak[0] >= rows or c.peak[1] >= cols for c in record.concentration.values()):

@@ -11,9 +11,10 @@ from pydantic import ConfigDict, InstanceOf, ValidationError
 from pydantic.dataclasses import dataclass
 
 from reportgen.config.messages import SettingsError
-from reportgen.config.rules import Count, Flag, Pattern
+from reportgen.config.rules import Count, Flag, OneOf, Pattern, Text
 
-__all__ = ["DEFAULT_OUTPUT", "DEVICE_PATTERN", "BuildOptions", "build_options"]
+__all__ = ["DEFAULT_OUTPUT", "DEVICE_PATTERN", "EXPORT_FORMATS", "MAX_DPI", "BuildOptions", "ExportOptions", "build_options",
+           "export_options"]
 
 DEFAULT_OUTPUT = Path("site")
 #: Devices a build can run on; whether one is present is checked when the model is loaded.
@@ -65,3 +66,39 @@ def build_options(**values) -> BuildOptions:
         return BuildOptions(**values)
     except ValidationError as err:
         raise SettingsError.of("options", err, BuildOptions) from None
+
+
+#: The formats ``reportgen export`` writes (matplotlib's writers of the same names).
+EXPORT_FORMATS = ("svg", "pdf", "png")
+#: Highest ``--dpi``: a 4-map figure at 1200 dpi is already about 12000 x 3600 pixels.
+MAX_DPI = 1200
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class ExportOptions:
+    """What ``reportgen export`` writes.
+
+    Attributes:
+        image: the id of the image (as in the manifest, and ``id`` in results.json).
+        format: ``svg``, ``pdf`` or ``png``.
+        dpi: dots per inch: the PNG's pixels per inch (its size is the figure's inches times
+            this); in PDF and SVG only the colour bars' gradients are rasterised at it (the
+            images are embedded at their own pixels, the text and lines are vectors).
+        output: the file to write.
+        device: where the model runs when exporting from a manifest.
+    """
+
+    image: Annotated[str, Text(1000, empty=False)]
+    format: Annotated[str, OneOf(EXPORT_FORMATS)] = "svg"
+    dpi: Annotated[int, Count(most=MAX_DPI)] = 300
+    output: Path | None = None
+    device: Annotated[str, _DEVICE] = "auto"
+
+
+def export_options(**values) -> ExportOptions:
+    """The export options ``values``; every impossible one is named in one
+    :class:`~reportgen.config.SettingsError` (section ``export``)."""
+    try:
+        return ExportOptions(**values)
+    except ValidationError as err:
+        raise SettingsError.of("export", err, ExportOptions) from None

@@ -9,6 +9,7 @@ arrays, with fixed encoder settings and no timestamps, so identical inputs give 
 
 from __future__ import annotations
 
+import math
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -179,7 +180,8 @@ def write_colourbar(cmap: str, path: Destination, width: int = 256, height: int 
     save_png(Image.fromarray(np.repeat(row[None], height, axis=0), "RGB"), path)
 
 
-def _save_figure(fig, path: Destination) -> None:
+def save_figure(fig, path: Destination) -> None:
+    """A matplotlib figure as PNG at 100 dpi, with no metadata that changes between runs."""
     _make_parent(path)
     fig.savefig(path, format="png", dpi=100, metadata={"Software": None}, pil_kwargs=PNG_OPTIONS)
 
@@ -208,21 +210,88 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, float, float], float | None]], path: Destination) -> None:
-    """The original image with labelled boxes (label and, for detections, the score)."""
-    canvas = image.copy()
+#: A label's place: ``(x0, y0, x1, y1)`` in whole pixels, ``x1`` and ``y1`` exclusive.
+Rect = tuple[int, int, int, int]
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(boxes: list[Rect], sizes: list[tuple[float, float]], canvas: tuple[int, int]) -> list[Rect | None]:
+    """Where each box's label goes, so that no two labels overlap and each lies in the canvas.
+
+    Each label is tried by its box's top-left corner (just above the box, then just inside it),
+    then by its bottom-left corner (just below, then just inside), then at the same places on the
+    right, then along the box's left edge, nearest its top first. A label that fits nowhere gets None (it goes in a band below
+    the image: :func:`draw_boxes`).
+
+    Args:
+        boxes: ``(x0, y0, x1, y1)`` of each box, in canvas pixels.
+        sizes: ``(width, height)`` of each label, in whole pixels.
+        canvas: the image's (width, height).
+    """
+    width, height = canvas
+    placed: list[Rect] = []
+    out: list[Rect | None] = []
+    for (x0, y0, x1, y1), (w, h) in zip(boxes, sizes):
+        x0, y0, x1, y1 = math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)  # whole pixels
+        lefts = (min(max(x0, 0), width - w), min(max(x1 - w, 0), width - w))
+        tops = (y0 - h, y0, y1, y1 - h)  # above, inside at the top, below, inside at the bottom
+        candidates = [(left, top) for left in lefts for top in tops]
+        # Then rows along the box's left edge (a quarter of a label apart), nearest its top first.
+        rows = sorted(range(0, max(height - h, 0) + 1, max(1, h // 4)), key=lambda y: (abs(y - y0), y))
+        candidates += [(lefts[0], y) for y in rows]
+        spot = None
+        for left, top in candidates:
+            rect = (left, top, left + w, top + h)
+            if left >= 0 and top >= 0 and rect[2] <= width and rect[3] <= height and not any(_overlaps(rect, r) for r in placed):
+                spot = rect
+                break
+        if spot is not None:
+            placed.append(spot)
+        out.append(spot)
+    return out
+
+
+def draw_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, float, float], float | None]]) -> tuple[Image.Image, list[Rect]]:
+    """The image with labelled boxes (label and, for detections, the score), and where each label
+    was drawn. Labels never overlap one another: each goes at a free place by its box
+    (:func:`place_labels`), or, if there is none, in a band added below the image, in the box's colour."""
+    width = max(2, round(max(image.size) / 250))
+    font = _font(max(12, round(max(image.size) / 40)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [label if score is None else f"{label} {score:.2f}" for label, _box, score in boxes]
+    extents = [measure.textbbox((0, 0), text, font=font) for text in texts]
+    sizes = [(right - left + 2 * width, bottom - top + 2 * width) for left, top, right, bottom in extents]
+    spots = place_labels([box for _l, box, _s in boxes], sizes, image.size)
+    # Labels with no place by their box: rows of a band under the image, left to right.
+    band: list[Rect] = []
+    x = y = row = 0
+    for spot, (w, h) in zip(spots, sizes):
+        if spot is None:
+            if x > 0 and x + w > image.width:
+                x, y, row = 0, y + row + width, 0
+            band.append((x, image.height + width + y, x + w, image.height + width + y + h))
+            x, row = x + w + width, max(row, h)
+    extra = y + row + 2 * width if band else 0
+    canvas = Image.new("RGB", (image.width, image.height + extra), (60, 60, 60))  # dark: a white label shows
+    canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    width = max(2, round(max(canvas.size) / 250))
-    font = _font(max(12, round(max(canvas.size) / 40)))
-    for i, (label, box, score) in enumerate(boxes):
-        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
-        draw.rectangle(box, outline=colour, width=width)
-        text = label if score is None else f"{label} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
-        y = box[1] - (bottom - top) - 2 * width if box[1] - (bottom - top) - 2 * width >= 0 else box[1]
-        draw.rectangle((box[0], y, box[0] + (right - left) + 2 * width, y + (bottom - top) + 2 * width), fill=colour)
-        draw.text((box[0] + width, y + width - (top - box[1])), text, fill="black", font=font)
-    save_jpeg(canvas, path)
+    for i, (_label, box, _score) in enumerate(boxes):
+        draw.rectangle(box, outline=BOX_COLOURS[i % len(BOX_COLOURS)], width=width)
+    rects, spare = [], iter(band)
+    for i, (text, spot, (left, top, _r, _b)) in enumerate(zip(texts, spots, extents)):
+        rect = spot if spot is not None else next(spare)
+        draw.rectangle((rect[0], rect[1], rect[2] - 1, rect[3] - 1), fill=BOX_COLOURS[i % len(BOX_COLOURS)])  # PIL's corners are inclusive
+        draw.text((rect[0] + width - left, rect[1] + width - top), text, fill="black", font=font)
+        rects.append(rect)
+    return canvas, rects
+
+
+def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, float, float], float | None]], path: Destination) -> None:
+    """The original image with labelled boxes (see :func:`draw_boxes`)."""
+    save_jpeg(draw_boxes(image, boxes)[0], path)
 
 
 #: Longest tick label of the similarity figure; longer labels end with an ellipsis (the tables
@@ -296,7 +365,7 @@ class _SimilarityCanvas:
             if i == 0:
                 ax.set_yticklabels(labels, rotation=0)
             ax.set_title(title, fontsize=9)
-        _save_figure(self.figure, path)
+        save_figure(self.figure, path)
 
 
 _similarity_canvases: dict[tuple[int, int], _SimilarityCanvas] = {}
@@ -325,6 +394,47 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
                 _similarity_canvases.pop(next(iter(_similarity_canvases)))
             canvas = _similarity_canvases[key] = _SimilarityCanvas(*key)
         canvas.draw(labels, panels, path)
+
+
+#: Raised when a figure drawn from the records changes its look (the index's figure is named by a
+#: hash of its data and this, so a rebuild links the old one only if it would look the same).
+FIGURE_VERSION = 1
+
+#: What each method's line in the entropy-per-layer figure shows.
+LAYER_LINES = {"attention": "attention (mean over heads)", "rollout": "rollout through the layer"}
+
+
+def layer_entropy_figure(records: list[dict]):
+    """Normalised entropy per layer across the images (seaborn): one line per method, the mean
+    over the images that have a value at that layer, with their range shaded (no random
+    resampling, so the same records draw the same figure). None when no image has any."""
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    rows = [
+        (LAYER_LINES.get(method, method), layer + 1, value)
+        for record in records
+        for method, values in (record.get("layer_entropy") or {}).items()
+        for layer, value in enumerate(values)
+        if value is not None
+    ]
+    if not rows:
+        return None
+    order = [LAYER_LINES.get(m, m) for m in METHODS if any(LAYER_LINES.get(m, m) == r[0] for r in rows)]
+    data = pd.DataFrame(rows, columns=["map", "layer", "normalised entropy"])
+    figure = Figure(figsize=(6.4, 3.6))
+    ax = figure.add_axes((0.1, 0.3, 0.87, 0.66))
+    sns.lineplot(data=data, x="layer", y="normalised entropy", hue="map", hue_order=order, estimator="mean",
+                 errorbar=("pi", 100), marker="o", markersize=4, ax=ax)
+    layers = int(data["layer"].max())
+    ax.set_xticks(range(1, layers + 1) if layers <= 16 else range(1, layers + 1, -(-layers // 12)))
+    ax.set_xlim(0.5, layers + 0.5)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("normalised entropy")
+    ax.legend(title=None, fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    return figure
 
 
 def figure_index(

@@ -92,6 +92,7 @@ def write_site(
     run: dict[str, Any],
     records: list[dict[str, Any]],
     colourbar: str,
+    layer_entropy: str | None = None,
 ) -> None:
     """Render index, one page per image and results.json into ``out`` (which already has figures).
 
@@ -100,6 +101,8 @@ def write_site(
         run: run metadata (model, capture, settings, versions, title, generated).
         records: one image record per image, in manifest order (see :mod:`reportgen.site.records`).
         colourbar: relative path of the colour-bar image.
+        layer_entropy: relative path of the index's entropy-per-layer figure (None: no image has
+            one, so the index has no such figure).
     """
     # Every file goes through reportgen.outdir, which refuses anything outside ``out``.
     assets = {
@@ -143,6 +146,7 @@ def write_site(
         failed=len(records) - len(ok),
         pairs=results["pairs"],
         lowered=lowered_record,
+        layer_entropy=layer_entropy,
     )
     outdir.write_text(out, "index.html", index_html)
     outdir.write_text(out, "results.json", results_json(results))

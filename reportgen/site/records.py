@@ -79,6 +79,7 @@ def _entry_record(entry: ImageEntry, **fields: Any) -> dict[str, Any]:
         "content": None,
         "concentration": None,
         "dominant_layers": None,
+        "layer_entropy": None,
         "norms": None,
         "attention": None,
         "rollout": None,
@@ -113,6 +114,8 @@ def image_record(result: ImageResult, figures: dict[str, Any], scale: ScaleSetti
             for name, peaks in sorted(result.dominant_layers.items())
         },
         norms=_norms_record(result.norms) if result.norms is not None else None,
+        # Per method, the normalised entropy of its explorer map at each layer (the index's figure).
+        layer_entropy={name: plain(values) for name, values in sorted(result.layer_entropy.items())},
         scales={
             "maps": {name: _scale_record(s) for name, s in scales.maps.items()},
             "tokens": None if scales.tokens is None else _scale_record(scales.tokens),

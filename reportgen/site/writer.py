@@ -52,12 +52,24 @@ class FigureWriter:
             self._pool.submit(function)
 
     def submit(
-        self, result: ImageResult, cmap: str, alpha: float, scale: ScaleSetting, num_prefix_tokens: int, heads: int
+        self,
+        result: ImageResult,
+        cmap: str,
+        alpha: float,
+        scale: ScaleSetting,
+        num_prefix_tokens: int,
+        heads: int,
+        done: Callable[[], None] | None = None,
     ) -> None:
-        """Queue one image's figures (in ``figures/<slug>``); waits while too many are queued."""
+        """Queue one image's figures (in ``figures/<slug>``); waits while too many are queued.
+        ``done`` is called as soon as they are written or have failed, from the worker's thread
+        (or the pool's), so a progress bar moves per image while the model runs the next batch."""
         prefix = f"figures/{result.entry.slug}"
         args = (result, self.root, prefix, cmap, alpha, num_prefix_tokens, heads, scale)
-        self._pending.append((result, self._pool.submit(write_image_figures, *args)))
+        future = self._pool.submit(write_image_figures, *args)
+        if done is not None:
+            future.add_done_callback(lambda _future: done())
+        self._pending.append((result, future))
         while len(self._pending) > self._limit:
             self._collect(self._pending.popleft())
 

@@ -29,7 +29,7 @@
         : kind === "rollout" ? (l + 1 >= start ? "attention rollout through layers " + start + " to " + (l + 1)
                                 : "attention rollout before its start layer " + start + ": the identity")
         : kind.charAt(0) === "c" ? map.options[map.selectedIndex].text
-        : query + " attention of head " + kind.slice(1);
+        : query + " attention of head " + (parseInt(kind.slice(1), 10) + 1);  // heads from 1, as layers
       var text = "Layer " + (l + 1) + " of " + layers + ": " + what;
       sprite.alt = text;
       label.textContent = text;
