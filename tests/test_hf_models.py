@@ -245,3 +245,21 @@ def test_model_names_are_checked_in_the_settings(tmp_path, saved):
         ModelSettings(name=str(tmp_path))
     with pytest.raises(ValueError, match="weights come from its folder"):
         ModelSettings(name="hf:google/vit-base-patch16-224", weights=tmp_path / "w.safetensors")
+
+
+def test_full_clip_checkpoint_gives_its_vision_tower(tmp_path):
+    config = hf.CLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99),
+        vision_config=dict(_TINY, intermediate_size=64),
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        clip = hf.CLIPModel(config).eval()
+    clip.save_pretrained(tmp_path)
+    FAMILIES["clip"][2].save_pretrained(tmp_path)
+    model, arch, _config, info = _load(tmp_path)
+    assert type(model) is hf.CLIPVisionModel and info["architecture"] == "CLIPVisionModel"
+    x = _pixels(4)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_head(model, arch, forward_features(model, arch, x)), clip.vision_model(pixel_values=x).pooler_output)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,10 +27,9 @@ from typing import Any
 import torch
 
 from reportgen.config import ModelSettings
-from reportgen.config.rules import HF_PREFIX
 from reportgen.errors import ModelLoadError
-from reportgen.hashing import file_sha256
 from reportgen.model.hub import hub_offline, is_cached, probe_hub, summarise_error
+from reportgen.model.sources import folder_of, folder_sha256, hub_id
 
 RANDOM_INIT_SEED = 0
 
@@ -50,38 +48,6 @@ _AS_VISION_TOWER = {"CLIPModel": "CLIPVisionModel"}
 # Each layer's attention module and the norm whose output it reads, by attribute name.
 _ATTENTION_NAMES = ("attention", "self_attn")
 _NORM_NAMES = ("layernorm_before", "norm1", "layer_norm1")
-
-def is_hf_name(name: str) -> bool:
-    """Whether ``name`` (as :class:`~reportgen.config.ModelSettings` validated it) is a transformers model."""
-    return name.startswith(HF_PREFIX) or os.path.isabs(name)
-
-
-def hub_id(name: str) -> str | None:
-    """``ORG/NAME`` of a ``hf:ORG/NAME`` model, None for a local folder."""
-    return name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) and not os.path.isabs(name[len(HF_PREFIX):]) else None
-
-
-def folder_of(name: str) -> Path | None:
-    """The local folder of a transformers model given as a path, else None."""
-    rest = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
-    return Path(rest) if os.path.isabs(rest) else None
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The files of a ``save_pretrained`` folder that decide the model's numbers, sorted."""
-    patterns = ("config.json", "preprocessor_config.json", "*.safetensors", "*.bin", "*.safetensors.index.json")
-    return sorted({path for pattern in patterns for path in folder.glob(pattern) if path.is_file()})
-
-
-def folder_sha256(folder: Path) -> str:
-    """One sha256 over the names and hashes of :func:`weight_files`."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in weight_files(folder):
-        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
-
 
 @dataclass(frozen=True)
 class HFArchitecture:
@@ -346,7 +312,10 @@ def load_hf_model(settings: ModelSettings) -> tuple[torch.nn.Module, Any, dict]:
         kind = _model_class_name(config)
         model_class = getattr(transformers, kind)
         # Weights missing from a checkpoint are initialised randomly: keep the global RNG untouched.
-        with torch.random.fork_rng(devices=[]), _no_progress_bars():
+        # A vision tower read from a full CLIP checkpoint leaves the text tower's weights unused,
+        # which transformers reports key by key: expected here, so not shown.
+        tower = kind not in (getattr(config, "architectures", None) or [kind])
+        with torch.random.fork_rng(devices=[]), _quiet_loading(tower):
             if settings.pretrained:
                 model = model_class.from_pretrained(source, attn_implementation="eager", local_files_only=offline)
             else:
@@ -378,16 +347,19 @@ def load_hf_model(settings: ModelSettings) -> tuple[torch.nn.Module, Any, dict]:
 
 
 @contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers' loading bars off while loading (the build reports its own progress), and
-    back to what they were after."""
+def _quiet_loading(unused_weights_expected: bool) -> Iterator[None]:
+    """transformers' loading bars off while loading (the build reports its own progress), with
+    ``unused_weights_expected`` its warnings too; both back to what they were after."""
     from transformers.utils import logging as hf_logging
 
-    enabled = hf_logging.is_progress_bar_enabled()
+    enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    if unused_weights_expected:
+        hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
 
