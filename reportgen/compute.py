@@ -163,7 +163,7 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> int | None:
     if choice is None or not any(METHODS[name].targeted for name in settings.methods):
         return None
     try:
-        return Targets(loaded.model).resolve(choice)
+        return Targets(loaded.adapter).resolve(choice)
     except ValueError as err:
         raise ModelSettingsError(f"attention.target_class (--target-class) {choice!r}: {loaded.name}: {err}.") from None
 

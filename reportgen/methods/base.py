@@ -7,8 +7,8 @@ keeps only what the method needs, so memory does not grow with depth. For ``GRAD
 :class:`GradientReducer` instead, which sees each layer's attention with the gradient of the
 image's :class:`Target` with respect to it, as that gradient arrives (last layer first); for
 ``TOKEN_GRADIENTS`` a :class:`TokenGradientReducer`, which sees the tokens each block's attention
-reads (the output of its ``norm1``) and their gradient the same way. After
-the pass, :meth:`MapMethod.maps` turns one image's :class:`ForwardPass` into :class:`MethodMaps`
+reads (its attention module's input: the output of ``norm1`` in a pre-norm block) and their
+gradient the same way. After the pass, :meth:`MapMethod.maps` turns one image's :class:`ForwardPass` into :class:`MethodMaps`
 over the patch grid. Methods are pure maths: no hooks, files or figures.
 """
 

@@ -1,11 +1,21 @@
 """Capturing attention probabilities from a timm Vision Transformer.
 
-timm's ``Attention`` decides at construction whether to use fused attention
+timm's attention modules decide at construction whether to use fused attention
 (``F.scaled_dot_product_attention``), and the fused path never materialises the attention matrix,
-so hooks on ``attn_drop`` see nothing. Instead we hook each block's ``qkv`` projection, whose output
-the block computes either way, and form ``softmax(q_norm(q) k_norm(k)^T * scale)`` from it with the
-block's own head layout, norms and scale. This works on any loaded model object, fused or not,
-and changes no global setting (timm's fused-attention switch is left alone).
+so hooks on ``attn_drop`` see nothing. Each family is read the cheapest way that reproduces its
+own maths exactly:
+
+- Plain multi-head attention (timm's ``Attention``: ViT, DeiT, DeiT-III, DINOv2, CLIP and SigLIP
+  image towers): we hook the ``qkv`` projection, whose output the module computes either way, and
+  form ``softmax(q_norm(q) k_norm(k)^T * scale)`` from it with the module's own head layout, norms
+  and scale. This works fused or not.
+- Attention whose logits carry more than ``q kᵀ`` (EVA's rotary position embedding, BEiT's and the
+  relative-position ViTs' position bias): recomputing from ``qkv`` would have to copy that maths,
+  so instead each such module's own ``fused_attn`` is switched off for the pass (per instance,
+  restored on exit) and its softmax output is read where the module hands it to ``attn_drop``,
+  as timm's own ``timm.utils.AttentionExtract`` does.
+
+Neither path changes a global setting (timm's fused-attention switch is left alone).
 
 Hooks live only inside :class:`AttentionCapture` and are removed on exit, also when an error is
 raised. A forward pass that misses any layer is an error, never a partial result.
@@ -18,15 +28,37 @@ from dataclasses import dataclass
 
 import torch
 from timm.layers import Attention
+from timm.layers.attention import AttentionRope
+from timm.models.beit import Attention as BeitAttention
+from timm.models.eva import EvaAttention
+from timm.models.vision_transformer_relpos import RelPosAttention
 
 from reportgen.errors import CaptureError
 
 LayerCallback = Callable[[int, torch.Tensor], None]
 
-METHOD = (
-    "forward hook on each block's qkv projection; attention recomputed as "
-    "softmax(q_norm(q) · k_norm(k)ᵀ · scale) with the block's own heads, norms and scale"
-)
+QKV = "qkv"  # softmax recomputed from the qkv projection's output
+SOFTMAX = "softmax"  # the module's own softmax output, with its fused attention off
+
+#: Attention classes read from their own unfused path, with what their logits add to q kᵀ.
+UNFUSED = {
+    EvaAttention: "rotary position embedding",
+    AttentionRope: "rotary position embedding",
+    BeitAttention: "relative position bias",
+    RelPosAttention: "relative position bias",
+}
+
+METHODS = {
+    QKV: (
+        "forward hook on each block's qkv projection; attention recomputed as "
+        "softmax(q_norm(q) · k_norm(k)ᵀ · scale) with the block's own heads, norms and scale"
+    ),
+    SOFTMAX: (
+        "the attention module's own softmax output (its {extra} included), read at its attn_drop "
+        "with the module's fused attention switched off for the pass"
+    ),
+}
+METHOD = METHODS[QKV]
 
 
 @dataclass(frozen=True)
@@ -44,22 +76,48 @@ class CaptureInfo:
     fused_attention: int
 
 
-def attention_modules(model: torch.nn.Module) -> list[tuple[str, Attention]]:
+def capture_path(module: torch.nn.Module) -> str | None:
+    """How the attention of ``module`` is read: :data:`QKV`, :data:`SOFTMAX`, or None for a
+    module that is not a self-attention layer reportgen knows.
+
+    Only timm's ``Attention`` itself is recomputed from ``qkv``; a subclass may change the maths,
+    so it is read from its own softmax output like the families in :data:`UNFUSED`.
+    """
+    if type(module) is Attention:
+        return QKV
+    if isinstance(module, (Attention, *UNFUSED)):
+        return SOFTMAX
+    return None
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The model's self-attention modules in forward order.
 
     Raises:
-        CaptureError: if the model has none we know how to read, or has attention modules of a
-            kind whose maths differs from plain ``softmax(qk^T)`` (rotary, masked, ...).
+        CaptureError: if the model has none we know how to read (windowed, class-attention or
+            cross-covariance attention, ...).
     """
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    found = [(name, m) for name, m in model.named_modules() if capture_path(m) is not None]
     if not found:
         others = sorted({type(m).__name__ for _, m in model.named_modules() if "attention" in type(m).__name__.lower()})
         detail = f" (it has {', '.join(others)}, which reportgen cannot read)" if others else ""
         raise CaptureError(
-            f"{type(model).__name__} has no timm Attention modules{detail}; "
-            "reportgen reads attention from timm Vision Transformers with standard multi-head attention."
+            f"{type(model).__name__} has no timm Attention modules{detail}; reportgen reads attention from "
+            "timm Vision Transformers with global multi-head self-attention (ViT, DeiT, DINOv2, CLIP, "
+            "SigLIP, EVA, BEiT)."
         )
     return found
+
+
+def describe_capture(modules: list[tuple[str, torch.nn.Module]]) -> str:
+    """The capture path of ``modules``, in words, for the report."""
+    parts = []
+    for path in (QKV, SOFTMAX):
+        kinds = [m for _, m in modules if capture_path(m) == path]
+        if kinds:
+            extra = " and ".join(sorted({UNFUSED.get(type(m), "own logit maths") for m in kinds}))
+            parts.append(METHODS[path].format(extra=extra))
+    return "; ".join(parts)
 
 
 def blocks_of(model: torch.nn.Module, attention_names: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
@@ -80,9 +138,15 @@ class Hooks:
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._fused: list[tuple[torch.nn.Module, object]] = []
 
     def _install(self) -> None:
         raise NotImplementedError
+
+    def _unfuse(self, module: torch.nn.Module) -> None:
+        """Switch ``module``'s own fused attention off until exit (timm's global switch stays)."""
+        self._fused.append((module, module.__dict__.get("fused_attn", _ABSENT)))
+        module.fused_attn = False
 
     def __enter__(self):
         try:
@@ -99,6 +163,15 @@ class Hooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, value in reversed(self._fused):
+            if value is _ABSENT:
+                del module.fused_attn
+            else:
+                module.fused_attn = value
+        self._fused.clear()
+
+
+_ABSENT = object()  # a module whose fused_attn came from its class, not the instance
 
 
 class AttentionCapture(Hooks):
@@ -123,15 +196,21 @@ class AttentionCapture(Hooks):
         self._on_layer = on_layer
         self._seen: set[int] = set()
         self.info = CaptureInfo(
-            method=METHOD,
+            method=describe_capture(self._modules),
             layers=tuple(name for name, _ in self._modules),
             fused_attention=sum(bool(getattr(m, "fused_attn", False)) for _, m in self._modules),
         )
 
     def _install(self) -> None:
         for index, (name, module) in enumerate(self._modules):
-            self._handles.append(module.register_forward_pre_hook(self._reject_masks(name), with_kwargs=True))
-            self._handles.append(module.qkv.register_forward_hook(self._from_qkv(index, module)))
+            if capture_path(module) == QKV:
+                self._handles.append(module.register_forward_pre_hook(self._reject_masks(name), with_kwargs=True))
+                self._handles.append(module.qkv.register_forward_hook(self._from_qkv(index, module)))
+                continue
+            if not isinstance(getattr(module, "attn_drop", None), torch.nn.Module):
+                raise CaptureError(f"{name} has no attn_drop module, so its softmax output cannot be read")
+            self._unfuse(module)
+            self._handles.append(module.attn_drop.register_forward_hook(self._from_softmax(index)))
 
     def begin(self) -> None:
         """Start a new forward pass: forget which layers were seen."""
@@ -163,6 +242,14 @@ class AttentionCapture(Hooks):
             q, k = module.q_norm(q), module.k_norm(k)
             scores = (q.float() * module.scale) @ k.float().transpose(-2, -1)
             self._on_layer(index, scores.softmax(dim=-1))
+            self._seen.add(index)
+
+        return hook
+
+    def _from_softmax(self, index: int):
+        def hook(_drop, inputs, _output):
+            # Detached: in a gradient pass, the copy the methods read stays off the graph.
+            self._on_layer(index, inputs[0].detach().float())
             self._seen.add(index)
 
         return hook

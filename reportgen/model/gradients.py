@@ -4,14 +4,15 @@ timm's fused attention never materialises the attention matrix ``A``, and the ca
 :mod:`reportgen.model.capture` recomputes ``A`` from ``qkv`` outside the graph, so its gradient
 would be zero. For a gradient pass, :class:`AttentionGradients` switches each attention module's
 own ``fused_attn`` off (per instance; timm's global switch is left alone), so the module computes
-``softmax(q kᵀ · scale)`` itself and hands it to ``attn_drop``. A forward hook on ``attn_drop`` sees
+its softmax itself (with its family's rotary embedding or position bias) and hands it to
+``attn_drop``. A forward hook on ``attn_drop`` sees
 ``A`` as its input, inside the graph, and registers a tensor hook on it that passes ``A`` and its
 gradient to a callback as the backward pass reaches that layer (last layer first); nothing per
 layer outlives the callback unless the callback keeps it.
 
-:class:`BlockGradients` does the same for the tokens each block's attention reads (the output
-of its ``norm1``), for methods that weight tokens rather than attention; it leaves fused
-attention alone.
+:class:`BlockGradients` does the same for the tokens each block's attention reads (the input
+of its attention module, which in a pre-norm block is the output of ``norm1``), for methods that
+weight tokens rather than attention; it leaves fused attention alone.
 
 Hooks live only inside the context managers; on exit, also when an error is raised, they are
 removed and every module's ``fused_attn`` is set back to what it was.
@@ -24,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from reportgen.errors import CaptureError
-from reportgen.model.capture import Hooks, attention_modules, blocks_of, some_names
+from reportgen.model.capture import Hooks, attention_modules, some_names
 
 GradientCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -50,25 +51,17 @@ class AttentionGradients(Hooks):
         super().__init__()
         self._modules = attention_modules(model)
         self._on_gradient = on_gradient
-        self._fused: list[tuple[torch.nn.Module, object]] = []
         self._attn: list[torch.Tensor | None] = [None] * len(self._modules)
 
     def _install(self) -> None:
         for index, (name, module) in enumerate(self._modules):
             if not isinstance(getattr(module, "attn_drop", None), torch.nn.Module):
                 raise CaptureError(f"{name} has no attn_drop module, so its attention cannot be read on the graph")
-            self._fused.append((module, module.__dict__.get("fused_attn", _ABSENT)))
-            module.fused_attn = False
+            self._unfuse(module)
             self._handles.append(module.attn_drop.register_forward_hook(self._on_attention(index)))
 
     def _remove(self) -> None:
         super()._remove()
-        for module, value in reversed(self._fused):
-            if value is _ABSENT:
-                del module.fused_attn
-            else:
-                module.fused_attn = value
-        self._fused.clear()
         self._attn = [None] * len(self._modules)
 
     def begin(self) -> None:
@@ -105,19 +98,17 @@ class AttentionGradients(Hooks):
         return forward_hook
 
 
-_ABSENT = object()  # a module whose fused_attn came from its class, not the instance
-
-
 class BlockGradients(Hooks):
     """Context manager exposing the tokens each block's attention reads, and their gradient.
 
-    The tokens are the output of the block's ``norm1`` (its normalised input), which is where
-    pytorch-grad-cam's ViT tutorial takes them for the last block. A block's own output would not
-    do for the last block of a model that reads its prediction from the class token: nothing after
-    it mixes tokens, so the gradient on every patch token there is exactly zero. A forward hook on
-    each ``norm1`` registers a tensor hook on its output, which passes the tokens and their
-    gradient to a callback as the backward pass reaches that block (last block first). Use as
-    :class:`AttentionGradients`; :meth:`first` is the first block's tokens.
+    The tokens are the input of the block's attention module: in a pre-norm block (ViT, EVA,
+    BEiT) the output of its ``norm1``, which is where pytorch-grad-cam's ViT tutorial takes them
+    for the last block; in a post-norm block the block's input itself. A block's own output would
+    not do for the last block of a model that reads its prediction from the class token: nothing
+    after it mixes tokens, so the gradient on every patch token there is exactly zero. A forward
+    pre-hook on each attention module registers a tensor hook on its input, which passes the
+    tokens and their gradient to a callback as the backward pass reaches that block (last block
+    first). Use as :class:`AttentionGradients`; :meth:`first` is the first block's tokens.
 
     Args:
         model: a timm ViT.
@@ -129,33 +120,29 @@ class BlockGradients(Hooks):
 
     def __init__(self, model: torch.nn.Module, attention_names: tuple[str, ...], on_gradient: GradientCallback):
         super().__init__()
-        blocks = blocks_of(model, attention_names)
-        self._names = [name or "the block" for name, _ in blocks]
-        self._blocks = [block for _, block in blocks]
+        self._names = [name.rpartition(".")[0] or "the block" for name in attention_names]
+        self._attention = [model.get_submodule(name) for name in attention_names]
         self._on_gradient = on_gradient
-        self._tokens: list[torch.Tensor | None] = [None] * len(self._blocks)
+        self._tokens: list[torch.Tensor | None] = [None] * len(self._attention)
 
     def _install(self) -> None:
-        for index, (name, block) in enumerate(zip(self._names, self._blocks)):
-            norm = getattr(block, "norm1", None)
-            if not isinstance(norm, torch.nn.Module):
-                raise CaptureError(f"{name} has no norm1 module, so the tokens its attention reads cannot be hooked")
-            self._handles.append(norm.register_forward_hook(self._on_output(index)))
+        for index, module in enumerate(self._attention):
+            self._handles.append(module.register_forward_pre_hook(self._on_input(index), with_kwargs=True))
 
     def _remove(self) -> None:
         super()._remove()
-        self._tokens = [None] * len(self._blocks)
+        self._tokens = [None] * len(self._attention)
 
     def begin(self) -> None:
         """Start a new pass: forget the previous one's tokens."""
-        self._tokens = [None] * len(self._blocks)
+        self._tokens = [None] * len(self._attention)
 
     def check_complete(self) -> None:
         """Raise :class:`CaptureError` unless every block's tokens are on the autograd graph."""
         missing = [name for name, tokens in zip(self._names, self._tokens) if tokens is None]
         if missing:
             raise CaptureError(
-                f"the tokens of {len(missing)} of {len(self._blocks)} blocks were not [batch, tokens, channels] "
+                f"the tokens of {len(missing)} of {len(self._attention)} blocks were not [batch, tokens, channels] "
                 f"on the autograd graph ({some_names(missing)}); "
                 "refusing to draw from partial data"
             )
@@ -165,16 +152,17 @@ class BlockGradients(Hooks):
         assert self._tokens[0] is not None, "no forward pass since begin()"
         return self._tokens[0]
 
-    def _on_output(self, index: int):
-        def forward_hook(_norm, _inputs, output):
-            if not isinstance(output, torch.Tensor) or output.dim() != 3 or not output.requires_grad:
+    def _on_input(self, index: int):
+        def pre_hook(_attention, args, kwargs):
+            tokens = args[0] if args else kwargs.get("x")
+            if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or not tokens.requires_grad:
                 return  # check_complete reports the block
-            self._tokens[index] = output
+            self._tokens[index] = tokens
 
-            # Through the list, not a closure over the output: emptying it on exit frees it.
+            # Through the list, not a closure over the tokens: emptying it on exit frees them.
             def on_grad(grad: torch.Tensor) -> None:
                 self._on_gradient(index, self._tokens[index].detach(), grad.detach())
 
-            output.register_hook(on_grad)
+            tokens.register_hook(on_grad)
 
-        return forward_hook
+        return pre_hook

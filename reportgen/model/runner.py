@@ -6,6 +6,9 @@ the query's row (the CLS token's, or the mean of the patch queries: see
 method's reducer (rollout advances one layer; attention keeps the last layer's head mean). At
 518 px (1370 tokens) that is a few MB per image instead of a full stack of per-head matrices.
 
+The model is reached only through its :class:`~reportgen.model.adapters.ModelAdapter`
+(``loaded.adapter``), so the runner does not know which library it comes from.
+
 Without a gradient method, the pass runs under ``torch.inference_mode``. With one (a method that
 needs ``GRADIENTS`` or ``TOKEN_GRADIENTS``), the same single pass runs with autograd on, for
 ``GRADIENTS`` with fused attention switched off per module
@@ -28,10 +31,8 @@ import torch
 from reportgen.methods.base import (
     ATTENTION_ROWS, GRADIENT_NEEDS, GRADIENTS, SERVED, TARGET, TOKEN_GRADIENTS, ForwardPass, MapMethod,
 )
-from reportgen.model.capture import AttentionCapture, CaptureInfo, attention_modules
-from reportgen.model.gradients import AttentionGradients, BlockGradients
+from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel
-from reportgen.model.norms import TokenNormCapture
 from reportgen.model.targets import Targets
 
 
@@ -54,12 +55,12 @@ class ModelRunner:
         self.capture_info: CaptureInfo | None = None
         self.gradients = any(GRADIENT_NEEDS & m.needs for m in self.methods)
         wanted = self.gradients or any(TARGET in m.needs for m in self.methods)
-        self.targets = Targets(loaded.model, target_class) if wanted else None
+        self.targets = Targets(loaded.adapter, target_class) if wanted else None
 
     def run(self, batch: torch.Tensor) -> list[ForwardPass]:
         """Forward ``[B, 3, H, W]`` preprocessed images; one :class:`ForwardPass` per image."""
-        model = self.loaded.model
-        depth = len(attention_modules(model))
+        adapter = self.loaded.adapter
+        depth = adapter.depth
         rows: list[torch.Tensor | None] = [None] * depth
         want_rows = any(ATTENTION_ROWS in m.needs for m in self.methods)
         layout = self.loaded.layout
@@ -89,19 +90,17 @@ class ModelRunner:
         x = batch.to(self.loaded.device)
         targets = predictions = None
         with ExitStack() as stack:
-            capture = stack.enter_context(AttentionCapture(model, on_layer))
-            norms = stack.enter_context(TokenNormCapture(model, capture.info.layers))
+            capture = stack.enter_context(adapter.attention_capture(on_layer))
+            norms = stack.enter_context(adapter.token_norms())
             if not self.gradients:
                 with torch.inference_mode():
                     capture.begin()
-                    tokens = model.forward_features(x).float().cpu()
+                    tokens = adapter.forward_features(x).float().cpu()
                     capture.check_complete()
             else:
                 # Attention on the graph (fused attention off) only for methods that weight it.
-                layers = stack.enter_context(AttentionGradients(model, on_grad)) if graded else None
-                blocks = (
-                    stack.enter_context(BlockGradients(model, capture.info.layers, on_token_grad)) if token_graded else None
-                )
+                layers = stack.enter_context(adapter.attention_gradients(on_grad)) if graded else None
+                blocks = stack.enter_context(adapter.block_gradients(on_token_grad)) if token_graded else None
                 # A model in training mode would draw dropout masks; the caller's RNG stream is kept.
                 stack.enter_context(torch.random.fork_rng(devices=_rng_devices(x.device)))
                 with torch.enable_grad():
@@ -110,7 +109,7 @@ class ModelRunner:
                         if hooked is not None:
                             hooked.begin()
                     # The input on the graph: a model whose parameters are frozen still has one.
-                    features = model.forward_features(x.detach().clone().requires_grad_(True))
+                    features = adapter.forward_features(x.detach().clone().requires_grad_(True))
                     capture.check_complete()
                     for hooked in (layers, blocks):
                         if hooked is not None:

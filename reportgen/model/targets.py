@@ -2,8 +2,9 @@
 
 - A model with a classifier head (``num_classes > 0``): the logit of its top-1 predicted class, or
   of one class chosen for every image (:meth:`Targets.resolve` finds it by index or name).
-  Class names come from timm's ``ImageNetInfo`` for the ImageNet label sets timm recognises by the
-  number of classes (1000 for ImageNet-1k); otherwise a class is named by its index.
+  Class names come from the model's adapter (for timm models, timm's ``ImageNetInfo`` for the
+  ImageNet label sets timm recognises by the number of classes, 1000 for ImageNet-1k); otherwise
+  a class is named by its index.
 - A headless backbone (``num_classes == 0``): the label-free target of Crabbe & van der Schaar
   (ICML 2022, "Label-Free Explainability for Unsupervised Models"), the inner product of the
   pooled image embedding with a detached copy of itself, whose gradient says which inputs make up
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from reportgen.methods.base import Prediction, Target
+from reportgen.model.adapters import ModelAdapter, adapter_for
 
 TOP_PREDICTIONS = 5
 
@@ -31,16 +33,17 @@ class Targets:
     """The targets of a model's images.
 
     Args:
-        model: a timm ViT (``forward_head`` and ``num_classes`` as timm's VisionTransformer).
+        model: the model's adapter (a timm model is wrapped in its
+            :class:`~reportgen.model.adapters.TimmAdapter`).
         chosen: the class every image's target is the logit of (from :meth:`resolve`); None for
             each image's top-1 class.
     """
 
-    def __init__(self, model: torch.nn.Module, chosen: int | None = None):
-        self.model = model
-        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+    def __init__(self, model: ModelAdapter | torch.nn.Module, chosen: int | None = None):
+        self.adapter = adapter_for(model)
+        self.num_classes = self.adapter.num_classes
         self.classifier = self.num_classes > 0
-        self._names = _class_names(model) if self.classifier else None
+        self._names = self.adapter.class_names() if self.classifier else None
         assert chosen is None or 0 <= chosen < self.num_classes, chosen
         self.chosen = chosen
 
@@ -83,10 +86,10 @@ class Targets:
         """From ``[B, N, C]`` final tokens on the graph: ``[B]`` target values (on the graph),
         each image's :class:`Target` and, for a classifier, its top predictions."""
         if not self.classifier:
-            embedding = self.model.forward_head(features, pre_logits=True)
+            embedding = self.adapter.forward_head(features, pre_logits=True)
             score = (embedding * embedding.detach()).sum(dim=-1)
             return score, [Target("label-free", LABEL_FREE, float(s)) for s in score.detach().cpu()], None
-        logits = self.model.forward_head(features)
+        logits = self.adapter.forward_head(features)
         top1 = logits.detach().argmax(dim=-1)
         explained = top1 if self.chosen is None else torch.full_like(top1, self.chosen)
         score = logits.gather(1, explained[:, None])[:, 0]
@@ -104,12 +107,3 @@ class Targets:
             )
         return score, targets, predictions
 
-
-def _class_names(model: torch.nn.Module):
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    subset = infer_imagenet_subset(model)
-    if subset is None:
-        return None
-    info = ImageNetInfo(subset)
-    return info.index_to_description
