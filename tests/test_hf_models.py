@@ -2,6 +2,7 @@
 without registers, CLIP's vision tower) built from configs, saved with ``save_pretrained`` and
 loaded through reportgen from that folder (no download)."""
 
+import json
 import math
 import time
 
@@ -9,11 +10,18 @@ import numpy as np
 import pytest
 import torch
 import transformers as hf
+from click.testing import CliRunner
+from conftest import write_manifest, write_photo
 from PIL import Image
 
-from reportgen.config import ModelSettings
+from reportgen.cli import main
+from reportgen.config import AttentionSettings, ModelSettings
 from reportgen.errors import CaptureError, ModelLoadError
 from reportgen.imaging import preprocess
+from reportgen.methods import METHODS, create_methods
+from reportgen.model.loading import load_model
+from reportgen.model.runner import ModelRunner
+from reportgen.model.targets import Targets
 from reportgen.model.hf import data_config_from_processor, describe, forward_features, forward_head, load_hf_model
 from reportgen.model.hf_capture import HFAttentionCapture, HFAttentionGradients, HFBlockGradients, HFTokenNormCapture
 
@@ -263,3 +271,66 @@ def test_full_clip_checkpoint_gives_its_vision_tower(tmp_path):
     x = _pixels(4)
     with torch.no_grad():
         torch.testing.assert_close(forward_head(model, arch, forward_features(model, arch, x)), clip.vision_model(pixel_values=x).pooler_output)
+
+
+@pytest.mark.parametrize("key", FAMILIES)
+def test_every_map_method_runs_on_each_family(saved, key):
+    loaded = load_model(ModelSettings(name=str(saved[key])), device="cpu")
+    kinds, classes = FAMILIES[key][4], FAMILIES[key][5]
+    assert loaded.adapter.library == "transformers" and loaded.name == key
+    assert loaded.grid == (4, 4) and loaded.patch_size == (8, 8) and loaded.depth == 2 and loaded.heads == 2
+    assert loaded.layout.kinds() == kinds and loaded.layout.query.key == "cls"
+    methods = create_methods(tuple(METHODS), AttentionSettings())
+    forwards = ModelRunner(loaded, methods).run(_pixels(5))
+    for forward in forwards:
+        assert forward.target is not None and (forward.target.kind == "class") == bool(classes)
+        for method in methods:
+            out = method.maps(forward, loaded.layout)
+            assert out.maps and all(grid.shape == (4, 4) and np.isfinite(grid).all() for grid in out.maps.values())
+            assert np.isfinite(out.layers).all()
+    assert all(p.grad is None for p in loaded.model.parameters())
+
+
+def test_classifier_targets_are_named_from_id2label(saved):
+    loaded = load_model(ModelSettings(name=str(saved["vit"])), device="cpu")
+    targets = Targets(loaded.adapter)
+    assert targets.num_classes == 3 and targets.name(1) == "golden retriever"
+    assert targets.resolve("Golden Retriever") == 1 and targets.resolve(2) == 2
+    methods = create_methods(("gradcam",), AttentionSettings())
+    (forward,) = ModelRunner(loaded, methods, target_class=2).run(_pixels(6, batch=1))
+    assert forward.target.class_index == 2 and forward.target.class_name == "goldfinch"
+    assert "class 2 (goldfinch)" in forward.target.description
+    assert {p.name for p in forward.predictions} <= set(LABELS.values())
+
+
+def test_another_input_size_interpolates_the_position_embeddings(saved):
+    loaded = load_model(ModelSettings(name=str(saved["vit"]), input_size=48), device="cpu")
+    assert loaded.grid == (6, 6) and loaded.data_config["input_size"] == (3, 48, 48)
+    (forward,) = ModelRunner(loaded, create_methods(("attention",), AttentionSettings())).run(torch.randn(1, 3, 48, 48))
+    assert forward.tokens.shape == (37, 32)
+
+
+def test_a_manifest_with_a_transformers_folder_builds(tmp_path, saved):
+    write_photo(tmp_path / "cat.png", (48, 40), seed=1)
+    manifest = write_manifest(
+        tmp_path, [{"path": "cat.png", "objects": [{"label": "head", "box": [10, 5, 30, 25]}]}],
+        model={"name": str(saved["deit"])}, methods=["attention", "rollout", "gradcam"],
+    )
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(tmp_path / "site"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "site" / "results.json").read_text(encoding="utf-8"))
+    model = run["model"]
+    assert model["name"] == "deit" and model["architecture"] == "DeiTForImageClassificationWithTeacher"
+    assert model["grid"] == [4, 4] and model["num_prefix_tokens"] == 2
+    assert "eager" in run["capture"]["method"]
+    assert str(saved["deit"].parent) not in (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+
+
+def test_the_python_api_takes_a_transformers_model(saved):
+    from reportgen.api import Explainer
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), "RGB")
+    explanation = Explainer(f"hf:{saved['dinov2-registers']}", methods="all", device="cpu").explain(image)
+    assert {"attention/mean", "rollout", "relevance", "grad-rollout", "gradcam"} <= set(explanation.maps)
+    assert all(np.isfinite(m).all() and m.shape == (4, 4) for m in explanation.maps.values())

@@ -27,7 +27,12 @@ from typing import Any
 import torch
 
 from reportgen.config import ModelSettings
+from reportgen.config.rules import HF_PREFIX
 from reportgen.errors import ModelLoadError
+from reportgen.model.adapters import ModelAdapter
+from reportgen.model.capture import LayerCallback
+from reportgen.model.gradients import GradientCallback
+from reportgen.model.hf_capture import HFAttentionCapture, HFAttentionGradients, HFBlockGradients, HFTokenNormCapture
 from reportgen.model.hub import hub_offline, is_cached, probe_hub, summarise_error
 from reportgen.model.sources import folder_of, folder_sha256, hub_id
 
@@ -83,6 +88,100 @@ class HFArchitecture:
     def heads(self) -> int:
         module = getattr(self.layers[0][1], self.attention)
         return int(getattr(module, "num_attention_heads", None) or module.num_heads)
+
+
+class HFAdapter(ModelAdapter):
+    """A transformers ViT of one of the :data:`ARCHITECTURES`, loaded with eager attention.
+
+    Args:
+        model: the model, in eval mode.
+        input_size: the (h, w) pixels its image processor gives (or ``model.input_size``); the
+            patch grid is that divided by the config's patch size.
+
+    Raises:
+        ModelLoadError: the model is not of a supported family.
+    """
+
+    library = "transformers"
+
+    def __init__(self, model: torch.nn.Module, input_size: tuple[int, int]):
+        self.module = model
+        self._input_size = (int(input_size[0]), int(input_size[1]))
+        self.arch = describe(model, self._input_size)
+        config = getattr(model.config, "vision_config", None) or model.config
+        self._patch = _pair(config.patch_size)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return self.arch.attention_names
+
+    @property
+    def heads(self) -> int | None:
+        return self.arch.heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return len(self.arch.prefix_kinds)
+
+    @property
+    def prefix_kinds(self) -> tuple[str, ...]:
+        return self.arch.prefix_kinds
+
+    @property
+    def class_token(self) -> bool:
+        return self.arch.class_token
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self._input_size[0] // self._patch[0], self._input_size[1] // self._patch[1]
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self._patch
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._input_size
+
+    def attention_capture(self, on_layer: LayerCallback) -> HFAttentionCapture:
+        return HFAttentionCapture(self.module, self.arch, on_layer)
+
+    def token_norms(self) -> HFTokenNormCapture:
+        return HFTokenNormCapture(self.module, self.arch)
+
+    def attention_gradients(self, on_gradient: GradientCallback) -> HFAttentionGradients:
+        return HFAttentionGradients(self.module, self.arch, on_gradient)
+
+    def block_gradients(self, on_gradient: GradientCallback) -> HFBlockGradients:
+        return HFBlockGradients(self.module, self.arch, on_gradient)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_features(self.module, self.arch, x)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return forward_head(self.module, self.arch, features, pre_logits)
+
+    @property
+    def num_classes(self) -> int:
+        return self.arch.num_classes
+
+    def class_names(self) -> Callable[[int], str] | None:
+        return class_names(self.module, self.arch.num_classes)
+
+
+def load_hf(settings: ModelSettings) -> tuple[torch.nn.Module, HFAdapter, dict]:
+    """The model ``settings`` names, its adapter, and the rest of a
+    :class:`~reportgen.model.loading.LoadedModel`'s fields (``name`` as shown in the report,
+    ``architecture``, ``source``, ``weights_file``, ``weights_sha256``, ``data_config``).
+
+    Raises:
+        ModelLoadError: the model cannot be loaded, is not of a supported family, or its image
+            processor's preprocessing cannot be reproduced.
+    """
+    model, processor, loaded = load_hf_model(settings)
+    data_config = data_config_from_processor(processor, settings.input_size)
+    adapter = HFAdapter(model, data_config["input_size"][1:])
+    return model, adapter, {**loaded, "data_config": data_config}
 
 
 def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -303,7 +402,7 @@ def load_hf_model(settings: ModelSettings) -> tuple[torch.nn.Module, Any, dict]:
         raise ModelLoadError(f"{settings.name}: transformers could not be imported ({summarise_error(err)}).") from err
     repo, folder = hub_id(settings.name), folder_of(settings.name)
     source = str(folder) if folder is not None else repo
-    shown = repo if repo is not None else folder.name
+    shown = f"{HF_PREFIX}{repo}" if repo is not None else folder.name
     offline = folder is None and hub_offline()
     try:
         if folder is None and not offline and not is_cached(repo, "config.json"):

@@ -150,7 +150,7 @@ class HFAttentionGradients(Hooks):
 
             # Through the list, not a closure over attn: emptying it on exit frees the matrix.
             def on_grad(grad: torch.Tensor) -> None:
-                self._on_gradient(index, self._attn[index].detach().float(), grad.detach().float())
+                self._on_gradient(index, self._attn[index].detach(), grad.detach())
 
             attn.register_hook(on_grad)
 
@@ -209,7 +209,7 @@ class HFBlockGradients(Hooks):
             self._tokens[index] = output
 
             def on_grad(grad: torch.Tensor) -> None:
-                self._on_gradient(index, self._tokens[index].detach().float(), grad.detach().float())
+                self._on_gradient(index, self._tokens[index].detach(), grad.detach())
 
             output.register_hook(on_grad)
 
