@@ -42,7 +42,7 @@ SOFTMAX = "softmax"  # the module's own softmax output, with its fused attention
 
 #: Attention classes read from their own unfused path, with what their logits add to q kᵀ.
 UNFUSED = {
-    EvaAttention: "rotary position embedding",
+    EvaAttention: "rotary position embedding, if any",
     AttentionRope: "rotary position embedding",
     BeitAttention: "relative position bias",
     RelPosAttention: "relative position bias",
@@ -54,7 +54,7 @@ METHODS = {
         "softmax(q_norm(q) · k_norm(k)ᵀ · scale) with the block's own heads, norms and scale"
     ),
     SOFTMAX: (
-        "the attention module's own softmax output (its {extra} included), read at its attn_drop "
+        "the attention module's own softmax output (q kᵀ with its {extra}), read at its attn_drop "
         "with the module's fused attention switched off for the pass"
     ),
 }
@@ -99,7 +99,8 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
     """
     found = [(name, m) for name, m in model.named_modules() if capture_path(m) is not None]
     if not found:
-        others = sorted({type(m).__name__ for _, m in model.named_modules() if "attention" in type(m).__name__.lower()})
+        kinds = {type(m).__name__ for _, m in model.named_modules()}
+        others = sorted(kind for kind in kinds if "attn" in kind.lower() or "attention" in kind.lower())
         detail = f" (it has {', '.join(others)}, which reportgen cannot read)" if others else ""
         raise CaptureError(
             f"{type(model).__name__} has no timm Attention modules{detail}; reportgen reads attention from "
@@ -115,7 +116,7 @@ def describe_capture(modules: list[tuple[str, torch.nn.Module]]) -> str:
     for path in (QKV, SOFTMAX):
         kinds = [m for _, m in modules if capture_path(m) == path]
         if kinds:
-            extra = " and ".join(sorted({UNFUSED.get(type(m), "own logit maths") for m in kinds}))
+            extra = " and ".join(sorted({UNFUSED.get(type(m), "own additions") for m in kinds}))
             parts.append(METHODS[path].format(extra=extra))
     return "; ".join(parts)
 

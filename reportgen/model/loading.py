@@ -320,7 +320,7 @@ def _check_vit(model: torch.nn.Module, name: str) -> None:
     if not (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") and hasattr(model, "blocks")):
         raise ModelLoadError(
             f"{name!r} is not a Vision Transformer with a patch grid and prefix tokens "
-            "(reportgen needs timm's VisionTransformer family: ViT, DeiT, DINOv2, ...)."
+            "(reportgen needs a timm ViT with global attention: ViT, DeiT, DINOv2, CLIP, SigLIP, EVA, BEiT, ...)."
         )
     if getattr(model.patch_embed, "dynamic_img_size", False) or not getattr(model.patch_embed, "grid_size", None):
         raise ModelLoadError(f"{name!r} has no fixed patch grid; set model.input_size instead of a dynamic size.")
