@@ -289,6 +289,16 @@ def test_every_map_method_runs_on_each_family(saved, key):
             assert out.maps and all(grid.shape == (4, 4) and np.isfinite(grid).all() for grid in out.maps.values())
             assert np.isfinite(out.layers).all()
     assert all(p.grad is None for p in loaded.model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
+
+
+def test_random_weights_are_reproducible_and_leave_the_global_rng_alone(saved):
+    rng = torch.get_rng_state()
+    a, _, info = load_hf_model(ModelSettings(name=str(saved["dinov2"]), pretrained=False))
+    b, _, _ = load_hf_model(ModelSettings(name=str(saved["dinov2"]), pretrained=False))
+    assert torch.equal(torch.get_rng_state(), rng) and "random initialisation" in info["source"]
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
 
 
 def test_classifier_targets_are_named_from_id2label(saved):

@@ -37,6 +37,9 @@ from reportgen.model.hub import hub_offline, is_cached, probe_hub, summarise_err
 from reportgen.model.sources import folder_of, folder_sha256, hub_id
 
 RANDOM_INIT_SEED = 0
+#: The first transformers major version whose eager attention modules always return their
+#: attention probabilities (which the capture hooks read).
+MIN_TRANSFORMERS = 5
 
 #: The transformers classes reportgen reads, by family. A checkpoint of the full CLIP model (image
 #: and text) is loaded as its vision tower.
@@ -275,8 +278,10 @@ def forward_features(model: torch.nn.Module, arch: HFArchitecture, x: torch.Tens
 
 def forward_head(model: torch.nn.Module, arch: HFArchitecture, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
     """From :func:`forward_features`' tokens: ``[B, classes]`` logits, or with ``pre_logits`` the
-    ``[B, D]`` vector the head reads (a backbone's image embedding), as the model's own forward
-    computes them."""
+    ``[B, D]`` vector the head reads, as the model's own forward computes them. A backbone's image
+    embedding is CLIP's pooled output (its normed class token, projected by
+    ``CLIPVisionModelWithProjection``) and otherwise the final class token (for ``ViTModel`` the
+    token its optional pooler would read)."""
     kind = type(model).__name__
     prefix = len(arch.prefix_kinds)
     if kind in ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"):
@@ -310,7 +315,9 @@ def data_config_from_processor(processor: Any, input_size: int | None = None) ->
     transformers image processor: resize (to a height and width, or the shorter side to a
     length), optional centre crop, rescale by 1/255, normalise.
 
-    ``input_size`` replaces the model input's side, keeping the crop's proportion.
+    ``input_size`` replaces the model input's side, keeping the crop's proportion. The geometry
+    is that of transformers' default (torchvision) processors, whose centre crop rounds an odd
+    margin as torchvision does; resizing is done with Pillow, as the PIL processors do.
 
     Raises:
         ModelLoadError: the processor does something reportgen cannot reproduce exactly.
@@ -400,6 +407,13 @@ def load_hf_model(settings: ModelSettings) -> tuple[torch.nn.Module, Any, dict]:
         from transformers import AutoConfig, AutoImageProcessor
     except Exception as err:  # transformers missing or broken
         raise ModelLoadError(f"{settings.name}: transformers could not be imported ({summarise_error(err)}).") from err
+    if int(transformers.__version__.split(".")[0]) < MIN_TRANSFORMERS:
+        # Before 5, attention modules return their probabilities only when the whole model is
+        # asked for output_attentions, which keeps every layer's matrix to the end of the pass.
+        raise ModelLoadError(
+            f"{settings.name}: reportgen reads transformers models with transformers {MIN_TRANSFORMERS} or later "
+            f"(installed: {transformers.__version__}); pip install -U 'transformers>={MIN_TRANSFORMERS}', or use a timm model."
+        )
     repo, folder = hub_id(settings.name), folder_of(settings.name)
     source = str(folder) if folder is not None else repo
     shown = f"{HF_PREFIX}{repo}" if repo is not None else folder.name
