@@ -344,3 +344,24 @@ def test_the_python_api_takes_a_transformers_model(saved):
     explanation = Explainer(f"hf:{saved['dinov2-registers']}", methods="all", device="cpu").explain(image)
     assert {"attention/mean", "rollout", "relevance", "grad-rollout", "gradcam"} <= set(explanation.maps)
     assert all(np.isfinite(m).all() and m.shape == (4, 4) for m in explanation.maps.values())
+
+
+def test_a_model_folder_is_watched_and_never_inside_the_output(tmp_path, saved):
+    import shutil
+
+    from reportgen.builder import check_replaceable
+    from reportgen.config import load_manifest
+    from reportgen.errors import ReportgenError
+    from reportgen.swap import MARKER
+    from reportgen.watch import watched_paths
+
+    folder = tmp_path / "site" / "vit"
+    shutil.copytree(saved["vit"], folder)
+    write_photo(tmp_path / "cat.png", (48, 40))
+    manifest = load_manifest(write_manifest(tmp_path, [{"path": "cat.png"}], model={"name": "site/vit"}))
+    assert manifest.model.name == str(folder)
+    assert {folder / "config.json", folder / "preprocessor_config.json", folder / "model.safetensors"} <= set(
+        watched_paths(manifest.path, manifest))
+    (tmp_path / "site" / MARKER).touch()  # a site reportgen made, which a rebuild would replace
+    with pytest.raises(ReportgenError, match="holds this build's own input"):
+        check_replaceable(tmp_path / "site", manifest)
