@@ -9,9 +9,11 @@ timm-style data config :mod:`reportgen.imaging` follows (:func:`data_config_from
 patch grid from that input size and the config's patch size; the prefix tokens from the model
 (class token, DeiT's distillation token, DINOv2's registers).
 
-:class:`HFArchitecture` is what the capture contexts (:mod:`reportgen.model.hf_capture`) and the
-targets need to know about a loaded model: its encoder layers, each layer's attention module and
-the norm whose output that attention reads, the forward pass to the final tokens, and the head.
+:class:`HFArchitecture` is what the capture contexts (:mod:`reportgen.model.hf_capture`) need to
+know about a loaded model: its encoder layers, each layer's attention module and the norm whose
+output that attention reads, its prefix tokens and head. :class:`HFAdapter` puts the model behind
+:class:`~reportgen.model.adapters.ModelAdapter`, with the forward pass to the final tokens
+(:func:`forward_features`) and the head (:func:`forward_head`) written per family.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ _AS_VISION_TOWER = {"CLIPModel": "CLIPVisionModel"}
 _ATTENTION_NAMES = ("attention", "self_attn")
 _NORM_NAMES = ("layernorm_before", "norm1", "layer_norm1")
 
+
 @dataclass(frozen=True)
 class HFArchitecture:
     """Where a transformers ViT keeps what reportgen reads.
@@ -98,7 +101,7 @@ class HFAdapter(ModelAdapter):
 
     Args:
         model: the model, in eval mode.
-        input_size: the (h, w) pixels its image processor gives (or ``model.input_size``); the
+        input_size: the (h, w) pixels its image processor gives (``model.input_size`` when set); the
             patch grid is that divided by the config's patch size.
 
     Raises:
