@@ -1,7 +1,8 @@
 """timm ViT families: each loads from a tiny random config, its captured attention equals the
 family's own maths written out here from the module's weights (rotary position embedding and
-relative position bias included), every map method runs on it, and the model is left as found.
-Windowed families are refused at load with the reason."""
+relative position bias included), so do the attention and its gradient on the autograd graph,
+every map method runs on it, and the model is left as found. Windowed families are refused at
+load with the reason."""
 
 import math
 from typing import NamedTuple
@@ -14,12 +15,14 @@ import torch
 from reportgen.config import AttentionSettings, ModelSettings
 from reportgen.errors import ModelLoadError
 from reportgen.methods import CLS_QUERY, METHODS, PATCH_MEAN_QUERY, create_methods
+from reportgen.model.adapters import TimmAdapter
 from reportgen.model.loading import load_model
 from reportgen.model.runner import ModelRunner
 
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 SIZE = 32  # a 4 x 4 patch grid
 REGISTERS = ("register",) * 4
+
 
 class Family(NamedTuple):
     architecture: str  # timm name
@@ -55,7 +58,7 @@ def load(family: str):
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, parameter in loaded.model.named_parameters():
-            if name.endswith(("qkv.weight", "q_bias", "relative_position_bias_table")) or ".rel_pos." in name:
+            if name.endswith(("qkv.weight", "q_bias", "attn.proj.weight", "relative_position_bias_table")) or ".rel_pos." in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
             if name.startswith(("head.", "fc_norm.")) and parameter.ndim == 2:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
@@ -71,12 +74,12 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
 
 
-def family_attention(model, attn, x: torch.Tensor, extra: str | None) -> torch.Tensor:
+def family_attention(model, attn, x: torch.Tensor, extra: str | None, with_values: bool = False):
     """``[B, H, N, N]`` attention probabilities of ``attn`` on its input ``x``, in float64, written
-    out from its weights:
+    out from its weights (and, with ``with_values``, also the ``[B, H, N, d]`` values):
 
-    - q, k from the fused qkv weight; the bias is qkv's own, or (BEiT, EVA) q_bias and v_bias with
-      no key bias;
+    - q, k, v from the fused qkv weight; the bias is qkv's own, or (BEiT, EVA) q_bias and v_bias
+      with no key bias;
     - rotary (EVA): each patch token's q and k rotated pairwise, q·cos + rot(q)·sin, with the
       sin/cos table of the model's rotary embedding; prefix tokens are not rotated;
     - bias (BEiT): the learnt table indexed by each token pair's relative position; (relpos ViT)
@@ -96,8 +99,7 @@ def family_attention(model, attn, x: torch.Tensor, extra: str | None) -> torch.T
         bias = torch.cat([attn.q_bias.double(), torch.zeros(C, dtype=torch.float64), attn.v_bias.double()])
     else:
         bias = torch.zeros(3 * C, dtype=torch.float64)
-    q = (x @ weight[:C].T + bias[:C]).reshape(B, N, heads, d).transpose(1, 2)
-    k = (x @ weight[C : 2 * C].T + bias[C : 2 * C]).reshape(B, N, heads, d).transpose(1, 2)
+    q, k, v = ((x @ weight[i * C : (i + 1) * C].T + bias[i * C : (i + 1) * C]).reshape(B, N, heads, d).transpose(1, 2) for i in range(3))
     if extra == "rotary":
         prefix = model.num_prefix_tokens
         sin, cos = model.rope.get_embed().double().chunk(2, dim=-1)  # [patches, d] each
@@ -110,7 +112,8 @@ def family_attention(model, attn, x: torch.Tensor, extra: str | None) -> torch.T
     elif extra == "bias":
         logits = logits + attn.rel_pos.get_bias().double()
     logits = logits - logits.amax(dim=-1, keepdim=True)
-    return logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
+    probabilities = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
+    return (probabilities, v) if with_values else probabilities
 
 
 def fused_flags(model) -> list:
@@ -250,3 +253,67 @@ def test_token_gradients_are_what_the_attention_reads_also_in_a_post_norm_block(
     for index, (seen, grad) in tokens.items():
         torch.testing.assert_close(seen, block_inputs[index])
         assert grad.shape == seen.shape and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["EVA-02", "BEiT"])
+def test_the_model_is_left_as_found_when_a_pass_fails(family):
+    loaded = load(family)
+    flags = fused_flags(loaded.model)
+
+    def boom(_index, _attn):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with loaded.adapter.attention_capture(boom) as capture, loaded.adapter.attention_gradients(lambda *a: None):
+            capture.begin()
+            loaded.adapter.forward_features(images())
+    assert_left_as_found(loaded.model, flags)
+
+
+@pytest.mark.parametrize("family", [f for f, spec in FAMILIES.items() if spec.path == "softmax"])
+def test_attention_gradients_equal_those_through_the_family_maths_written_out(family):
+    """The gradient of a score with respect to each layer's attention, as the adapter hands it
+    out, equals torch.autograd's gradient with respect to the attention of a forward in which each
+    attention module is replaced by the family's maths written out here (float64)."""
+    extra = FAMILIES[family].extra
+    model = load(family).model.double()
+    x = images().double()
+
+    def score(features):
+        return features.square().mean(dim=-1).sum()
+
+    adapter = TimmAdapter(model)
+    handed = {}
+    with adapter.attention_gradients(lambda i, a, g: handed.__setitem__(i, (a.clone(), g.clone()))) as layers, torch.enable_grad():
+        layers.begin()
+        features = adapter.forward_features(x)
+        layers.check_complete()
+        torch.autograd.grad(score(features), layers.first())
+
+    written_out = []
+
+    def by_hand(attn):
+        def forward(tokens, *_args, **_kwargs):
+            probabilities, v = family_attention(model, attn, tokens, extra, with_values=True)
+            written_out.append(probabilities)
+            assert getattr(attn, "gate", None) is None
+            out = (probabilities @ v).transpose(1, 2).reshape(tokens.shape)
+            return attn.proj(getattr(attn, "norm", torch.nn.Identity())(out))
+
+        return forward
+
+    modules = [model.get_submodule(name) for name in adapter.layer_names]
+    for module in modules:
+        module.forward = by_hand(module)
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(score(model.forward_features(x)), written_out)
+    finally:
+        for module in modules:
+            del module.forward
+    assert sorted(handed) == list(range(len(written_out))) == [0, 1]
+    for index, (attn, grad) in handed.items():
+        torch.testing.assert_close(attn, written_out[index].detach(), atol=1e-10, rtol=1e-8)
+        scale = grads[index].abs().max()
+        assert scale > 0
+        torch.testing.assert_close(grad, grads[index], atol=1e-9 * scale, rtol=1e-7)

@@ -58,7 +58,6 @@ METHODS = {
         "with the module's fused attention switched off for the pass"
     ),
 }
-METHOD = METHODS[QKV]
 
 
 @dataclass(frozen=True)

@@ -109,4 +109,3 @@ class Targets:
                 tuple(Prediction(int(i), self.name(int(i)), float(p)) for p, i in zip(best.values[b], best.indices[b]))
             )
         return score, targets, predictions
-
