@@ -19,6 +19,8 @@ with random weights and no detector into a temporary folder, then measures, in o
 6. a cold build of a few images with ``imgfocus-vits14`` at 518 px (1370 tokens) and its peak
    memory, against what holding every layer's per-head attention would cost (L*H*N*N*4 bytes per
    image);
+7. each map method through the Python API against its own floor (``bench/methods.py``): the bare
+   forward for attention and rollout, a bare forward + backward for the gradient methods;
 
 and, in this process, the same builds through :func:`reportgen.builder.build` with timers wrapped
 around its stages (model load, forward pass, attention capture, experiments, figures, pages) and
@@ -339,10 +341,10 @@ def instrumented():
     def counting_run(original):
         timed = prof.timed("ModelRunner.run", original)
 
-        def run(self, batch):
+        def run(self, batch, *args, **kwargs):
             prof.counters["images run through the model"] += int(batch.shape[0])
             prof.counters["forward passes"] += 1
-            return timed(self, batch)
+            return timed(self, batch, *args, **kwargs)
 
         return run
 
@@ -483,6 +485,8 @@ def main() -> int:
     parser.add_argument("--floor-repeats", type=int, default=3, help="timed passes for the floor; the best counts (default 3)")
     parser.add_argument("--big-images", type=int, default=4, help=f"images for the {BIG_MODEL} 518 px run (0 skips it)")
     parser.add_argument("--big-size", type=int, default=518, help=f"input size of the {BIG_MODEL} run")
+    parser.add_argument("--methods-images", type=int, default=16,
+                        help="images for the per-method costs against their floors (0 skips them)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep inputs and sites here (default: a temp dir, removed)")
     args = parser.parse_args()
     if args.images < 1:
@@ -749,6 +753,15 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
                         f"per-head matrices for the batch ({mib(big['over'])} vs {mib(big['hold_all_batch'])}; "
                         f"{100 * big['over'] / big['hold_all_batch']:.0f}%)",
                         big["over"] <= 0.5 * big["hold_all_batch"]))
+    if args.methods_images:
+        import methods as method_bench
+
+        print(f"\n[7] map methods through the Python API against their floors ({args.methods_images} images, "
+              f"batch {args.batch_size}, best of 2)")
+        paths = [Path(i["file"]) for i in images[: args.methods_images]]
+        measured = method_bench.measure(args.model, paths, args.batch_size, repeats=2)
+        method_bench.report(measured)
+        targets.extend(method_bench.targets(measured))
     print("\nTARGETS")
     for text, ok in targets:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")

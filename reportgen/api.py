@@ -116,8 +116,12 @@ class Explainer:
         pretrained: False builds the model with random weights.
         options: extra keyword arguments for ``timm.create_model`` (timm models).
         head_fusion / discard_ratio / rollout_start_layer: rollout settings.
-        target_class: the class the gradient methods explain (index or name), as the manifest's
-            ``attention.target_class``; None for each image's top-1 class.
+        target_classes: the classes the gradient methods explain, as the manifest's
+            ``attention.target_classes``: a class index or name, a list of them, or ``"top-k"``;
+            None for each image's top-1 class. Each further target's maps are named
+            ``{map}/target-k`` in :attr:`Explanation.maps`.
+        object_targets: the gradient methods also explain each box of an image given ``boxes``
+            (the manifest's ``attention.object_targets``): maps ``{map}/object-j``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         batch_size: images per forward pass.
         cmap / alpha: colour map and opacity of :meth:`Explanation.figure`.
@@ -142,7 +146,8 @@ class Explainer:
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
         rollout_start_layer: int = 1,
-        target_class: int | str | None = None,
+        target_classes: int | str | Sequence[int | str] | None = None,
+        object_targets: bool = False,
         device: str = "auto",
         batch_size: int = 8,
         cmap: str = "inferno",
@@ -154,7 +159,7 @@ class Explainer:
         sections = check_overrides(
             model=model_values,
             attention={"head_fusion": head_fusion, "discard_ratio": discard_ratio,
-                       "rollout_start_layer": rollout_start_layer, "target_class": target_class},
+                       "rollout_start_layer": rollout_start_layer, "target_classes": target_classes, "object_targets": object_targets},
             output={"cmap": cmap, "alpha": alpha, "scale": scale, "scale_percentile": scale_percentile},
             methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
         )

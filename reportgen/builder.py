@@ -157,7 +157,10 @@ def _plan(manifest: Manifest, options: BuildOptions, output: Path, staging: Path
             state.fail(entry, f"{entry.path.name}: could not be read ({err.strerror or err})")
             state.advance()
             continue
-        record = reuse(previous, entry, state.keys[entry.slug], manifest.methods, output, staging, state.report.warnings) if previous else None
+        record = reuse(
+            previous, entry, state.keys[entry.slug], manifest.methods, output, staging, state.report.warnings,
+            manifest.attention.target_count, manifest.attention.object_targets,
+        ) if previous else None
         if record is None:
             state.todo.append(entry)
             continue

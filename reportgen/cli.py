@@ -34,7 +34,8 @@ _SETTING_OPTIONS = {
     "head_fusion": ("attention", "head_fusion"),
     "discard_ratio": ("attention", "discard_ratio"),
     "rollout_start_layer": ("attention", "rollout_start_layer"),
-    "target_class": ("attention", "target_class"),
+    "target_classes": ("attention", "target_classes"),
+    "object_targets": ("attention", "object_targets"),
     "detector": ("detector", "name"),
     "detector_threshold": ("detector", "threshold"),
     "cmap": ("output", "cmap"),
@@ -51,13 +52,15 @@ def _overrides(**options) -> dict:
     only parsed here; their values are checked by the settings' own models."""
     sections: dict = {"model": {}, "attention": {}, "detector": {}, "output": {}, "methods": None}
     for option, value in options.items():
-        if value is None:
+        if value is None or value == ():  # () : a repeatable option not given
             continue
         section, key = _SETTING_OPTIONS[option]
         if option == "random_weights":
             value = not value
         if option == "weights":
             value = Path(value).resolve()
+        if option == "target_classes":
+            value = value[0] if len(value) == 1 else list(value)
         if option == "methods":
             value = value.strip() if value.strip() == "all" else [name.strip() for name in value.split(",")]
         if key is None:
@@ -106,8 +109,12 @@ def main() -> None:
               help="Rollout: drop this fraction of lowest attentions per layer (vit-explain style).")
 @click.option("--rollout-start-layer", type=int, default=None,
               help="Rollout: first layer multiplied (1 = all layers; earlier layers count as the identity).")
-@click.option("--target-class", default=None,
-              help="Gradient methods: the class to explain, by index or name (default: each image's top-1 class).")
+@click.option("--target-classes", "--target-class", "target_classes", multiple=True,
+              help="Gradient methods: a class to explain, by index or name (repeat the option for several), "
+                   "or top-k for each image's k best classes (default: each image's top-1 class).")
+@click.option("--object-targets", is_flag=True, default=None,
+              help="Gradient methods: also explain each object of an image (its embedding's cosine "
+                   "similarity with the image's); one more backward pass per object.")
 @click.option("--detector", default=None,
               help="DETR model name or folder for images without boxes; 'none' uses manifest boxes only.")
 @click.option("--detector-threshold", type=float, default=None,

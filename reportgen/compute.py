@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
+import numpy as np
 import timm
 import torch
 from PIL import Image
@@ -25,7 +26,7 @@ from PIL import Image
 import reportgen
 from reportgen.config import ImageEntry, Manifest, ObjectBox
 from reportgen.errors import ImageError, ModelSettingsError
-from reportgen.experiments import ImageFailure, ImageResult, Objects, explain
+from reportgen.experiments import ImageFailure, ImageResult, Objects, explain, seen_objects
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
 from reportgen.methods import METHODS, create_methods
 from reportgen.model.capture import CaptureInfo
@@ -44,6 +45,7 @@ class _Prepared:
     tensor: torch.Tensor
     geometry: Geometry
     view: Image.Image
+    objects: Objects | None = None
 
 
 @dataclass(frozen=True)
@@ -103,12 +105,25 @@ class Computation:
             CaptureError: attention could not be captured (a model reportgen cannot read).
         """
         loaded, self.model_load_seconds = kept_model(self.manifest, self.device, self.model_cache)
-        target_class = check_fits_model(self.manifest, loaded)
+        chosen, top = check_fits_model(self.manifest, loaded)
         methods = create_methods(self.manifest.methods, self.manifest.attention)
-        runner = ModelRunner(loaded, methods, target_class)
+        runner = ModelRunner(loaded, methods, chosen, top)
         self.model_run = ModelRun(loaded, None, _versions())
         layout = loaded.layout
         objects_for = _ObjectSource(self.manifest, self.warnings)
+        explain_objects = self.manifest.attention.object_targets and runner.gradients
+
+        def with_objects(item):
+            """The image's objects, found before the model runs: object targets need them."""
+            if not isinstance(item, _Prepared) or item.entry.kind != "multi":
+                return item
+            try:
+                return dataclasses.replace(item, objects=objects_for(item.entry, item.original))
+            except ImageError as err:
+                return ImageFailure(item.entry, str(err))
+            except Exception as err:  # a bug must cost one image, not the whole site
+                log.debug("objects of %s failed", item.entry.id, exc_info=err)
+                return ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
         items = list(zip(entries, images or [None] * len(entries)))
         batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
@@ -126,8 +141,10 @@ class Computation:
             for index in range(len(batches)):
                 outcomes = upcoming.result()
                 upcoming = decoder.submit(prepare_batch, batches[index + 1]) if index + 1 < len(batches) else None
+                outcomes = [with_objects(item) for item in outcomes]
                 prepared = [item for item in outcomes if isinstance(item, _Prepared)]
-                passes = iter(runner.run(torch.stack([p.tensor for p in prepared])) if prepared else ())
+                explained = [_object_coverages(p, layout) for p in prepared] if explain_objects else None
+                passes = iter(runner.run(torch.stack([p.tensor for p in prepared]), explained) if prepared else ())
                 if prepared:
                     self.model_run = ModelRun(loaded, runner.capture_info, self.model_run.versions)
                 for item in outcomes:
@@ -136,8 +153,7 @@ class Computation:
                         continue
                     forward = next(passes)
                     try:
-                        objects = objects_for(item.entry, item.original) if item.entry.kind == "multi" else None
-                        yield explain(item.entry, forward, methods, layout, item.geometry, item.original, item.view, objects)
+                        yield explain(item.entry, forward, methods, layout, item.geometry, item.original, item.view, item.objects)
                     except ImageError as err:
                         yield ImageFailure(item.entry, str(err))
                     except Exception as err:  # a bug must cost one image, not the whole site
@@ -145,10 +161,19 @@ class Computation:
                         yield ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
-def check_fits_model(settings: Manifest, loaded: LoadedModel) -> int | None:
-    """The rules a setting can only be checked by once the model is loaded. Returns the index of
-    the class the gradient methods explain (``attention.target_class``), None for each image's
-    top-1 (or when no method explains a target).
+def _object_coverages(item: _Prepared, layout) -> list[tuple[str, np.ndarray]]:
+    """``(label, [rows, cols] patch coverage)`` of each object of the image the model sees."""
+    if item.objects is None:
+        return []
+    seen, _skipped = seen_objects(item.objects, item.geometry, layout)
+    return [(o.label, o.coverage) for o in seen]
+
+
+def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int, ...], int]:
+    """The rules a setting can only be checked by once the model is loaded. Returns the indices of
+    the classes the gradient methods explain (``attention.target_classes``; empty for each image's
+    top predictions, and when no method explains a target) and how many top predictions to
+    explain without them.
 
     Raises:
         ModelSettingsError: naming the setting, its value and what the model allows.
@@ -159,13 +184,27 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> int | None:
             f"attention.rollout_start_layer (--rollout-start-layer) {start}: greater than the depth of "
             f"{loaded.name} ({loaded.depth} layers); use a layer from 1 to {loaded.depth}."
         )
-    choice = settings.attention.target_class
+    choice = settings.attention.target_classes
     if choice is None or not any(METHODS[name].targeted for name in settings.methods):
-        return None
+        return (), 1
+    targets = Targets(loaded.adapter)
+    written = choice.plain()
     try:
-        return Targets(loaded.adapter).resolve(choice)
+        if not targets.classifier:
+            targets.resolve(0)  # raises: the model has no classifier head
+        if choice.top > targets.num_classes:
+            raise ValueError(f"the model has {targets.num_classes} classes")
+        chosen = []
+        for index, one in enumerate(choice.classes):
+            found = targets.resolve(one)
+            if found in chosen:
+                raise ValueError(f"class {found} is listed twice (entry {chosen.index(found) + 1} and {index + 1})")
+            chosen.append(found)
     except ValueError as err:
-        raise ModelSettingsError(f"attention.target_class (--target-class) {choice!r}: {loaded.name}: {err}.") from None
+        raise ModelSettingsError(
+            f"attention.target_classes (--target-classes) {written!r}: {loaded.name}: {err}."
+        ) from None
+    return tuple(chosen), choice.top
 
 
 def kept_model(manifest: Manifest, device: str, cache: dict | None) -> tuple[LoadedModel, float | None]:
@@ -198,10 +237,10 @@ def prepare_for_rebuilds(manifest: Manifest, device: str, cache: dict) -> float 
         ModelLoadError: if the model cannot be loaded.
     """
     loaded, seconds = kept_model(manifest, device, cache)
-    target_class = check_fits_model(manifest, loaded)
+    chosen, top = check_fits_model(manifest, loaded)
     if seconds is not None:
         _channels, height, width = loaded.data_config["input_size"]
-        ModelRunner(loaded, create_methods(manifest.methods, manifest.attention), target_class).run(
+        ModelRunner(loaded, create_methods(manifest.methods, manifest.attention), chosen, top).run(
             torch.zeros(1, 3, height, width))
         import seaborn  # noqa: F401  (the similarity heat maps' imports: pandas, scipy)
     return seconds

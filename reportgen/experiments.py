@@ -18,6 +18,7 @@ model gave).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -355,6 +356,9 @@ class ImageResult:
         objects: experiment 3 (``multi`` images), else None.
         predictions: a classifier's top-5 predictions with their softmax probabilities (with a
             method that explains a target), else None.
+        target_count: how many class (or label-free) targets each method that explains one has
+            maps for (see :func:`~reportgen.methods.method_maps`).
+        object_target_count: how many objects it has maps for.
     """
 
     entry: ImageEntry
@@ -373,6 +377,8 @@ class ImageResult:
     rollout: RolloutResult | None
     objects: ObjectsResult | None
     predictions: tuple[Prediction, ...] | None = None
+    target_count: int = 1
+    object_target_count: int = 0
 
     @property
     def maps(self) -> dict[str, np.ndarray]:
@@ -382,7 +388,7 @@ class ImageResult:
     @property
     def targets(self) -> dict[str, Target]:
         """Per map name, what it explains (maps of the methods that explain a target only)."""
-        return {name: out.target for out in self.methods.values() if out.target is not None for name in out.maps}
+        return {name: out.target_of(name) for out in self.methods.values() if out.target is not None for name in out.maps}
 
 
 @dataclass(frozen=True)
@@ -391,6 +397,19 @@ class ImageFailure:
 
     entry: ImageEntry
     message: str
+
+
+@dataclass(frozen=True)
+class SeenObject:
+    """An object the model sees: its label (numbered where labels repeat), its box in the original
+    image's pixels, that box in model-input pixels, the share of it the model sees, and ``[rows,
+    cols]`` the fraction of each patch inside it."""
+
+    label: str
+    box: ObjectBox
+    input_box: tuple[float, float, float, float]
+    visible: float
+    coverage: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -414,7 +433,7 @@ def explain(
     objects: Objects | None,
 ) -> ImageResult:
     """Run the methods' maps and the experiments on one image's forward pass."""
-    outputs = {method.spec.name: method.maps(forward, layout) for method in methods}
+    outputs = {method.spec.name: method_maps(method, forward, layout) for method in methods}
     maps = _all_maps(outputs)
     content = Content.of(geometry, layout)
     entropies = {name: Entropy.of(content.values(grid)) for name, grid in maps.items()}
@@ -440,7 +459,30 @@ def explain(
         rollout=rollout_experiment(maps["attention/mean"], maps["rollout"], entropies, content) if compared else None,
         objects=objects_experiment(forward, maps.get("rollout"), layout, geometry, objects) if objects else None,
         predictions=forward.predictions,
+        target_count=1 + sum(t.kind != "object" for t, _kept in forward.other_targets),
+        object_target_count=sum(t.kind == "object" for t, _kept in forward.other_targets),
     )
+
+
+def method_maps(method: MapMethod, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
+    """The maps of ``method`` for every target of the image: the first target's as the method
+    makes them, then each further target's maps named as :func:`~reportgen.methods.method_maps`
+    says (the explorer's layers stay the first target's)."""
+    first = method.maps(forward, layout)
+    if not method.spec.targeted or not forward.other_targets:
+        return first
+    maps, prefix = dict(first.maps), dict(first.prefix)
+    targets = {name: first.target for name in first.maps}
+    counts = {"target": 1, "object": 0}
+    for target, kept in forward.other_targets:
+        kind = "object" if target.kind == "object" else "target"
+        counts[kind] += 1
+        other = method.maps(dataclasses.replace(forward, kept={**forward.kept, **kept}, target=target), layout)
+        for name, grid in other.maps.items():
+            maps[f"{name}/{kind}-{counts[kind]}"] = grid
+            targets[f"{name}/{kind}-{counts[kind]}"] = target
+        prefix.update({f"{name}/{kind}-{counts[kind]}": values for name, values in other.prefix.items()})
+    return dataclasses.replace(first, maps=maps, prefix=prefix, targets=targets)
 
 
 def _all_maps(outputs: dict[str, MethodMaps]) -> dict[str, np.ndarray]:
@@ -504,6 +546,19 @@ def rollout_experiment(raw: np.ndarray, rolled: np.ndarray, entropies: dict[str,
     )
 
 
+def seen_objects(objects: Objects, geometry: Geometry, layout: TokenLayout) -> tuple[list[SeenObject], list[tuple[str, str]]]:
+    """The objects the model sees, in order, with their patch coverage, and ``(label, reason)`` of
+    those it does not (labels numbered where they repeat)."""
+    seen, skipped = [], []
+    for label, box in zip(number_duplicates([b.label for b in objects.boxes]), objects.boxes):
+        input_box, visible = geometry.map_box(box.as_tuple())
+        if input_box is None:
+            skipped.append((label, "outside the part of the image the model sees (cropped away)"))
+            continue
+        seen.append(SeenObject(label, box, input_box, visible, patch_coverage(input_box, layout.grid, layout.patch_size)))
+    return seen, skipped
+
+
 def objects_experiment(
     forward: ForwardPass,
     rollout: np.ndarray | None,
@@ -514,26 +569,20 @@ def objects_experiment(
     """Experiment 3: embeddings of the objects (boxes in the original image's pixels); the
     rollout-weighted ones only when ``rollout`` (the rollout map) is given."""
     patch_tokens = forward.tokens[layout.num_prefix_tokens :].double().numpy()  # [P, C]
-    labels = number_duplicates([b.label for b in objects.boxes])
-    embeddings, skipped = [], []
-    for label, box in zip(labels, objects.boxes):
-        input_box, visible = geometry.map_box(box.as_tuple())
-        if input_box is None:
-            skipped.append((label, "outside the part of the image the model sees (cropped away)"))
-            continue
-        coverage = patch_coverage(input_box, layout.grid, layout.patch_size)
-        embeddings.append(
-            ObjectEmbedding(
-                label=label,
-                base_label=box.label,
-                box=box.as_tuple(),
-                input_box=input_box,
-                visible=visible,
-                score=box.score,
-                plain=pooled_embedding(patch_tokens, coverage),
-                rollout=None if rollout is None else pooled_embedding(patch_tokens, rollout_weights(coverage, rollout)),
-            )
+    seen, skipped = seen_objects(objects, geometry, layout)
+    embeddings = [
+        ObjectEmbedding(
+            label=o.label,
+            base_label=o.box.label,
+            box=o.box.as_tuple(),
+            input_box=o.input_box,
+            visible=o.visible,
+            score=o.box.score,
+            plain=pooled_embedding(patch_tokens, o.coverage),
+            rollout=None if rollout is None else pooled_embedding(patch_tokens, rollout_weights(o.coverage, rollout)),
         )
+        for o in seen
+    ]
     return ObjectsResult(
         source=objects.source,
         objects=tuple(embeddings),

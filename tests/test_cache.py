@@ -22,9 +22,9 @@ def counting(monkeypatch):
         counts["loads"] += 1
         return real_load(*args, **kwargs)
 
-    def run(self, batch):
+    def run(self, batch, *args, **kwargs):
         counts["images"] += batch.shape[0]
-        return real_run(self, batch)
+        return real_run(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(reportgen.compute, "load_model", load)
     monkeypatch.setattr(ModelRunner, "run", run)

@@ -7,15 +7,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_relevance import GRID, MODELS, _assert_close, _assert_same, _state, _unusual_state, images, loaded, make_model
+from test_relevance import GRID, MODELS, _assert_close, _assert_same, _state, _unusual_state, hand_target, images, loaded, make_model
 
 from reportgen.config import AttentionSettings
 from reportgen.methods import METHODS, create_methods
 from reportgen.model.runner import ModelRunner
 
 
-def gradcam_by_hand(model, x):
-    """Per block, Grad-CAM of the target (top-1 logit, or the label-free e · stop_gradient(e))
+def gradcam_by_hand(model, x, target=hand_target):
+    """Per block, Grad-CAM of the target (``target(model, final tokens)``; by default the top-1
+    logit, or the label-free e · stop_gradient(e))
     from the tokens T each block's attention reads (its norm1 output), caught by forward hooks here, and G = ∂target/∂T from
     torch.autograd: w = mean of G over the patch tokens, map = ReLU(T[patches] · w). Returns
     ``[L, B, P]`` numpy arrays."""
@@ -27,13 +28,7 @@ def gradcam_by_hand(model, x):
     finally:
         for handle in handles:
             handle.remove()
-    if m.num_classes:
-        logits = m.forward_head(features)
-        target = logits.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
-    else:
-        e = m.forward_head(features, pre_logits=True)
-        target = (e * e.detach()).sum(-1)
-    grads = torch.autograd.grad(target.sum(), outputs)
+    grads = torch.autograd.grad(target(m, features).sum(), outputs)
     prefix = int(m.num_prefix_tokens)
     maps = []
     for T, G in zip(outputs, grads):
@@ -72,7 +67,7 @@ def test_gradcam_equals_the_direct_computation_at_every_block(kind):
         np.testing.assert_array_equal(gradcam.maps["gradcam"], gradcam.layers[-1, 0])
         assert gradcam.target is forwards[b].target
         assert forwards[b].target.kind == ("class" if model.num_classes else "label-free")
-        assert forwards[b].target.description in gradcam.provenance
+        assert "the map's target" in gradcam.provenance
         assert gradcam.prefix == {}
         assert f"the {prefix} prefix token" in gradcam.provenance if prefix else "prefix" not in gradcam.provenance
 

@@ -467,7 +467,7 @@ def test_several_problems_are_reported_at_once(folder: Path):
         ("model: {nmae: x}\nimages: [{path: cat.png}]\n",
          "model: unknown key 'nmae' (allowed: input_size, name, options, pretrained, weights)"),
         ("attention: {fusion: max}\nimages: [{path: cat.png}]\n",
-         "attention: unknown key 'fusion' (allowed: discard_ratio, head_fusion, rollout_start_layer, target_class)"),
+         "attention: unknown key 'fusion' (allowed: discard_ratio, head_fusion, object_targets, rollout_start_layer, target_classes)"),
         ("detector: {thresh: 0.5}\nimages: [{path: cat.png}]\n",
          "detector: unknown key 'thresh' (allowed: name, threshold)"),
         ("output: {colormap: jet}\nimages: [{path: cat.png}]\n",

@@ -121,11 +121,12 @@ class _Rollout(_Schema):
 
 
 class _Target(_Schema):
-    kind: Literal["class", "label-free"]
+    kind: Literal["class", "label-free", "object"]
     description: Text
     score: Finite
     class_index: Count | None
     class_name: Text | None
+    object_label: Text | None
 
 
 class _Map(_Schema):

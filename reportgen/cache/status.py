@@ -36,7 +36,7 @@ from reportgen import outdir
 from reportgen.cache.schema import MAX_COUNT, Entry, ModelRun, Record
 from reportgen.config import ImageEntry, Manifest
 from reportgen.hashing import file_sha256
-from reportgen.methods import METHODS, figure_key, sectioned_methods
+from reportgen.methods import METHODS, figure_key, method_maps, sectioned_methods
 from reportgen.model.sources import model_identity
 from reportgen.site.figures import figure_files, figure_index
 from reportgen.site.records import page_name
@@ -45,7 +45,7 @@ from reportgen.site.scales import ScaleSetting
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 5  # raised whenever what a record holds, or what its numbers mean, changes
+STATUS_FORMAT = 6  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 
@@ -66,7 +66,8 @@ def settings_key(manifest: Manifest) -> str:
                 manifest.attention.discard_ratio,
                 manifest.attention.rollout_start_layer,
                 # Only when chosen, so a build that explains the top-1 class keeps its key.
-                *([manifest.attention.target_class] if manifest.attention.target_class is not None else []),
+                *([manifest.attention.target_classes.plain()] if manifest.attention.target_classes is not None else []),
+                *(["object targets"] if manifest.attention.object_targets else []),
             ],
             "detector": [manifest.detector.name, manifest.detector.threshold],
             "figures": [manifest.output.cmap, manifest.output.alpha, *_scale_key(manifest)],
@@ -158,9 +159,12 @@ def read_status(output: Path, current_key: str, warnings: list[str]) -> Status |
 
 
 def reuse(
-    status: Status, entry: ImageEntry, key: str, methods: tuple[str, ...], output: Path, staging: Path, warnings: list[str]
+    status: Status, entry: ImageEntry, key: str, methods: tuple[str, ...], output: Path, staging: Path, warnings: list[str],
+    targets: int = 1, object_targets: bool = False,
 ) -> dict[str, Any] | None:
     """Carry an unchanged image's figures into ``staging``; its page record, or None to recompute.
+    ``targets`` is how many class (or label-free) targets the methods that explain one have maps
+    for, ``object_targets`` whether they explain each object too.
 
     A record whose key matches but that does not fit the schema, or whose figures are not regular
     files inside ``output``, is recomputed with one warning in ``warnings``.
@@ -171,7 +175,7 @@ def reuse(
     where = f"{output / STATUS_FILE}: entry {entry.slug!r}"
     try:
         record = Entry.model_validate(cached).record
-        figures = _check_record(record, entry, methods, ModelRun.model_validate(status.model_run))
+        figures = _check_record(record, entry, methods, ModelRun.model_validate(status.model_run), targets, object_targets)
     except ValidationError as err:
         warnings.append(f"{where} does not fit the build cache's schema ({_problem(err)[1:]}); it is recomputed.")
         return None
@@ -250,7 +254,9 @@ def old_file(output: Path, relative: str) -> Path | None:
     return path
 
 
-def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], run: ModelRun) -> dict[str, Any]:
+def _check_record(
+    record: Record, entry: ImageEntry, methods: tuple[str, ...], run: ModelRun, targets: int = 1, object_targets: bool = False
+) -> dict[str, Any]:
     """Check what a schema cannot: names made from this entry's slug, the sections the methods
     make, and array shapes that agree with the model. Returns the figure index the record must
     have (see :func:`figure_index`).
@@ -287,7 +293,8 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
     if r is not None:
         grids.update({"rollout.raw": r.raw, "rollout.rollout": r.rollout})
     grids["content.weights"] = record.content.weights
-    map_names = sorted(m for name in methods for m, _ in METHODS[name].maps)
+    explained = len(record.objects.objects) if object_targets and record.objects is not None else 0
+    map_names = sorted(m for name in methods for m, _ in method_maps(name, targets, explained))
     if sorted(record.content.padding_share) != map_names:
         raise ValueError("content.padding_share does not name the methods' maps")
     depth = len(run.capture.layers)
@@ -314,7 +321,7 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
         raise ValueError("scales.explorer does not name the methods")
     if (record.scales.tokens is None) == ("attention" in methods):
         raise ValueError("scales.tokens does not match the methods")
-    others = [(name, m, figure_key(stem)) for name in methods if name not in shown for m, stem in METHODS[name].maps]
+    others = [(name, m, figure_key(stem)) for name in methods if name not in shown for m, stem in method_maps(name, targets, explained)]
     if sorted(record.maps or {}) != sorted(m for _, m, _ in others):
         raise ValueError("maps do not match the methods")
     for method, map_name, figure in others:
@@ -323,6 +330,10 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
             raise ValueError(f"maps.{map_name} is not what its method makes")
         if (entry_map.target is None) == METHODS[method].targeted:
             raise ValueError(f"maps.{map_name}.target does not match its method")
+        _, object_map, which = map_name.rpartition("/object-")
+        wanted = record.objects.objects[int(which) - 1].label if object_map else None
+        if entry_map.target is not None and (entry_map.target.kind == "object" or wanted) and entry_map.target.object_label != wanted:
+            raise ValueError(f"maps.{map_name}.target is not its object")
         grids[f"maps.{map_name}.grid"] = entry_map.grid
     if record.predictions is not None and not any(METHODS[name].targeted for name in methods):
         raise ValueError("predictions were made without a method that explains a target")
@@ -342,7 +353,9 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
                 raise ValueError(f"objects.{name} does not match the methods")
             if matrix is not None and not _is_shape(matrix, count, count):
                 raise ValueError(f"objects.{name} is not {count}x{count}")
-    figures = figure_index(f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None)
+    figures = figure_index(
+        f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained
+    )
     if record.figures != figures:
         raise ValueError("figures are not the ones made for this image")
     return figures

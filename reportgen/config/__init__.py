@@ -20,6 +20,7 @@ from reportgen.config.bounds import (  # noqa: F401
 from reportgen.config.manifest import ImageEntry, Manifest, ObjectBox, check_overrides, load_manifest  # noqa: F401
 from reportgen.config.messages import SettingsError  # noqa: F401
 from reportgen.config.options import BuildOptions, build_options  # noqa: F401
+from reportgen.config.rules import ClassTargets  # noqa: F401
 from reportgen.config.schema import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings  # noqa: F401
 from reportgen.config.slugs import slugify  # noqa: F401
 from reportgen.methods import DEFAULT_METHODS, HEAD_FUSIONS, METHODS  # noqa: F401

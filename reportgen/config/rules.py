@@ -22,7 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pydantic_core import core_schema
+from pydantic_core import PydanticCustomError, core_schema
 
 from reportgen.config.bounds import MAX_NAME_LENGTH, MAX_PATH_LENGTH
 from reportgen.config.messages import (
@@ -125,24 +125,76 @@ class OneOf(_Rule):
 
 
 @dataclass(frozen=True)
-class ClassChoice(_Rule):
-    """A classifier's class: its index (an integer >= 0, also written as digits) or its name. Whether
-    the model has that class is known only once it is loaded (checked there)."""
+class ClassTargets:
+    """The classes a classifier's gradient maps explain, in each image: the listed ``classes``
+    (indices or names, the same for every image), or else its ``top`` predicted classes.
 
-    most: int = 200
+    Attributes:
+        classes: class indices or names, in the order given; empty for the top predictions.
+        top: how many of each image's top predictions (used when ``classes`` is empty).
+    """
 
-    def check(self, value: Any, base: Path | None) -> int | str:
+    classes: tuple[int | str, ...] = ()
+    top: int = 1
+
+    @property
+    def count(self) -> int:
+        """How many targets each image gets."""
+        return len(self.classes) or self.top
+
+    def plain(self) -> list[int | str] | str:
+        """As a manifest writes it: a list of classes, or ``top-k``."""
+        return list(self.classes) if self.classes else f"top-{self.top}"
+
+
+@dataclass(frozen=True)
+class ClassChoices(_Rule):
+    """:class:`ClassTargets` from one class (its index, an integer >= 0 also written as digits, or
+    its name), a list of them, or ``top-k``. Whether the model has those classes is known only once
+    it is loaded (checked there)."""
+
+    plain = True
+    most: int = 10
+    name_chars: int = 200
+
+    def check(self, value: Any, base: Path | None) -> ClassTargets:
+        if isinstance(value, str) and (top := re.fullmatch(r"\s*top-(\d+)\s*", value)):
+            k = int(top.group(1))
+            if not 1 <= k <= self.most:
+                raise problem(f"top-k takes k from 1 to {self.most}, got {show(value)}")
+            return ClassTargets(top=k)
+        if not isinstance(value, (list, tuple)):
+            return ClassTargets((self._one(value),))
+        if not value:
+            raise problem("the list is empty; name at least one class, or leave the setting out for each image's top-1")
+        if len(value) > self.most:
+            raise problem(f"{len(value)} classes; at most {self.most} (each costs one backward pass per image)")
+        found, classes = [], []
+        for index, item in enumerate(value):
+            try:
+                choice = self._one(item)
+            except PydanticCustomError as err:
+                found.append(((index,), err.context["message"]))
+                continue
+            if choice in classes:
+                found.append(((index,), f"{show(item)} is listed more than once"))
+            classes.append(choice)
+        if found:
+            raise problems(found, value)
+        return ClassTargets(tuple(classes))
+
+    def _one(self, value: Any) -> int | str:
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
             value = int(value)  # the command line gives text: "-1" is the integer it reads as
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 0:
-                raise problem(f"expected a class index (0 or more) or a class name, got {show(value)}")
+                raise problem(f"expected a class index (0 or more), a class name, a list of them or top-k, got {show(value)}")
             return value
         if not isinstance(value, str) or not value.strip():
-            raise problem(f"expected a class index (0 or more) or a class name, got {show(value)}")
+            raise problem(f"expected a class index (0 or more), a class name, a list of them or top-k, got {show(value)}")
         text = value.strip()
-        if len(text) > self.most:
-            raise problem(f"a class name of at most {self.most} characters, got {len(text)}")
+        if len(text) > self.name_chars:
+            raise problem(f"a class name of at most {self.name_chars} characters, got {len(text)}")
         return text
 
 

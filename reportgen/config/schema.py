@@ -33,7 +33,8 @@ from reportgen.config.messages import file_stem_id, image_id, problem, problems,
 from reportgen.config.rules import (
     HF_PREFIX,
     Box,
-    ClassChoice,
+    ClassChoices,
+    ClassTargets,
     Colormap,
     Count,
     File,
@@ -131,15 +132,25 @@ class AttentionSettings(_Section):
         rollout_start_layer: the first layer rollout multiplies (1-based; the layers before it
             count as the identity); 1 = all layers. At most the model's depth, which is known only
             once the model is loaded (checked there).
-        target_class: the class the gradient methods explain, by index or name, instead of each
-            image's top-1 prediction; None for the top-1. Whether the model has it (and a
-            classifier head at all) is known only once it is loaded (checked there).
+        target_classes: the classes the gradient methods explain in each image: one or several
+            classes by index or name, or each image's top k predictions (``top-k``); None for
+            each image's top-1. Whether the model has them (and a classifier head at all) is known
+            only once it is loaded (checked there).
+        object_targets: the gradient methods also explain, in each image with objects, each
+            object: the cosine similarity of the image's embedding with the object's (one more
+            backward pass and one more map per object and method).
     """
 
     head_fusion: Annotated[str, OneOf(HEAD_FUSIONS)] = "mean"
     discard_ratio: Annotated[float, Number(ge=0, lt=1)] = 0.0
     rollout_start_layer: Annotated[int, Count()] = 1
-    target_class: Annotated[int | str, ClassChoice()] | None = None
+    target_classes: Annotated[ClassTargets, ClassChoices()] | None = None
+    object_targets: Annotated[bool, Flag()] = False
+
+    @property
+    def target_count(self) -> int:
+        """How many targets the methods that explain one have maps for, in each image."""
+        return self.target_classes.count if self.target_classes is not None else 1
 
 
 @dataclass(frozen=True, config=_CONFIG)

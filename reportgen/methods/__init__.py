@@ -112,6 +112,22 @@ def figure_key(stem: str) -> str:
     return stem.replace("-", "_")
 
 
+def method_maps(name: str, targets: int = 1, objects: int = 0) -> list[tuple[str, str]]:
+    """``(map name, figure stem)`` of every map method ``name`` draws when it explains ``targets``
+    class (or label-free) targets and ``objects`` object targets per image: its spec's maps for
+    the first target, then, for a targeted method, each of them again for target ``k`` = 2, 3, ...
+    as ``{map}/target-k`` (figure ``{stem}-t{k}``) and for object ``j`` = 1, 2, ... as
+    ``{map}/object-j`` (figure ``{stem}-o{j}``)."""
+    spec = METHODS[name]
+    if not spec.targeted:
+        return list(spec.maps)
+    return [
+        *spec.maps,
+        *((f"{m}/target-{k}", f"{stem}-t{k}") for k in range(2, targets + 1) for m, stem in spec.maps),
+        *((f"{m}/object-{j}", f"{stem}-o{j}") for j in range(1, objects + 1) for m, stem in spec.maps),
+    ]
+
+
 def sectioned_methods(names) -> set[str]:
     """Of the methods ``names``, those whose maps an experiment section of the page shows:
     ``attention`` (experiment 1) and ``rollout`` next to ``attention`` (experiment 2). Every other

@@ -55,11 +55,13 @@ class Target:
     """The scalar a gradient method explains, for one image.
 
     Attributes:
-        kind: ``class`` (a classifier's logit) or ``label-free`` (a headless model's embedding).
+        kind: ``class`` (a classifier's logit), ``label-free`` (a headless model's embedding) or
+            ``object`` (the image embedding's cosine similarity with an object's).
         description: what it is, in words ("the logit of class 281, tabby, tabby cat, ...").
         score: its value for this image.
         class_index: the class whose logit it is (``class`` only).
         class_name: that class's name, None when the model has none.
+        object_label: the object's label (``object`` only).
     """
 
     kind: str
@@ -67,6 +69,7 @@ class Target:
     score: float
     class_index: int | None = None
     class_name: str | None = None
+    object_label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,12 @@ class ForwardPass:
             attention per head (each sums to 1 over all tokens), or None when no method needs them.
         kept: per method name, what its :class:`LayerReducer` or :class:`GradientReducer` kept
             for this image.
-        target: what the gradients are of (None when no method needs ``GRADIENTS``).
+        target: what the gradients are of (None when no method needs ``GRADIENTS``): the image's
+            first target.
         predictions: a classifier's top-5 predictions (None for a headless model, or when no
             method needs ``TARGET``).
+        other_targets: the image's further targets (``attention.target_classes``), each with
+            what the gradient methods' reducers kept for it (as ``kept``).
     """
 
     tokens: torch.Tensor
@@ -141,6 +147,7 @@ class ForwardPass:
     kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     target: Target | None = None
     predictions: tuple[Prediction, ...] | None = None
+    other_targets: tuple[tuple[Target, dict[str, dict[str, torch.Tensor]]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,9 @@ class MethodMaps:
         prefix: per map name, float64 ``[num_prefix_tokens]``: the map's values on the prefix
             tokens, for maps that are rows over all tokens (attention, rollout); absent otherwise.
         target: what the maps explain (methods that need ``TARGET``), else None.
+        targets: per map name, what it explains, when the maps explain several targets (see
+            :func:`~reportgen.methods.method_maps`); empty otherwise (then every map explains
+            ``target``).
     """
 
     maps: dict[str, np.ndarray]
@@ -163,6 +173,11 @@ class MethodMaps:
     provenance: str
     prefix: dict[str, np.ndarray] = field(default_factory=dict)
     target: Target | None = None
+    targets: dict[str, Target] = field(default_factory=dict)
+
+    def target_of(self, map_name: str) -> Target | None:
+        """What the map ``map_name`` explains (None for a method that explains no target)."""
+        return self.targets.get(map_name, self.target)
 
 
 class LayerReducer(Protocol):

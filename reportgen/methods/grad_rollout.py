@@ -39,7 +39,7 @@ class GradRolloutMethod:
         assert forward.target is not None, "grad-rollout needs a target"
         discard = f", lowest {self.discard_ratio:g} of each layer discarded" if self.discard_ratio else ""
         provenance = (
-            f"gradient attention rollout of {forward.target.description}, row of {layout.query.name}: "
+            f"gradient attention rollout of the map's target, row of {layout.query.name}: "
             f"per layer the head mean of (A ⊙ ∂target/∂A) clamped at 0{discard}, (a + I)/2 with rows "
             "renormalised, multiplied through all layers"
         )

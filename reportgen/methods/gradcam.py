@@ -55,7 +55,7 @@ class GradCamMethod:
         count = layout.num_prefix_tokens
         left_out = f", the {count} prefix token{'s' if count > 1 else ''} left out" if count else ""
         provenance = (
-            f"Grad-CAM (Selvaraju et al. 2017) of {forward.target.description} on the tokens T the last "
+            f"Grad-CAM (Selvaraju et al. 2017) of the map's target on the tokens T the last "
             "block's attention reads (its norm1 output): channel weights the mean over the patch tokens of ∂target/∂T, map ReLU(Σ_c w_c T_c) "
             f"per patch{left_out}"
         )

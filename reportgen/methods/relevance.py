@@ -77,7 +77,7 @@ class RelevanceMethod:
     def maps(self, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
         assert forward.target is not None, "relevance needs a target"
         provenance = (
-            f"generic attention relevance (Chefer, Gur & Wolf 2021) of {forward.target.description}, "
+            f"generic attention relevance (Chefer, Gur & Wolf 2021) of the map's target, "
             f"row of {layout.query.name}: R = I, then R + Ā·R per block in forward order, Ā the head mean "
             "of (∂target/∂A ⊙ A) clamped at 0 per head; not row-normalised"
         )

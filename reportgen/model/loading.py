@@ -69,6 +69,24 @@ class LoadedModel:
         if self.adapter is None:
             object.__setattr__(self, "adapter", adapter_for(self.model))
 
+    @classmethod
+    def from_adapter(cls, adapter: ModelAdapter, device: torch.device, **about) -> LoadedModel:
+        """The loaded model whose token layout and geometry come from ``adapter``; ``about`` gives
+        ``name``, ``architecture``, ``source``, ``weights_file``, ``weights_sha256`` and
+        ``data_config`` (whose ``input_size`` is set to the adapter's)."""
+        data_config = {**about.pop("data_config"), "input_size": (3, *adapter.input_size)}
+        return cls(
+            model=adapter.module,
+            num_prefix_tokens=adapter.num_prefix_tokens,
+            class_token=adapter.class_token,
+            grid=adapter.grid,
+            patch_size=adapter.patch_size,
+            device=device,
+            adapter=adapter,
+            data_config=data_config,
+            **about,
+        )
+
     @property
     def layout(self) -> TokenLayout:
         """The token layout, and with it the query every map is read for."""
@@ -148,19 +166,9 @@ def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
             f"Use an input size of at least {max(patch_size)}, or leave it unset for the model's own."
         )
     # The pretrained config still names the size the weights were trained at; the model knows the
-    # size it was built for (e.g. --input-size).
-    loaded["data_config"] = {**loaded["data_config"], "input_size": (3, *adapter.input_size)}
-    return LoadedModel(
-        model=model,
-        name=loaded.pop("name", settings.name),
-        num_prefix_tokens=adapter.num_prefix_tokens,
-        class_token=adapter.class_token,
-        grid=grid,
-        patch_size=patch_size,
-        device=target,
-        adapter=adapter,
-        **loaded,
-    )
+    # size it was built for (e.g. --input-size), and from_adapter takes that. A transformers
+    # model's loader names it (the folder's name, not its path).
+    return LoadedModel.from_adapter(adapter, target, name=loaded.pop("name", settings.name), **loaded)
 
 
 def _load_timm(settings: ModelSettings) -> tuple[torch.nn.Module, dict]:

@@ -1,7 +1,8 @@
 """What a gradient method explains: one scalar per image, computed on the autograd graph.
 
-- A model with a classifier head (``num_classes > 0``): the logit of its top-1 predicted class, or
-  of one class chosen for every image (:meth:`Targets.resolve` finds it by index or name).
+- A model with a classifier head (``num_classes > 0``): the logit of each of its top-k predicted
+  classes (top-1 by default), or of classes chosen for every image (:meth:`Targets.resolve` finds
+  them by index or name); one target, and so one set of maps, per class.
   Class names come from the model's adapter (for timm models, timm's ``ImageNetInfo`` for the
   ImageNet label sets timm recognises by the number of classes, 1000 for ImageNet-1k); otherwise
   a class is named by its index.
@@ -9,15 +10,22 @@
   (ICML 2022, "Label-Free Explainability for Unsupervised Models"), the inner product of the
   pooled image embedding with a detached copy of itself, whose gradient says which inputs make up
   the representation.
+- An object (``attention.object_targets``, any model): the cosine similarity of the pooled image
+  embedding with the object's embedding of experiment 3 (the final patch tokens averaged with the
+  box's patch coverage as weights), held fixed: which patches make the image look like the object.
 
-Each image's target depends on that image alone, so the sum over a batch has, for each image, the
-gradient of its own target.
+Each image's target depends on that image alone, so the sum over a batch of target ``k`` has, for
+each image, the gradient of its own ``k``-th target.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
+from reportgen.errors import CaptureError
 from reportgen.methods.base import Prediction, Target
 from reportgen.model.adapters import ModelAdapter, adapter_for
 
@@ -29,23 +37,37 @@ LABEL_FREE = (
 )
 
 
+OBJECT = (
+    "the cosine similarity of the pooled image embedding with the embedding of the object {label!r} "
+    "(its final patch tokens averaged with the box's patch coverage as weights, held fixed)"
+)
+
+
 class Targets:
     """The targets of a model's images.
 
     Args:
         model: the model's adapter (a timm model is wrapped in its
             :class:`~reportgen.model.adapters.TimmAdapter`).
-        chosen: the class every image's target is the logit of (from :meth:`resolve`); None for
-            each image's top-1 class.
+        chosen: the classes every image's targets are the logits of (indices from
+            :meth:`resolve`), in order; empty for each image's ``top`` predicted classes.
+        top: how many of each image's top predicted classes to explain, without ``chosen``.
     """
 
-    def __init__(self, model: ModelAdapter | torch.nn.Module, chosen: int | None = None):
+    def __init__(self, model: ModelAdapter | torch.nn.Module, chosen: tuple[int, ...] = (), top: int = 1):
         self.adapter = adapter_for(model)
         self.num_classes = self.adapter.num_classes
         self.classifier = self.num_classes > 0
         self._names = self.adapter.class_names() if self.classifier else None
-        assert chosen is None or 0 <= chosen < self.num_classes, chosen
-        self.chosen = chosen
+        assert all(0 <= c < self.num_classes for c in chosen), chosen
+        assert chosen or 1 <= top <= max(self.num_classes, 1), top
+        self.chosen = tuple(chosen)
+        self.top = top
+
+    @property
+    def count(self) -> int:
+        """How many targets each image has."""
+        return len(self.chosen) or (self.top if self.classifier else 1)
 
     def resolve(self, choice: int | str) -> int:
         """The index of the class ``choice`` (an index, or a name: the class's full name or one of
@@ -85,27 +107,72 @@ class Targets:
         """The name of class ``index``, or None when the model's classes have none."""
         return self._names(index) if self._names is not None else None
 
-    def scores(self, features: torch.Tensor) -> tuple[torch.Tensor, list[Target], list[tuple[Prediction, ...]] | None]:
-        """From ``[B, N, C]`` final tokens on the graph: ``[B]`` target values (on the graph),
-        each image's :class:`Target` and, for a classifier, its top predictions."""
+    def scores(
+        self, features: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[Target, ...]], list[tuple[Prediction, ...]] | None]:
+        """From ``[B, N, C]`` final tokens on the graph: ``[B, K]`` target values (on the graph;
+        K = :attr:`count`), each image's K :class:`Target` and, for a classifier, its top predictions."""
         if not self.classifier:
             embedding = self.adapter.forward_head(features, pre_logits=True)
             score = (embedding * embedding.detach()).sum(dim=-1)
-            return score, [Target("label-free", LABEL_FREE, float(s)) for s in score.detach().cpu()], None
+            return score[:, None], [(Target("label-free", LABEL_FREE, float(s)),) for s in score.detach().cpu()], None
         logits = self.adapter.forward_head(features)
-        top1 = logits.detach().argmax(dim=-1)
-        explained = top1 if self.chosen is None else torch.full_like(top1, self.chosen)
-        score = logits.gather(1, explained[:, None])[:, 0]
-        values = score.detach().cpu()
+        if self.chosen:
+            explained = torch.tensor(self.chosen, device=logits.device).expand(logits.shape[0], -1)
+        else:
+            # Ties in the top k are broken by index, so a batch and single images agree.
+            explained = logits.detach().float().cpu().topk(self.top, dim=-1, sorted=True).indices.to(logits.device)
+        score = logits.gather(1, explained)  # [B, K]
+        values = score.detach().float().cpu()
         probs = logits.detach().float().softmax(dim=-1).cpu()
         best = probs.topk(min(TOP_PREDICTIONS, probs.shape[-1]), dim=-1)
         targets, predictions = [], []
-        for b, index in enumerate(explained.tolist()):
-            name = self.name(index)
-            named = f"class {index} ({name})" if name else f"class {index}"
-            why = "the top-1 prediction" if self.chosen is None else "the class chosen (attention.target_class)"
-            targets.append(Target("class", f"the logit of {named}, {why}", float(values[b]), index, name))
+        for b, indices in enumerate(explained.tolist()):
+            targets.append(tuple(
+                Target("class", f"the logit of {self._named(index)}, {self._why(k)}", float(values[b, k]), index, self.name(index))
+                for k, index in enumerate(indices)
+            ))
             predictions.append(
                 tuple(Prediction(int(i), self.name(int(i)), float(p)) for p, i in zip(best.values[b], best.indices[b]))
             )
         return score, targets, predictions
+
+    def object_scores(
+        self, features: torch.Tensor, objects: Sequence[Sequence[tuple[str, np.ndarray]]], num_prefix_tokens: int
+    ) -> tuple[torch.Tensor, list[tuple[Target, ...]]]:
+        """From ``[B, N, C]`` final tokens on the graph and, per image, its objects' ``(label,
+        [rows, cols] patch coverage)``: ``[B, J]`` cosine similarities on the graph (J the most
+        objects of an image; 0, with no gradient, past an image's last object) and each image's
+        object :class:`Target` s."""
+        embedding = self.adapter.forward_head(features, pre_logits=True)  # [B, D]
+        patches = features[:, num_prefix_tokens:].detach()  # [B, P, C]: the objects are held fixed
+        if embedding.shape[-1] != patches.shape[-1]:
+            raise CaptureError(
+                f"object targets compare the image embedding with token averages, but the model's embedding has "
+                f"{embedding.shape[-1]} features and its tokens {patches.shape[-1]}"
+            )
+        count = max((len(image) for image in objects), default=0)
+        weights = torch.zeros(len(objects), count, patches.shape[1], dtype=patches.dtype)
+        for b, image in enumerate(objects):
+            for j, (_label, coverage) in enumerate(image):
+                weights[b, j] = torch.from_numpy(np.ravel(coverage) / np.sum(coverage))
+        pooled = weights.to(patches.device) @ patches  # [B, J, C]
+        score = torch.nn.functional.cosine_similarity(embedding[:, None, :], pooled, dim=-1)  # [B, J]
+        values = score.detach().float().cpu()
+        targets = [
+            tuple(Target("object", OBJECT.format(label=label), float(values[b, j]), object_label=label)
+                  for j, (label, _coverage) in enumerate(image))
+            for b, image in enumerate(objects)
+        ]
+        return score, targets
+
+    def _named(self, index: int) -> str:
+        name = self.name(index)
+        return f"class {index} ({name})" if name else f"class {index}"
+
+    def _why(self, k: int) -> str:
+        """Why the ``k``-th target (from 0) was explained, in words."""
+        if self.chosen:
+            return "a class chosen (attention.target_classes)"
+        return "the top-1 prediction" if k == 0 else f"the top-{k + 1} prediction"
+

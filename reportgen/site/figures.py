@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from reportgen import outdir
-from reportgen.methods import METHODS, figure_key
+from reportgen.methods import METHODS, figure_key, method_maps
 from reportgen.site.scales import ScaleSetting, result_scales, tile_tops, to_unit
 
 # Figures are built with matplotlib's object API (Figure, not pyplot), so no backend is switched
@@ -327,7 +327,10 @@ def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.
         canvas.draw(labels, panels, path)
 
 
-def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False) -> dict:
+def figure_index(
+    prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False, targets: int = 1,
+    object_targets: int = 0,
+) -> dict:
     """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
     the explorer sprite's layout. The only place figure file names are made (the build cache
     checks a reused record against it).
@@ -338,6 +341,8 @@ def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int,
         layers / heads: layers and heads of the model.
         objects: how many objects the image has (boxes from 1, similarity heat maps from 2).
         norms: the explorer ends with a column of token norms per layer.
+        targets: how many class (or label-free) targets the methods that explain one have maps for.
+        object_targets: how many objects they have maps for.
     """
     figures: dict = {
         "original": f"{prefix}/original.jpg",
@@ -347,7 +352,7 @@ def figure_index(prefix: str, methods: tuple[str, ...], layers: int, heads: int,
     columns, explorer = 0, {"mean_column": None, "rollout_column": None}
     for name in methods:
         spec = METHODS[name]
-        for _map, stem in spec.maps:
+        for _map, stem in method_maps(name, targets, object_targets):
             figures[figure_key(stem)] = f"{prefix}/{stem}.jpg"
         if spec.explorer == "heads+mean":
             columns += int(heads)
@@ -407,7 +412,10 @@ def write_image_figures(
     objects = result.objects.objects if result.objects is not None else []
     stack = np.concatenate([output.layers for output in outputs.values()], axis=1)
     norms = result.norms.patches[:, None] if result.norms is not None else None  # [L, 1, rows, cols]
-    figures = figure_index(prefix, tuple(outputs), stack.shape[0], heads, len(objects), norms is not None)
+    figures = figure_index(
+        prefix, tuple(outputs), stack.shape[0], heads, len(objects), norms is not None, result.target_count,
+        result.object_target_count,
+    )
 
     def out(name: str) -> BinaryIO:
         return outdir.open_new(root, figures[name] if name != "explorer" else figures[name]["sprite"])
@@ -422,7 +430,7 @@ def write_image_figures(
     with out("input") as file:
         save_jpeg(result.view, file)
     for name, output in outputs.items():
-        for map_name, stem in METHODS[name].maps:
+        for map_name, stem in method_maps(name, result.target_count, result.object_target_count):
             with out(figure_key(stem)) as file:
                 write_overlay(result.view, output.maps[map_name], cmap, alpha, file, content_box, scales.maps[map_name].top)
     if result.attention is not None:

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, METHODS, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, sectioned_methods
+from reportgen.methods import (
+    DOMINANT_RATIO, DOMINANT_SHARE, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, method_maps, sectioned_methods,
+)
 from reportgen.site.scales import Scale, ScaleSetting, result_scales
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
@@ -168,7 +170,7 @@ def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
     for name, output in result.methods.items():
         if name in shown:
             continue
-        for map_name, stem in METHODS[name].maps:
+        for map_name, stem in method_maps(name, result.target_count, result.object_target_count):
             maps[map_name] = {
                 "method": name,
                 "provenance": output.provenance,
@@ -177,7 +179,7 @@ def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
                 "figure": figure_key(stem),
             }
             if output.target is not None:
-                maps[map_name]["target"] = plain(output.target)  # {kind, description, score, class_index, class_name}
+                maps[map_name]["target"] = plain(output.target_of(map_name))  # {kind, description, score, class_index, class_name}
     return maps
 
 
@@ -277,8 +279,10 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "head_fusion": manifest.attention.head_fusion,
             "discard_ratio": manifest.attention.discard_ratio,
             "rollout_start_layer": manifest.attention.rollout_start_layer,
-            # As written (index or name); each map's target gives the index and name it resolved to.
-            **({"target_class": manifest.attention.target_class} if manifest.attention.target_class is not None else {}),
+            # As written (indices or names, or top-k); each map's target gives the index and name it resolved to.
+            **({"target_classes": manifest.attention.target_classes.plain()}
+               if manifest.attention.target_classes is not None else {}),
+            **({"object_targets": True} if manifest.attention.object_targets else {}),
             "detector": manifest.detector.name,
             "detector_threshold": manifest.detector.threshold,
             "cmap": manifest.output.cmap,
