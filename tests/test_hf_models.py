@@ -323,6 +323,23 @@ def test_every_map_method_runs_on_each_family(saved, key):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
 
 
+@pytest.mark.parametrize("key", FAMILIES)
+def test_object_targets_run_where_the_embedding_is_a_token(saved, key):
+    loaded = load_model(ModelSettings(name=str(saved[key])), device="cpu")
+    coverage = np.zeros((4, 4))
+    coverage[:2, :2] = 1.0
+    runner = ModelRunner(loaded, create_methods(("gradcam",), AttentionSettings()))
+    if key == "dinov2-registers":
+        # Its head reads the class token and the patch mean side by side: twice a token's width.
+        with pytest.raises(CaptureError, match="embedding has 64 features and its tokens 32"):
+            runner.run(_pixels(7, batch=1), objects=[[("box", coverage)]])
+        return
+    (forward,) = runner.run(_pixels(7, batch=1), objects=[[("box", coverage)]])
+    (target, kept), = forward.other_targets[-1:]
+    assert target.kind == "object" and target.object_label == "box" and -1 <= target.score <= 1
+    assert all(np.isfinite(v.numpy()).all() for arrays in kept.values() for v in arrays.values())
+
+
 def test_random_weights_are_reproducible_and_leave_the_global_rng_alone(saved):
     rng = torch.get_rng_state()
     a, _, info = load_hf_model(ModelSettings(name=str(saved["dinov2"]), pretrained=False))
@@ -338,7 +355,7 @@ def test_classifier_targets_are_named_from_id2label(saved):
     assert targets.num_classes == 3 and targets.name(1) == "golden retriever"
     assert targets.resolve("Golden Retriever") == 1 and targets.resolve(2) == 2
     methods = create_methods(("gradcam",), AttentionSettings())
-    (forward,) = ModelRunner(loaded, methods, target_class=2).run(_pixels(6, batch=1))
+    (forward,) = ModelRunner(loaded, methods, chosen=(2,)).run(_pixels(6, batch=1))
     assert forward.target.class_index == 2 and forward.target.class_name == "goldfinch"
     assert "class 2 (goldfinch)" in forward.target.description
     assert {p.name for p in forward.predictions} <= set(LABELS.values())
