@@ -107,12 +107,14 @@ class Explainer:
     """Explains images with a Vision Transformer.
 
     Args:
-        model: a timm model name, or ``imgfocus-vits14`` for the offline model.
+        model: a timm model name, ``imgfocus-vits14`` for the offline model, ``hf:ORG/NAME`` for a
+            transformers model on the Hugging Face hub, or the path of a folder written by
+            ``save_pretrained`` (with the model's image processor).
         methods: map methods to run (names from ``reportgen.methods.METHODS``), or ``"all"``.
-        weights: a local weights file.
+        weights: a local weights file (timm models).
         input_size: square input size (default: the model's).
         pretrained: False builds the model with random weights.
-        options: extra keyword arguments for ``timm.create_model``.
+        options: extra keyword arguments for ``timm.create_model`` (timm models).
         head_fusion / discard_ratio / rollout_start_layer: rollout settings.
         target_classes: the classes the gradient methods explain, as the manifest's
             ``attention.target_classes``: a class index or name, a list of them, or ``"top-k"``;

@@ -28,6 +28,7 @@ from reportgen import outdir
 from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, reuse_file, settings_key
 from reportgen.config import BuildOptions, ImageEntry, Manifest
 from reportgen.errors import ImageError, OutputError, ReportgenError
+from reportgen.model.sources import folder_of
 from reportgen.site.figures import FIGURE_VERSION, layer_entropy_figure, save_figure, write_colourbar
 from reportgen.site.pages import write_site
 from reportgen.site.records import failure_record, image_record, model_run_record, run_record
@@ -264,6 +265,8 @@ def check_replaceable(output: Path, manifest: Manifest) -> None:
     inputs = [manifest.path, *(entry.path for entry in manifest.images)]
     if manifest.model.weights is not None:
         inputs.append(manifest.model.weights)
+    if folder_of(manifest.model.name) is not None:
+        inputs.append(folder_of(manifest.model.name))
     for path in (Path(p).resolve() for p in inputs):
         if path == output or output in path.parents:
             raise ReportgenError(

@@ -97,7 +97,8 @@ def main() -> None:
 @click.argument("manifest", type=click.Path(path_type=Path))  # load_manifest says what is wrong with it
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Site folder to write (default: the manifest's output.dir, else ./site).")
-@click.option("--model", default=None, help="timm ViT name, or imgfocus-vits14 for the offline model.")
+@click.option("--model", default=None, help="timm ViT name, imgfocus-vits14 for the offline model, hf:ORG/NAME for a transformers "
+              "model on the Hugging Face hub, or the path of a folder written by save_pretrained.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Local weights file (safetensors or torch state dict) for --model's architecture.")
 @click.option("--input-size", type=int, default=None, help="Square input size in pixels.")

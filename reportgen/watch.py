@@ -1,4 +1,4 @@
-"""Watching a build's inputs: the manifest, its images, a local weights file and the templates.
+"""Watching a build's inputs: the manifest, its images, a local weights file or model folder and the templates.
 
 ``reportgen build --watch`` rebuilds whenever one of them changes, in the same process, so the
 model stays loaded and torch stays imported: a rebuild after one image changed costs that image's
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from reportgen.config import Manifest
+from reportgen.model.sources import folder_of, weight_files
 from reportgen.site.pages import template_dir
 
 Snapshot = dict[Path, tuple[int, int] | None]
@@ -22,12 +23,15 @@ Snapshot = dict[Path, tuple[int, int] | None]
 
 def watched_paths(manifest_path: Path, manifest: Manifest | None) -> list[Path]:
     """The files a build reads: the manifest, and (when it could be read) its images and local
-    weights file; the templates and stylesheet always."""
+    weights file or transformers model folder; the templates and stylesheet always."""
     paths = [manifest_path]
     if manifest is not None:
         paths += [entry.path for entry in manifest.images]
         if manifest.model.weights is not None:
             paths.append(manifest.model.weights)
+        folder = folder_of(manifest.model.name)
+        if folder is not None:  # a transformers model's folder: its config, processor and weights
+            paths += weight_files(folder)
     paths += sorted(p for p in template_dir().iterdir() if p.is_file())
     return paths
 

@@ -274,6 +274,58 @@ class Folder(_Rule):
         return resolved
 
 
+#: Prefix of a Hugging Face transformers model: ``hf:ORG/NAME`` on the hub, or ``hf:PATH``.
+HF_PREFIX = "hf:"
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def looks_like_folder(written: str) -> bool:
+    """Whether a model name is written as a path (timm names and hub ids never start with ``.``,
+    ``/`` or ``~``, and timm names hold no ``/``)."""
+    return written.startswith((".", "/", "~")) or "\\" in written
+
+
+@dataclass(frozen=True)
+class ModelName(_Rule):
+    """A model: a timm name, ``hf:ORG/NAME`` (a transformers model on the Hugging Face hub), or a
+    local folder written by transformers' ``save_pretrained`` (a path with a ``/``, or ``hf:PATH``).
+
+    A folder must hold a ``config.json``; it is resolved against the manifest's folder (or the
+    current folder) and returned as an absolute path, so the name says which files are read.
+    """
+
+    def check(self, value: Any, base: Path | None) -> str:
+        found = text_problem(value, MAX_PATH_LENGTH, allow_empty=False)
+        if found:
+            raise problem(found)
+        rest = value[len(HF_PREFIX):] if value.startswith(HF_PREFIX) else None
+        if rest is not None and not looks_like_folder(rest):
+            if len(rest) > MAX_NAME_LENGTH or not _HUB_ID.fullmatch(rest) or ".." in rest or "--" in rest:
+                raise problem(
+                    f"expected a Hugging Face hub model after {HF_PREFIX!r} (ORG/NAME, e.g. hf:google/vit-base-patch16-224) "
+                    f"or the path of a local folder (hf:./my-model), got {show(value)}"
+                )
+            return value
+        written = rest if rest is not None else value
+        if rest is None and "/" not in written and not looks_like_folder(written):
+            if len(value) > MAX_NAME_LENGTH:
+                raise problem(text_problem(value, MAX_NAME_LENGTH) or f"at most {MAX_NAME_LENGTH} characters")
+            return value  # a timm name (or the offline model), checked when it is built
+        folder = _resolve(written, base if base is not None else Path.cwd())
+        if not folder.is_dir():
+            what = "does not exist" if not folder.exists() else "is not a folder"
+            raise problem(
+                f"{show(written)} (resolved to {folder}) {what}; a model given as a path must be a folder "
+                "written by transformers' save_pretrained (for a hub model write hf:ORG/NAME)"
+            )
+        if not (folder / "config.json").is_file():
+            raise problem(
+                f"{show(written)} (resolved to {folder}) has no config.json, so it is not a folder "
+                "written by transformers' save_pretrained"
+            )
+        return str(folder)
+
+
 @dataclass(frozen=True)
 class Items(_Rule):
     """A list (``shape`` says of what); ``empty``, if given, is the problem with an empty one;

@@ -29,8 +29,9 @@ from reportgen.config.bounds import (
     MAX_TITLE_LENGTH,
     SCALE_KINDS,
 )
-from reportgen.config.messages import file_stem_id, image_id, problem, show, with_problems
+from reportgen.config.messages import file_stem_id, image_id, problem, problems, show, with_problems
 from reportgen.config.rules import (
+    HF_PREFIX,
     Box,
     ClassChoices,
     ClassTargets,
@@ -40,11 +41,13 @@ from reportgen.config.rules import (
     Flag,
     Folder,
     Items,
+    ModelName,
     Names,
     Number,
     OneOf,
     Options,
     Text,
+    looks_like_folder,
 )
 from reportgen.methods import DEFAULT_METHODS, HEAD_FUSIONS, METHODS
 
@@ -78,25 +81,44 @@ class ModelSettings(_Section):
     """Which Vision Transformer to run.
 
     Attributes:
-        name: a timm model name, or "imgfocus-vits14" for the offline model.
-        weights: local weights file (safetensors or torch state dict), or None.
+        name: a timm model name, "imgfocus-vits14" for the offline model, ``hf:ORG/NAME`` for a
+            transformers model on the Hugging Face hub, or the absolute path of a local folder
+            written by transformers' ``save_pretrained`` (see :class:`~reportgen.config.rules.ModelName`).
+        weights: local weights file (safetensors or torch state dict) for a timm model, or None.
         input_size: square input size in pixels, at most :data:`MAX_INPUT_SIZE`; None for the
             model's default.
         pretrained: False builds the model with random weights (tests, timing).
         options: extra keyword arguments for ``timm.create_model`` (read-only mapping); none that
-            names a weights file (see :class:`~reportgen.config.rules.Options`).
+            names a weights file (see :class:`~reportgen.config.rules.Options`). Only for timm models.
 
     Raises:
         pydantic.ValidationError: a field has an impossible value (a ``ValueError``).
     """
 
-    name: Annotated[str, Text(MAX_NAME_LENGTH, empty=False)] = "vit_base_patch16_224"
+    name: Annotated[str, ModelName()] = "vit_base_patch16_224"
     weights: Annotated[Path, File("weights file")] | None = None
     input_size: Annotated[int, Count(most=MAX_INPUT_SIZE)] | None = None
     pretrained: Annotated[bool, Flag()] = True
     # hash=False: a mapping is not hashable, and the settings should still be.
     options: Annotated[Mapping[str, Any], Options()] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}), hash=False)
+
+    @property
+    def transformers(self) -> bool:
+        """Whether the model comes from Hugging Face transformers (hub name or local folder)."""
+        return self.name.startswith(HF_PREFIX) or looks_like_folder(self.name)
+
+    @model_validator(mode="after")
+    def _timm_only(self):
+        found = []
+        if self.transformers and self.weights is not None:
+            found.append((("weights",), "a transformers model's weights come from its folder or hub repository; "
+                          "leave model.weights (--weights) out, or give the folder as model.name"))
+        if self.transformers and self.options:
+            found.append((("options",), "options are timm.create_model arguments; a transformers model takes none"))
+        if found:
+            raise problems(found, self)
+        return self
 
 
 @dataclass(frozen=True, config=_CONFIG)

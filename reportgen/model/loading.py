@@ -20,6 +20,7 @@ from reportgen.errors import CaptureError, ModelLoadError
 from reportgen.hashing import file_sha256
 from reportgen.methods.base import TokenLayout
 from reportgen.model.adapters import ModelAdapter, TimmAdapter, adapter_for
+from reportgen.model.hf import load_hf
 from reportgen.model.hub import cached_file, hub_offline, probe_hub, summarise_error
 from reportgen.model.imgfocus import IMGFOCUS_NAME, load_imgfocus_model
 
@@ -32,12 +33,14 @@ class LoadedModel:
 
     Attributes:
         model: the model, in eval mode, on ``device``.
-        name: the name the user gave (timm name or ``imgfocus-vits14``).
-        architecture: the timm architecture actually built.
+        name: the name the user gave (timm name, ``imgfocus-vits14``, ``hf:ORG/NAME``), or the
+            name of the local folder a transformers model was read from.
+        architecture: the timm architecture or transformers class actually built.
         source: where the weights came from, in words, for the report.
         weights_file: the local weights file, if any.
         weights_sha256: sha256 of that file (or of the converted source file), if any.
-        data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
+        data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode);
+            for a transformers model, converted from its image processor.
         num_prefix_tokens: CLS + distillation + register tokens before the patch tokens.
         grid: patch grid as (rows, cols).
         patch_size: patch size as (h, w) pixels.
@@ -147,10 +150,13 @@ def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
             weights_sha256=sha,
             data_config=data_config,
         )
+    elif settings.transformers:
+        model, adapter, loaded = load_hf(settings)
     else:
         model, loaded = _load_timm(settings)
     model = model.eval().to(target)
-    adapter = _timm_adapter(model, settings.name)
+    if not settings.transformers:
+        adapter = _timm_adapter(model, settings.name)
     patch_size, grid = adapter.patch_size, adapter.grid
     if min(grid) < 1:
         built = adapter.input_size
@@ -160,8 +166,9 @@ def load_model(settings: ModelSettings, device: str = "auto") -> LoadedModel:
             f"Use an input size of at least {max(patch_size)}, or leave it unset for the model's own."
         )
     # The pretrained config still names the size the weights were trained at; the model knows the
-    # size it was built for (e.g. --input-size), and from_adapter takes that.
-    return LoadedModel.from_adapter(adapter, target, name=settings.name, **loaded)
+    # size it was built for (e.g. --input-size), and from_adapter takes that. A transformers
+    # model's loader names it (the folder's name, not its path).
+    return LoadedModel.from_adapter(adapter, target, name=loaded.pop("name", settings.name), **loaded)
 
 
 def _load_timm(settings: ModelSettings) -> tuple[torch.nn.Module, dict]:

@@ -94,7 +94,10 @@ class Targets:
             or wanted in (synonym.strip().casefold() for synonym in self.name(index).split(","))
         ]
         if not found:
-            raise ValueError("no class of the model has that name; give its index, or a name as timm's ImageNetInfo spells it")
+            raise ValueError(
+                "no class of the model has that name; give its index, or a name as the model's classes spell it "
+                "(timm's ImageNetInfo for ImageNet classifiers, config.id2label for transformers models)"
+            )
         if len(found) > 1:
             named = "; ".join(f"{index} ({self.name(index)})" for index in found)
             raise ValueError(f"the name fits {len(found)} classes, {named}; give the index")
