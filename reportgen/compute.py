@@ -33,7 +33,7 @@ from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel, load_model
 from reportgen.model.runner import ModelRunner
 from reportgen.model.sources import model_identity
-from reportgen.model.targets import Targets
+from reportgen.model.targets import NO_HEAD, Targets
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class _Prepared:
     geometry: Geometry
     view: Image.Image
     objects: Objects | None = None
+    coverages: list[tuple[str, np.ndarray]] = dataclasses.field(default_factory=list)  # explained objects
 
 
 @dataclass(frozen=True)
@@ -111,19 +112,24 @@ class Computation:
         self.model_run = ModelRun(loaded, None, _versions())
         layout = loaded.layout
         objects_for = _ObjectSource(self.manifest, self.warnings)
-        explain_objects = self.manifest.attention.object_targets and runner.gradients
+        attention = self.manifest.attention
+        explain_objects = attention.object_targets and runner.gradients
+        if (attention.object_targets or attention.target_classes is not None) and not runner.gradients:
+            self.warnings.append(
+                "attention.target_classes and attention.object_targets choose what the gradient methods "
+                f"({', '.join(name for name, spec in METHODS.items() if spec.targeted)}) explain; none of them "
+                "runs in this build, so they have no effect."
+            )
 
         def with_objects(item):
-            """The image's objects, found before the model runs: object targets need them."""
+            """The image's objects, found before the model runs (object targets need them), with
+            each one's patch coverage for the object targets."""
             if not isinstance(item, _Prepared) or item.entry.kind != "multi":
                 return item
-            try:
-                return dataclasses.replace(item, objects=objects_for(item.entry, item.original))
-            except ImageError as err:
-                return ImageFailure(item.entry, str(err))
-            except Exception as err:  # a bug must cost one image, not the whole site
-                log.debug("objects of %s failed", item.entry.id, exc_info=err)
-                return ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
+            objects = objects_for(item.entry, item.original)
+            seen, _skipped = seen_objects(objects, item.geometry, layout) if explain_objects else ([], [])
+            return dataclasses.replace(item, objects=objects, coverages=[(o.label, o.coverage) for o in seen])
+
         items = list(zip(entries, images or [None] * len(entries)))
         batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
@@ -141,9 +147,9 @@ class Computation:
             for index in range(len(batches)):
                 outcomes = upcoming.result()
                 upcoming = decoder.submit(prepare_batch, batches[index + 1]) if index + 1 < len(batches) else None
-                outcomes = [with_objects(item) for item in outcomes]
+                outcomes = [_per_image(with_objects, item, "objects") for item in outcomes]
                 prepared = [item for item in outcomes if isinstance(item, _Prepared)]
-                explained = [_object_coverages(p, layout) for p in prepared] if explain_objects else None
+                explained = [p.coverages for p in prepared] if explain_objects else None
                 passes = iter(runner.run(torch.stack([p.tensor for p in prepared]), explained) if prepared else ())
                 if prepared:
                     self.model_run = ModelRun(loaded, runner.capture_info, self.model_run.versions)
@@ -152,21 +158,22 @@ class Computation:
                         yield item
                         continue
                     forward = next(passes)
-                    try:
-                        yield explain(item.entry, forward, methods, layout, item.geometry, item.original, item.view, item.objects)
-                    except ImageError as err:
-                        yield ImageFailure(item.entry, str(err))
-                    except Exception as err:  # a bug must cost one image, not the whole site
-                        log.debug("experiments of %s failed", item.entry.id, exc_info=err)
-                        yield ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
+                    yield _per_image(
+                        lambda p: explain(p.entry, forward, methods, layout, p.geometry, p.original, p.view, p.objects),
+                        item, "experiments",
+                    )
 
 
-def _object_coverages(item: _Prepared, layout) -> list[tuple[str, np.ndarray]]:
-    """``(label, [rows, cols] patch coverage)`` of each object of the image the model sees."""
-    if item.objects is None:
-        return []
-    seen, _skipped = seen_objects(item.objects, item.geometry, layout)
-    return [(o.label, o.coverage) for o in seen]
+def _per_image(step, item: _Prepared, what: str):
+    """``step(item)``, or the image's failure: an unreadable part of it, or a bug, costs that
+    image, not the whole site."""
+    try:
+        return step(item)
+    except ImageError as err:
+        return ImageFailure(item.entry, str(err))
+    except Exception as err:
+        log.debug("%s of %s failed", what, item.entry.id, exc_info=err)
+        return ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
 def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int, ...], int]:
@@ -188,10 +195,10 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int
     if choice is None or not any(METHODS[name].targeted for name in settings.methods):
         return (), 1
     targets = Targets(loaded.adapter)
-    written = choice.plain()
+    written = choice.as_written()
     try:
         if not targets.classifier:
-            targets.resolve(0)  # raises: the model has no classifier head
+            raise ValueError(NO_HEAD)
         if choice.top > targets.num_classes:
             raise ValueError(f"the model has {targets.num_classes} classes")
         chosen = []

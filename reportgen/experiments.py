@@ -446,7 +446,7 @@ def explain(
     objects: Objects | None,
 ) -> ImageResult:
     """Run the methods' maps and the experiments on one image's forward pass."""
-    outputs = {method.spec.name: method_maps(method, forward, layout) for method in methods}
+    outputs = {method.spec.name: maps_for_every_target(method, forward, layout) for method in methods}
     maps = _all_maps(outputs)
     content = Content.of(geometry, layout)
     entropies = {name: Entropy.of(content.values(grid)) for name, grid in maps.items()}
@@ -478,7 +478,7 @@ def explain(
     )
 
 
-def method_maps(method: MapMethod, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
+def maps_for_every_target(method: MapMethod, forward: ForwardPass, layout: TokenLayout) -> MethodMaps:
     """The maps of ``method`` for every target of the image: the first target's as the method
     makes them, then each further target's maps named as :func:`~reportgen.methods.method_maps`
     says (the explorer's layers stay the first target's)."""
@@ -569,7 +569,12 @@ def seen_objects(objects: Objects, geometry: Geometry, layout: TokenLayout) -> t
         if input_box is None:
             skipped.append((label, "outside the part of the image the model sees (cropped away)"))
             continue
-        seen.append(SeenObject(label, box, input_box, visible, patch_coverage(input_box, layout.grid, layout.patch_size)))
+        coverage = patch_coverage(input_box, layout.grid, layout.patch_size)
+        if not coverage.any():
+            # An input size that is no multiple of the patch leaves a strip no patch covers.
+            skipped.append((label, "inside the strip of the model input that no patch covers"))
+            continue
+        seen.append(SeenObject(label, box, input_box, visible, coverage))
     return seen, skipped
 
 

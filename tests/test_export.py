@@ -201,10 +201,10 @@ def test_a_site_whose_input_is_a_link_or_missing_or_not_json_is_refused(copy, tm
     view.unlink()
     result = _export(copy, tmp_path / "x.svg", "--image", "one")
     assert result.exit_code == 1 and "input.jpg: missing" in result.output
-    (copy / "results.json").write_text('{"format": 2, "images": [NaN]}')
+    (copy / "results.json").write_text('{"format": 3, "images": [NaN]}')
     result = _export(copy, tmp_path / "x.svg", "--image", "one")
     assert result.exit_code == 1 and "NaN is not a number results.json holds" in result.output
-    (copy / "results.json").write_text('{"format": 2,\n "images": [}')
+    (copy / "results.json").write_text('{"format": 3,\n "images": [}')
     result = _export(copy, tmp_path / "x.svg", "--image", "one")
     assert result.exit_code == 1 and "not valid JSON (line 2" in result.output
 

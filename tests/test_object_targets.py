@@ -16,7 +16,7 @@ from test_relevance import hand_attention_and_gradients, images, loaded, make_mo
 
 from reportgen.cli import main
 from reportgen.config import AttentionSettings
-from reportgen.experiments import method_maps
+from reportgen.experiments import maps_for_every_target
 from reportgen.methods import create_methods
 from reportgen.model.runner import ModelRunner
 
@@ -51,7 +51,7 @@ def test_each_object_s_maps_are_those_of_its_cosine_similarity():
         layout = loaded(m).layout
         for b, forward in enumerate(forwards):
             assert [t.object_label for t, _kept in forward.other_targets] == [label for label, _ in objects[b]]
-            outputs = {method.spec.name: method_maps(method, forward, layout) for method in methods}
+            outputs = {method.spec.name: maps_for_every_target(method, forward, layout) for method in methods}
             assert sorted(outputs["gradcam"].maps) == ["gradcam", *(f"gradcam/object-{j + 1}" for j in range(len(objects[b])))]
             for j, (label, coverage) in enumerate(objects[b]):
                 target = cosine_target(coverage)
@@ -135,3 +135,46 @@ def test_the_offline_model_s_object_maps_lie_on_their_objects():
         own = inside(result.maps[f"relevance/object-{j}"], obj.input_box)
         label_free = inside(result.maps["relevance"], obj.input_box)
         assert own > 1.5 * share and own > 1.2 * label_free, (obj.label, own, share, label_free)
+
+
+def test_classes_and_objects_in_one_pass_each_keep_their_own_gradient():
+    """top-2 classes then the objects, in one forward pass with a backward pass each; an image
+    without objects gets none, a batch without any gets only its classes."""
+    model = make_model("classifier")
+    x = images(2)
+    with torch.no_grad():
+        ranked = model(x).argsort(-1, descending=True)
+    m = copy.deepcopy(model).double()
+    methods = create_methods(("relevance",), AttentionSettings())
+    runner = ModelRunner(loaded(m), methods, top=2)
+    layout = loaded(m).layout
+    forwards = runner.run(x.double(), [[("dog", LEFT), ("cat", TOP)], []])
+    first = maps_for_every_target(methods[0], forwards[0], layout)
+    assert list(first.maps) == ["relevance", "relevance/target-2", "relevance/object-1", "relevance/object-2"]
+    second_class = _one_class(model, int(ranked[0, 1]))
+    for name, target in (("relevance/target-2", second_class), ("relevance/object-2", cosine_target(TOP))):
+        attns, grads = hand_attention_and_gradients(model, x[:1], target)
+        np.testing.assert_allclose(first.maps[name].ravel(), relevance_by_hand(attns, grads, 0, 1, True), rtol=1e-6, atol=1e-12)
+    assert first.target_of("relevance/target-2").class_index == int(ranked[0, 1])
+    assert first.target_of("relevance/target-2").reason == "the top-2 prediction"
+    second = maps_for_every_target(methods[0], forwards[1], layout)
+    assert list(second.maps) == ["relevance", "relevance/target-2"]
+    none = runner.run(x.double(), [[], []])
+    assert [len(f.other_targets) for f in none] == [1, 1]
+
+
+def _one_class(model, index):
+    def target(m, features):
+        return m.forward_head(features)[:, index]
+
+    return target
+
+
+def test_object_targets_without_a_gradient_method_are_said_to_do_nothing(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    write_photo(tmp_path / "a.png", size=(64, 48))
+    images = [{"path": "a.png", "kind": "multi", "objects": [{"label": "left", "box": [0, 0, 30, 48]}]}]
+    manifest = write_manifest(tmp_path, images, model=TINY_MODEL, methods=["attention", "rollout"])
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(tmp_path / "site"), "--object-targets"])
+    assert result.exit_code == 0, result.output
+    assert "none of them runs in this build, so they have no effect" in result.output

@@ -17,7 +17,7 @@ from test_relevance import hand_attention_and_gradients, images, loaded, make_mo
 
 from reportgen.cli import main
 from reportgen.config import AttentionSettings, ClassTargets
-from reportgen.experiments import method_maps
+from reportgen.experiments import maps_for_every_target
 from reportgen.methods import create_methods
 from reportgen.model.runner import ModelRunner
 from reportgen.model.targets import Targets
@@ -31,7 +31,7 @@ def test_the_setting_takes_indices_digits_names_lists_or_top_k_and_refuses_the_r
     assert classes("281") == ClassTargets((281,)) and classes(" 7 ") == ClassTargets((7,)) and classes(3) == ClassTargets((3,))
     assert classes(" tabby ") == ClassTargets(("tabby",))
     assert classes([5, "tabby", "12"]) == ClassTargets((5, "tabby", 12)) and classes([5, "tabby"]).count == 2
-    assert classes("top-3") == ClassTargets(top=3) and classes(" top-3 ").count == 3 and classes("top-3").plain() == "top-3"
+    assert classes("top-3") == ClassTargets(top=3) and classes(" top-3 ").count == 3 and classes("top-3").as_written() == "top-3"
     assert AttentionSettings().target_classes is None and AttentionSettings().target_count == 1
     for bad, shown in ((-1, "-1"), ("-3", "-3"), (True, "true"), ("", "''"), (2.5, "2.5")):
         with pytest.raises(ValueError, match=f"expected a class index .* got {shown}"):
@@ -98,7 +98,7 @@ def test_the_maps_explain_each_chosen_class_in_order():
         assert forward.target.class_index == second and forward.predictions[0].index == int(top1[b])
         assert forward.target.description == f"the logit of class {second}, a class chosen (attention.target_classes)"
         assert [t.class_index for t, _kept in forward.other_targets] == [first]
-        outputs = {method.spec.name: method_maps(method, forward, layout) for method in methods}
+        outputs = {method.spec.name: maps_for_every_target(method, forward, layout) for method in methods}
         _check_maps(outputs, b, "", hands[second])
         _check_maps(outputs, b, "/target-2", hands[first])
         assert outputs["gradcam"].target_of("gradcam/target-2").class_index == first
@@ -122,13 +122,13 @@ def test_top_k_explains_each_image_s_k_best_classes_as_a_batch_does_alone():
         assert [t.class_index for t in explained] == ranked[b, :3].tolist()
         assert [t.description.rsplit(", ", 1)[1] for t in explained] == [
             "the top-1 prediction", "the top-2 prediction", "the top-3 prediction"]
-        outputs = {method.spec.name: method_maps(method, forward, layout) for method in methods}
+        outputs = {method.spec.name: maps_for_every_target(method, forward, layout) for method in methods}
         for k, target in enumerate(explained):
             suffix = "" if k == 0 else f"/target-{k + 1}"
             hand = _by_hand_for(model, x, target.class_index)
             _check_maps(outputs, b, suffix, hand)
         (alone,) = runner.run(x[b : b + 1].double())
-        single = {method.spec.name: method_maps(method, alone, layout) for method in methods}
+        single = {method.spec.name: maps_for_every_target(method, alone, layout) for method in methods}
         for name, grid in outputs["relevance"].maps.items():
             np.testing.assert_allclose(single["relevance"].maps[name], grid, rtol=1e-9, atol=1e-12)
 
@@ -210,3 +210,15 @@ def test_the_api_takes_target_classes(tmp_path):
     assert list(result.maps) == ["gradcam", "gradcam/target-2"] and result.targets["gradcam/target-2"].class_index == 7
     with pytest.raises(ValueError, match="the model has 1000 classes"):
         Explainer(TINY_MODEL["name"], target_classes=5000, **common).explain(tmp_path / "a.png")
+
+
+def test_command_line_options_keep_the_manifest_s_target_classes(tmp_path):
+    result = _build(tmp_path, "--discard-ratio", "0.1", attention={"target_classes": "top-2"})
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "site" / "results.json").read_text())
+    assert results["settings"]["target_classes"] == "top-2" and "gradcam/target-2" in results["images"][0]["maps"]
+
+
+def test_top_k_stands_alone():
+    with pytest.raises(ValueError, match=r"target_classes.1\n  'top-2': top-k stands alone"):
+        classes([5, "top-2"])

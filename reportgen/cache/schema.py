@@ -127,6 +127,7 @@ class _Target(_Schema):
     class_index: Count | None
     class_name: Text | None
     object_label: Text | None
+    reason: Text | None
 
 
 class _Map(_Schema):

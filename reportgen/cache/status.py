@@ -66,7 +66,7 @@ def settings_key(manifest: Manifest) -> str:
                 manifest.attention.discard_ratio,
                 manifest.attention.rollout_start_layer,
                 # Only when chosen, so a build that explains the top-1 class keeps its key.
-                *([manifest.attention.target_classes.plain()] if manifest.attention.target_classes is not None else []),
+                *([manifest.attention.target_classes.as_written()] if manifest.attention.target_classes is not None else []),
                 *(["object targets"] if manifest.attention.object_targets else []),
             ],
             "detector": [manifest.detector.name, manifest.detector.threshold],

@@ -142,7 +142,7 @@ class ClassTargets:
         """How many targets each image gets."""
         return len(self.classes) or self.top
 
-    def plain(self) -> list[int | str] | str:
+    def as_written(self) -> list[int | str] | str:
         """As a manifest writes it: a list of classes, or ``top-k``."""
         return list(self.classes) if self.classes else f"top-{self.top}"
 
@@ -158,6 +158,8 @@ class ClassChoices(_Rule):
     name_chars: int = 200
 
     def check(self, value: Any, base: Path | None) -> ClassTargets:
+        if isinstance(value, ClassTargets):
+            return value  # already checked (settings merged with command-line overrides)
         if isinstance(value, str) and (top := re.fullmatch(r"\s*top-(\d+)\s*", value)):
             k = int(top.group(1))
             if not 1 <= k <= self.most:
@@ -171,6 +173,9 @@ class ClassChoices(_Rule):
             raise problem(f"{len(value)} classes; at most {self.most} (each costs one backward pass per image)")
         found, classes = [], []
         for index, item in enumerate(value):
+            if isinstance(item, str) and re.fullmatch(r"\s*top-\d+\s*", item):
+                found.append(((index,), f"{show(item)}: top-k stands alone, not in a list of classes"))
+                continue
             try:
                 choice = self._one(item)
             except PydanticCustomError as err:

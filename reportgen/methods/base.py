@@ -62,6 +62,8 @@ class Target:
         class_index: the class whose logit it is (``class`` only).
         class_name: that class's name, None when the model has none.
         object_label: the object's label (``object`` only).
+        reason: why this class was explained (``the top-2 prediction``, ``a class chosen
+            (attention.target_classes)``; ``class`` only).
     """
 
     kind: str
@@ -70,6 +72,7 @@ class Target:
     class_index: int | None = None
     class_name: str | None = None
     object_label: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class GradCamMethod:
         left_out = f", the {count} prefix token{'s' if count > 1 else ''} left out" if count else ""
         provenance = (
             f"Grad-CAM (Selvaraju et al. 2017) of the map's target on the tokens T the last "
-            "block's attention reads (its norm1 output): channel weights the mean over the patch tokens of ∂target/∂T, map ReLU(Σ_c w_c T_c) "
+            "block's attention reads (the input of its attention module): channel weights the mean over the patch tokens of ∂target/∂T, map ReLU(Σ_c w_c T_c) "
             f"per patch{left_out}"
         )
         return MethodMaps(

@@ -37,6 +37,11 @@ LABEL_FREE = (
 )
 
 
+NO_HEAD = (
+    "the model has no classifier head (num_classes = 0), so its gradient maps explain the label-free "
+    "target; leave the classes out"
+)
+
 OBJECT = (
     "the cosine similarity of the pooled image embedding with the embedding of the object {label!r} "
     "(its final patch tokens averaged with the box's patch coverage as weights, held fixed)"
@@ -77,10 +82,7 @@ class Targets:
             ValueError: saying why the model has no such class, in one sentence.
         """
         if not self.classifier:
-            raise ValueError(
-                "the model has no classifier head (num_classes = 0), so its gradient maps explain the "
-                "label-free target; leave the class out"
-            )
+            raise ValueError(NO_HEAD)
         if isinstance(choice, int):
             if choice >= self.num_classes:
                 raise ValueError(f"the model has {self.num_classes} classes, 0 to {self.num_classes - 1}")
@@ -117,24 +119,25 @@ class Targets:
             score = (embedding * embedding.detach()).sum(dim=-1)
             return score[:, None], [(Target("label-free", LABEL_FREE, float(s)),) for s in score.detach().cpu()], None
         logits = self.adapter.forward_head(features)
+        # One stable ranking for the top-k targets and the predictions: ties go to the lower
+        # index, so a batch and single images agree.
+        ranked = torch.sort(logits.detach().float().cpu(), dim=-1, descending=True, stable=True).indices
         if self.chosen:
             explained = torch.tensor(self.chosen, device=logits.device).expand(logits.shape[0], -1)
         else:
-            # Ties in the top k are broken by index, so a batch and single images agree.
-            explained = logits.detach().float().cpu().topk(self.top, dim=-1, sorted=True).indices.to(logits.device)
+            explained = ranked[:, : self.top].to(logits.device)
         score = logits.gather(1, explained)  # [B, K]
         values = score.detach().float().cpu()
         probs = logits.detach().float().softmax(dim=-1).cpu()
-        best = probs.topk(min(TOP_PREDICTIONS, probs.shape[-1]), dim=-1)
         targets, predictions = [], []
         for b, indices in enumerate(explained.tolist()):
             targets.append(tuple(
-                Target("class", f"the logit of {self._named(index)}, {self._why(k)}", float(values[b, k]), index, self.name(index))
+                Target("class", f"the logit of {self._named(index)}, {self._why(k)}", float(values[b, k]), index,
+                       self.name(index), reason=self._why(k))
                 for k, index in enumerate(indices)
             ))
-            predictions.append(
-                tuple(Prediction(int(i), self.name(int(i)), float(p)) for p, i in zip(best.values[b], best.indices[b]))
-            )
+            best = ranked[b, :TOP_PREDICTIONS].tolist()
+            predictions.append(tuple(Prediction(i, self.name(i), float(probs[b, i])) for i in best))
         return score, targets, predictions
 
     def object_scores(

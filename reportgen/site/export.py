@@ -68,7 +68,8 @@ class ExportMap:
 def _target_words(target: dict[str, Any]) -> str:
     if target["kind"] == "class":
         name = f" ({target['class_name']})" if target.get("class_name") else ""
-        return f"class {target['class_index']}{name}, logit {target['score']:.3f}"
+        reason = f", {target['reason']}" if target.get("reason") else ""
+        return f"class {target['class_index']}{name}{reason}, logit {target['score']:.3f}"
     if target["kind"] == "object":
         return f"the object “{target.get('object_label')}”, cosine similarity {target['score']:.3f}"
     return f"the label-free target (the embedding's inner product with itself), value {target['score']:.3f}"

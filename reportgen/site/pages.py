@@ -24,7 +24,7 @@ from reportgen.site.scales import ordinal
 from reportgen.site.summary import fraction_lowered, object_tables, summarise_pairs
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def template_dir() -> Path:

@@ -23,14 +23,25 @@ def _colour(scale: Scale, setting: ScaleSetting) -> str:
     return f"colour 0 to its maximum, {scale.top:.4f}"
 
 
+def _explains(target) -> str:
+    """What a map explains, for its panel's title: ``: class 281 (tabby)``, ``: object 'cup'``."""
+    if target is None or target.kind == "label-free":
+        return ""
+    if target.kind == "object":
+        return f": object {target.object_label!r}"
+    name = f" ({target.class_name.split(',')[0]})" if target.class_name else ""
+    return f": class {target.class_index}{name}"
+
+
 def panel_figure(
     result: ImageResult, cmap: str, alpha: float, column_inches: float = 3.0, scale: ScaleSetting = ScaleSetting()
 ) -> Figure:
     """The model input, then every map of every method over it, in one row.
 
     Each map is blended over the model input exactly as the site's overlays are (on the colour
-    scale ``scale`` gives it, letterbox padding in greys); its title names the map, its normalised
-    entropy over the image's patches (undefined for an all-zero map) and its colour scale.
+    scale ``scale`` gives it, letterbox padding in greys); its title names the map, what it
+    explains (a class or an object, for the gradient methods), its normalised entropy over the
+    image's patches (undefined for an all-zero map) and its colour scale.
     """
     from matplotlib.figure import Figure  # object API: no backend switched, no pyplot state
 
@@ -45,7 +56,9 @@ def panel_figure(
     for ax, (name, grid) in zip(axes[1:], maps.items()):
         ax.imshow(overlay(result.view, grid, cmap, alpha, result.geometry.content_box(), scales[name].top))
         h = result.entropy[name].normalised
-        ax.set_title(f"{name} (entropy {'undefined' if h is None else f'{h:.2f}'})\n{_colour(scales[name], scale)}", fontsize=9)
+        explains = _explains(result.targets.get(name))
+        ax.set_title(f"{name}{explains} (entropy {'undefined' if h is None else f'{h:.2f}'})\n{_colour(scales[name], scale)}",
+                     fontsize=9)
     for ax in axes:
         ax.set_axis_off()
     headline = {"map": "each map to its own maximum", "shared": "one colour scale for every map",

@@ -182,7 +182,7 @@ def _unsectioned_maps(result: ImageResult) -> dict[str, Any]:
                 "figure": figure_key(stem),
             }
             if output.target is not None:
-                maps[map_name]["target"] = plain(output.target_of(map_name))  # {kind, description, score, class_index, class_name}
+                maps[map_name]["target"] = plain(output.target_of(map_name))  # {kind, description, score, class_index, class_name, object_label, reason}
     return maps
 
 
@@ -283,7 +283,7 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "discard_ratio": manifest.attention.discard_ratio,
             "rollout_start_layer": manifest.attention.rollout_start_layer,
             # As written (indices or names, or top-k); each map's target gives the index and name it resolved to.
-            **({"target_classes": manifest.attention.target_classes.plain()}
+            **({"target_classes": manifest.attention.target_classes.as_written()}
                if manifest.attention.target_classes is not None else {}),
             **({"object_targets": True} if manifest.attention.object_targets else {}),
             "detector": manifest.detector.name,
