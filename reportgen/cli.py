@@ -42,6 +42,9 @@ _SETTING_OPTIONS = {
     "scale": ("output", "scale"),
     "scale_percentile": ("output", "scale_percentile"),
     "title": ("output", "title"),
+    "evaluate": ("evaluate", "enabled"),
+    "evaluate_baseline": ("evaluate", "baseline"),
+    "random_orders": ("evaluate", "random_orders"),
     "methods": ("methods", None),
 }
 
@@ -49,7 +52,7 @@ _SETTING_OPTIONS = {
 def _overrides(**options) -> dict:
     """Manifest overrides from options the user actually gave (None = not given). Options are
     only parsed here; their values are checked by the settings' own models."""
-    sections: dict = {"model": {}, "attention": {}, "detector": {}, "output": {}, "methods": None}
+    sections: dict = {"model": {}, "attention": {}, "detector": {}, "output": {}, "evaluate": {}, "methods": None}
     for option, value in options.items():
         if value is None:
             continue
@@ -121,6 +124,13 @@ def main() -> None:
 @click.option("--title", default=None, help="Site title.")
 @click.option("--methods", default=None,
               help="Map methods to run, comma-separated (e.g. attention,rollout), or all.")
+@click.option("--evaluate", is_flag=True, default=None,
+              help="Evaluate every map against the model: perturbation curves (extra forward passes), "
+                   "localisation in the boxes, agreement between the maps.")
+@click.option("--evaluate-baseline", default=None,
+              help="With --evaluate: what replaces a removed patch, mean (the image's mean colour, default), blur or zero (black).")
+@click.option("--random-orders", type=int, default=None,
+              help="With --evaluate: seeded random orders the random baseline averages over (default 5).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
 @click.option("--jobs", type=int, default=1, show_default=True,

@@ -106,6 +106,12 @@ class Computation:
         target_class = check_fits_model(self.manifest, loaded)
         methods = create_methods(self.manifest.methods, self.manifest.attention)
         runner = ModelRunner(loaded, methods, target_class)
+        evaluate = getattr(self.manifest, "evaluate", None)
+        perturber = None
+        if evaluate is not None and evaluate.enabled:
+            from reportgen.model.perturbation import Perturber
+
+            perturber = Perturber(loaded, evaluate.baseline, evaluate.random_orders)
         self.model_run = ModelRun(loaded, None, _versions())
         layout = loaded.layout
         objects_for = _ObjectSource(self.manifest, self.warnings)
@@ -130,25 +136,67 @@ class Computation:
                 passes = iter(runner.run(torch.stack([p.tensor for p in prepared])) if prepared else ())
                 if prepared:
                     self.model_run = ModelRun(loaded, runner.capture_info, self.model_run.versions)
+                done: list[tuple[_Prepared | None, ImageResult | ImageFailure, int | None]] = []
                 for item in outcomes:
                     if isinstance(item, ImageFailure):
-                        yield item
+                        done.append((None, item, None))
                         continue
                     forward = next(passes)
                     try:
                         objects = objects_for(item.entry, item.original) if item.entry.kind == "multi" else None
-                        yield explain(item.entry, forward, methods, layout, item.geometry, item.original, item.view, objects)
+                        result = explain(item.entry, forward, methods, layout, item.geometry, item.original, item.view, objects)
                     except ImageError as err:
-                        yield ImageFailure(item.entry, str(err))
+                        result = ImageFailure(item.entry, str(err))
                     except Exception as err:  # a bug must cost one image, not the whole site
                         log.debug("experiments of %s failed", item.entry.id, exc_info=err)
-                        yield ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
+                        result = _internal_error(item.entry, err)
+                    explained = forward.target.class_index if forward.target is not None else target_class
+                    done.append((item, result, explained))
+                if perturber is not None:
+                    done = _evaluated(perturber, done, layout)
+                for _item, result, _class in done:
+                    yield result
+
+
+def _internal_error(entry: ImageEntry, err: Exception) -> ImageFailure:
+    return ImageFailure(entry, f"internal error in reportgen ({type(err).__name__}: {err})")
+
+
+def _evaluated(perturber, done: list, layout) -> list:
+    """The batch's results with their :class:`~reportgen.experiments.Evaluation`: every image's
+    perturbed inputs go through the model together."""
+    from reportgen.experiments import evaluation
+    from reportgen.model.perturbation import Subject
+
+    ok = [(index, item, result, explained) for index, (item, result, explained) in enumerate(done) if isinstance(result, ImageResult)]
+    if not ok:
+        return done
+    subjects = [
+        Subject(item.tensor, result.maps, result.content.weights, item.geometry.content_box(), explained)
+        for _index, item, result, explained in ok
+    ]
+    done = list(done)
+    try:
+        curves = perturber.curves(subjects)
+    except Exception as err:  # a bug must cost this batch's images, not the whole site
+        log.debug("evaluation failed", exc_info=err)
+        for index, item, result, explained in ok:
+            done[index] = (item, _internal_error(result.entry, err), explained)
+        return done
+    for (index, item, result, explained), scored in zip(ok, curves):
+        try:
+            judged = evaluation(result, scored, perturber.baseline, layout)
+            done[index] = (item, dataclasses.replace(result, evaluation=judged), explained)
+        except Exception as err:
+            log.debug("evaluation of %s failed", result.entry.id, exc_info=err)
+            done[index] = (item, _internal_error(result.entry, err), explained)
+    return done
 
 
 def check_fits_model(settings: Manifest, loaded: LoadedModel) -> int | None:
     """The rules a setting can only be checked by once the model is loaded. Returns the index of
-    the class the gradient methods explain (``attention.target_class``), None for each image's
-    top-1 (or when no method explains a target).
+    the class the gradient methods (and the evaluation's scores) explain (``attention.target_class``),
+    None for each image's top-1 (or when nothing explains a target).
 
     Raises:
         ModelSettingsError: naming the setting, its value and what the model allows.
@@ -160,7 +208,8 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> int | None:
             f"{loaded.name} ({loaded.depth} layers); use a layer from 1 to {loaded.depth}."
         )
     choice = settings.attention.target_class
-    if choice is None or not any(METHODS[name].targeted for name in settings.methods):
+    evaluate = getattr(settings, "evaluate", None)
+    if choice is None or not (any(METHODS[name].targeted for name in settings.methods) or (evaluate and evaluate.enabled)):
         return None
     try:
         return Targets(loaded.model).resolve(choice)

@@ -14,12 +14,16 @@ from reportgen.config.bounds import (  # noqa: F401
     MAX_NAME_LENGTH,
     MAX_OBJECTS,
     MAX_PATH_LENGTH,
+    MAX_RANDOM_ORDERS,
+    PERTURBATION_BASELINES,
     MAX_TITLE_LENGTH,
     SCALE_KINDS,
 )
 from reportgen.config.manifest import ImageEntry, Manifest, ObjectBox, check_overrides, load_manifest  # noqa: F401
 from reportgen.config.messages import SettingsError  # noqa: F401
 from reportgen.config.options import BuildOptions, build_options  # noqa: F401
-from reportgen.config.schema import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings  # noqa: F401
+from reportgen.config.schema import (  # noqa: F401
+    AttentionSettings, DetectorSettings, EvaluateSettings, ModelSettings, OutputSettings,
+)
 from reportgen.config.slugs import slugify  # noqa: F401
 from reportgen.methods import DEFAULT_METHODS, HEAD_FUSIONS, METHODS  # noqa: F401
