@@ -156,7 +156,11 @@ def _plan(manifest: Manifest, options: BuildOptions, output: Path, staging: Path
             state.fail(entry, f"{entry.path.name}: could not be read ({err.strerror or err})")
             state.advance()
             continue
-        record = reuse(previous, entry, state.keys[entry.slug], manifest.methods, output, staging, state.report.warnings) if previous else None
+        record = (
+            reuse(previous, entry, state.keys[entry.slug], manifest.methods, output, staging, state.report.warnings,
+                  manifest.evaluate.enabled)
+            if previous else None
+        )
         if record is None:
             state.todo.append(entry)
             continue
