@@ -239,6 +239,7 @@ class _Agreement(_Schema):
 class Evaluation(_Schema):
     """``evaluation``: how far each map reflects what the model uses (shapes checked in _check_record)."""
 
+    maps: Annotated[list[Text], Field(max_length=MAX_LIST)]
     baseline: Literal["mean", "blur", "zero"]
     steps: Annotated[int, Field(ge=1, le=MAX_LIST - 1)]
     random_orders: Count

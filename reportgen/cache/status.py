@@ -362,6 +362,8 @@ def _check_record(record: Record, entry: ImageEntry, methods: tuple[str, ...], r
 def _check_evaluation(e: Evaluation, map_names: list[str], boxes: int) -> None:
     """The evaluation's maps are the methods' maps, and every curve has one score per step."""
     points = e.steps + 1
+    if sorted(e.maps) != map_names:
+        raise ValueError("evaluation.maps does not name the methods' maps")
     if len(e.fractions) != points:
         raise ValueError("evaluation.fractions does not have one value per step")
     for section in ("curves", "auc", "beats_random"):

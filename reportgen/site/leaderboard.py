@@ -42,7 +42,7 @@ def leaderboard(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     evaluated = [r["evaluation"] for r in records if not r.get("error") and r.get("evaluation")]
     if not evaluated:
         return None
-    names = list(evaluated[0]["auc"])
+    names = list(evaluated[0]["maps"])  # every image has the same maps, in page order
     maps = []
     for name in names:
         aucs = {kind: np.array([e["auc"][name][kind] for e in evaluated], dtype=np.float64) for kind in KINDS}

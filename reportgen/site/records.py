@@ -160,7 +160,8 @@ def image_record(result: ImageResult, figures: dict[str, Any], scale: ScaleSetti
 def _evaluation_record(e: Evaluation) -> dict[str, Any]:
     """The evaluation of an image's maps: curves, their areas, the random baseline, boxes, agreement."""
     curves = e.curves
-    return {
+    return _sorted_keys({
+        "maps": list(curves.maps),  # the page's order (the mappings below are sorted, as the cache reads them back)
         "baseline": e.baseline,
         "steps": len(curves.fractions) - 1,
         "random_orders": int(len(e.random["deletion"].aucs)),
@@ -182,7 +183,16 @@ def _evaluation_record(e: Evaluation) -> dict[str, Any]:
             for b in e.localisation
         ],
         "agreement": [plain(a) for a in e.agreement],  # {a, b, spearman, top_overlap}
-    }
+    })
+
+
+def _sorted_keys(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted, as a record read back from the status file has them."""
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 def _scale_record(scale: Scale) -> dict[str, Any]:
