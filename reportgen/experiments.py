@@ -7,6 +7,10 @@
 3. Object embeddings pooled from patch tokens, plain and (with ``rollout``) rollout-weighted, and
    their cosine similarities.
 
+With ``evaluate``, :func:`evaluation` adds how far each map reflects what the model uses: the
+perturbation curves the model stage scored (:mod:`reportgen.model.perturbation`), their areas
+against a random baseline, localisation in the boxes and agreement between every pair of maps.
+
 Every map of every configured method also gets its entropy and the share of its mass on letterbox
 padding. Every statistic of a map (entropy, rank agreement, top-10% overlap, mass in a box) is taken
 over the patches that hold image, each weighted by the fraction of it that is image
@@ -340,14 +344,15 @@ class BoxLocalisation:
         input_box: the box in model-input pixels, clipped to the input.
         area_share: the box's share of the image area the model sees (padding excluded).
         hit: per map name, whether its largest patch on the image lies within
-            :data:`~reportgen.methods.evaluation.POINTING_TOLERANCE` pixels of the box.
+            :data:`~reportgen.methods.evaluation.POINTING_TOLERANCE` pixels of the box (None for a
+            map that is flat over the image, which has no largest patch).
         mass: per map name, the share of its mass on the image inside the box (None without mass).
     """
 
     label: str
     input_box: tuple[float, float, float, float]
     area_share: float
-    hit: dict[str, bool]
+    hit: dict[str, bool | None]
     mass: dict[str, float | None]
 
 

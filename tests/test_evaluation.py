@@ -69,6 +69,9 @@ def test_pointing_game_in_input_pixels_with_the_15_pixel_tolerance():
     assert pointing_hit(grid, content, (8, 8), (26.0, 0.0, 40.0, 10.0))  # 14 px to its left edge
     assert not pointing_hit(grid, content, (8, 8), (28.0, 0.0, 40.0, 10.0))  # 16 px
     assert pointing_hit(grid, content, (8, 8), (28.0, 0.0, 40.0, 10.0), tolerance=16.0)
+    # A flat map points nowhere.
+    assert map_peak(np.zeros((4, 6)), content, (8, 8)) is None
+    assert pointing_hit(np.full((4, 6), 0.5), content, (8, 8), (0.0, 0.0, 48.0, 32.0)) is None
     # The peak is taken over the image: a larger value on padding does not count.
     grid[3, 5] = 5.0
     content[3, 5] = 0.0

@@ -225,7 +225,7 @@ class _Localisation(_Schema):
     label: Text
     input_box: Box
     area_share: Share
-    hit: Annotated[dict[Text, bool], Field(max_length=MAX_LIST)]
+    hit: Annotated[dict[Text, bool | None], Field(max_length=MAX_LIST)]
     mass: Annotated[dict[Text, Share], Field(max_length=MAX_LIST)]
 
 

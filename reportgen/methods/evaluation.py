@@ -94,11 +94,14 @@ def expanded_box(box: tuple[float, float, float, float], tolerance: float = POIN
     return x0 - tolerance, y0 - tolerance, x1 + tolerance, y1 + tolerance
 
 
-def map_peak(grid: np.ndarray, content: np.ndarray, patch: tuple[int, int]) -> tuple[float, float]:
+def map_peak(grid: np.ndarray, content: np.ndarray, patch: tuple[int, int]) -> tuple[float, float] | None:
     """The ``(x, y)`` model-input pixel at the centre of the map's largest patch among those that
-    hold image (the first, row by row, among equals)."""
+    hold image (the first, row by row, among equals); None for a map that is flat over the image
+    (all zero, say), which points nowhere."""
     candidates = content_patches(content)
     values = np.ravel(np.asarray(grid, dtype=np.float64))[candidates]
+    if not len(values) or values.max() == values.min():
+        return None
     flat = int(candidates[int(np.argmax(values))])
     cols = np.shape(grid)[1]
     row, col = divmod(flat, cols)
@@ -108,10 +111,13 @@ def map_peak(grid: np.ndarray, content: np.ndarray, patch: tuple[int, int]) -> t
 def pointing_hit(
     grid: np.ndarray, content: np.ndarray, patch: tuple[int, int], box: tuple[float, float, float, float],
     tolerance: float = POINTING_TOLERANCE,
-) -> bool:
+) -> bool | None:
     """The pointing game: whether the map's peak (:func:`map_peak`) lies within ``tolerance`` pixels
-    of ``box`` (both in model-input pixels)."""
-    x, y = map_peak(grid, content, patch)
+    of ``box`` (both in model-input pixels); None for a flat map, which has no peak."""
+    peak = map_peak(grid, content, patch)
+    if peak is None:
+        return None
+    x, y = peak
     x0, y0, x1, y1 = expanded_box(box, tolerance)
     return bool(x0 <= x <= x1 and y0 <= y <= y1)
 

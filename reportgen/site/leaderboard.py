@@ -36,7 +36,8 @@ def leaderboard(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         ``{"images": n, "maps": [...], "random": {kind: {"mean", "std"}}, "published": ...}``;
         each map's entry holds ``name``, ``images``, ``auc`` (per kind ``{"mean", "std"}``, the
         standard deviation over the images), ``beats_random`` (per kind, in how many images) and
-        ``pointing`` (``hits``, ``boxes``, ``rate``: None without boxes) and ``mass_ratio``
+        ``pointing`` (``hits``, ``boxes``, ``rate``: None without boxes; boxes where the map is
+        flat over the image do not count) and ``mass_ratio``
         (the mean over boxes of the map's mass in the box divided by the box's share of the image).
     """
     evaluated = [r["evaluation"] for r in records if not r.get("error") and r.get("evaluation")]
@@ -46,7 +47,7 @@ def leaderboard(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     maps = []
     for name in names:
         aucs = {kind: np.array([e["auc"][name][kind] for e in evaluated], dtype=np.float64) for kind in KINDS}
-        boxes = [b for e in evaluated for b in e["localisation"]]
+        boxes = [b for e in evaluated for b in e["localisation"] if b["hit"][name] is not None]  # a flat map points nowhere
         hits = sum(bool(b["hit"][name]) for b in boxes)
         ratios = [b["mass"][name] / b["area_share"] for b in boxes if b["mass"][name] is not None and b["area_share"]]
         maps.append({
