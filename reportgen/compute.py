@@ -106,9 +106,9 @@ class Computation:
         target_class = check_fits_model(self.manifest, loaded)
         methods = create_methods(self.manifest.methods, self.manifest.attention)
         runner = ModelRunner(loaded, methods, target_class)
-        evaluate = getattr(self.manifest, "evaluate", None)
+        evaluate = self.manifest.evaluate
         perturber = None
-        if evaluate is not None and evaluate.enabled:
+        if evaluate.enabled:
             from reportgen.model.perturbation import Perturber
 
             perturber = Perturber(loaded, evaluate.baseline, evaluate.random_orders)
@@ -208,8 +208,7 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> int | None:
             f"{loaded.name} ({loaded.depth} layers); use a layer from 1 to {loaded.depth}."
         )
     choice = settings.attention.target_class
-    evaluate = getattr(settings, "evaluate", None)
-    if choice is None or not (any(METHODS[name].targeted for name in settings.methods) or (evaluate and evaluate.enabled)):
+    if choice is None or not (any(METHODS[name].targeted for name in settings.methods) or settings.evaluate.enabled):
         return None
     try:
         return Targets(loaded.model).resolve(choice)

@@ -159,3 +159,19 @@ def test_evaluate_settings_in_the_manifest_and_on_the_command_line(tmp_path):
     assert bad.exit_code == 2 and "--evaluate-baseline" in bad.output and "grey" in bad.output
     bad = _build(manifest, tmp_path / "site", "--random-orders", "1000")
     assert bad.exit_code == 2 and "--random-orders" in bad.output
+
+
+def test_the_api_evaluates_with_the_same_settings(tmp_path):
+    from reportgen import Explainer
+
+    write_photo(tmp_path / "a.png", (48, 40), seed=3)
+    with pytest.raises(ValueError, match="evaluate.baseline: expected one of mean, blur, zero"):
+        Explainer("vit_tiny_patch16_224", pretrained=False, evaluate=True, evaluate_baseline="grey")
+    ex = Explainer("vit_tiny_patch16_224", pretrained=False, input_size=32, device="cpu",
+                   options={"patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 3}, evaluate=True, random_orders=1)
+    e = ex.explain(tmp_path / "a.png", boxes={"thing": (4, 4, 30, 30)}).result.evaluation
+    assert list(e.auc) == ["attention/mean", "attention/max", "rollout"] and e.baseline == "mean"
+    assert [b.label for b in e.localisation] == ["thing"] and len(e.random["deletion"].aucs) == 1
+    assert Explainer("vit_tiny_patch16_224", pretrained=False, input_size=32, device="cpu",
+                     options={"patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 3}).explain(
+        tmp_path / "a.png").result.evaluation is None
