@@ -19,6 +19,8 @@ with random weights and no detector into a temporary folder, then measures, in o
 6. a cold build of a few images with ``imgfocus-vits14`` at 518 px (1370 tokens) and its peak
    memory, against what holding every layer's per-head attention would cost (L*H*N*N*4 bytes per
    image);
+7. ``--evaluate`` on a few images against its floor, the bare batched forwards of the same
+   perturbed inputs (``bench/evaluate.py``);
 
 and, in this process, the same builds through :func:`reportgen.builder.build` with timers wrapped
 around its stages (model load, forward pass, attention capture, experiments, figures, pages) and
@@ -483,6 +485,8 @@ def main() -> int:
     parser.add_argument("--floor-repeats", type=int, default=3, help="timed passes for the floor; the best counts (default 3)")
     parser.add_argument("--big-images", type=int, default=4, help=f"images for the {BIG_MODEL} 518 px run (0 skips it)")
     parser.add_argument("--big-size", type=int, default=518, help=f"input size of the {BIG_MODEL} run")
+    parser.add_argument("--evaluate-images", type=int, default=4,
+                        help="images for the --evaluate run against its floor (0 skips it; see bench/evaluate.py)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep inputs and sites here (default: a temp dir, removed)")
     args = parser.parse_args()
     if args.images < 1:
@@ -686,6 +690,14 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
             big = {"seconds": big_run["seconds"], "over": over, "hold_all_batch": per_image * batch_images,
                    "hold_all_image": per_image, "rss": big_run["maxrss"]}
 
+    # ---- (7) --evaluate against the bare forwards of its perturbed inputs ----
+    evaluated = None
+    if args.evaluate_images > 0:
+        from evaluate import measure as measure_evaluate
+
+        print(f"\n[7] --evaluate on {args.evaluate_images} images, against the bare forwards of the same perturbed inputs")
+        evaluated = measure_evaluate(model, [i["entry"] for i in images[: args.evaluate_images]], args.batch_size, work)
+
     # ---- results ----
     print("\n" + "=" * 100)
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -749,6 +761,11 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
                         f"per-head matrices for the batch ({mib(big['over'])} vs {mib(big['hold_all_batch'])}; "
                         f"{100 * big['over'] / big['hold_all_batch']:.0f}%)",
                         big["over"] <= 0.5 * big["hold_all_batch"]))
+    if evaluated:
+        from evaluate import report as report_evaluate
+
+        print("(7) --evaluate")
+        targets.extend(report_evaluate(evaluated))
     print("\nTARGETS")
     for text, ok in targets:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")

@@ -4,6 +4,7 @@ pointing game in model-input pixels."""
 
 import json
 
+import html5lib
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -81,6 +82,9 @@ def test_evaluate_builds_curves_tables_and_a_leaderboard_and_is_cached(photos, t
     checked, problems = disagreements(out)
     assert problems == [] and checked > 100
     assert broken_links(out) == []
+    parser = html5lib.HTMLParser(strict=True)
+    for html in sorted(out.glob("*.html")):
+        parser.parse(html.read_bytes())  # raises on any parse error
     page = (out / "cat.html").read_text()
     assert "Which map reflects what the model uses" in page and "the blurred image" in page
     index = (out / "index.html").read_text()
