@@ -45,6 +45,7 @@ _SETTING_OPTIONS = {
     "evaluate": ("evaluate", "enabled"),
     "evaluate_baseline": ("evaluate", "baseline"),
     "random_orders": ("evaluate", "random_orders"),
+    "sanity": ("evaluate", "sanity"),
     "methods": ("methods", None),
 }
 
@@ -131,6 +132,9 @@ def main() -> None:
               help="With --evaluate: what replaces a removed patch, mean (the image's mean colour, default), blur or zero (black).")
 @click.option("--random-orders", type=int, default=None,
               help="With --evaluate: seeded random orders the random baseline averages over (default 5).")
+@click.option("--sanity", is_flag=True, default=None,
+              help="With --evaluate: re-initialise the model's blocks from the top down and report how much each "
+                   "map changes (one more pass of every image per block).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
 @click.option("--jobs", type=int, default=1, show_default=True,

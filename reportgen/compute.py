@@ -153,7 +153,8 @@ class Computation:
                     explained = forward.target.class_index if forward.target is not None else target_class
                     done.append((item, result, explained))
                 if perturber is not None:
-                    done = _evaluated(perturber, done, layout)
+                    randomised = _randomised_maps(loaded, methods, target_class, done) if evaluate.sanity else None
+                    done = _evaluated(perturber, done, layout, randomised)
                 for _item, result, _class in done:
                     yield result
 
@@ -162,10 +163,30 @@ def _internal_error(entry: ImageEntry, err: Exception) -> ImageFailure:
     return ImageFailure(entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
-def _evaluated(perturber, done: list, layout) -> list:
+def _randomised_maps(loaded: LoadedModel, methods: list, target_class: int | None, done: list) -> list | None:
+    """For the batch's images (aligned with ``done``; None for a failure), the maps of each step of
+    the cascading randomisation (:mod:`reportgen.model.sanity`): ``[(block index, {map: grid})]``.
+    One pass of the batch per step, on a copy of the model."""
+    from reportgen.model.sanity import cascade
+
+    ok = [index for index, (_item, result, _class) in enumerate(done) if isinstance(result, ImageResult)]
+    if not ok:
+        return None
+    batch = torch.stack([done[index][0].tensor for index in ok])
+    steps: list[list] = [[] for _ in done]
+    layout = loaded.layout
+    for block, model in cascade(loaded.model):
+        forwards = ModelRunner(dataclasses.replace(loaded, model=model), methods, target_class).run(batch)
+        for index, forward in zip(ok, forwards):
+            maps = {name: grid for method in methods for name, grid in method.maps(forward, layout).maps.items()}
+            steps[index].append((block, maps))
+    return steps
+
+
+def _evaluated(perturber, done: list, layout, randomised: list | None = None) -> list:
     """The batch's results with their :class:`~reportgen.experiments.Evaluation`: every image's
     perturbed inputs go through the model together."""
-    from reportgen.experiments import evaluation
+    from reportgen.experiments import evaluation, sanity
     from reportgen.model.perturbation import Subject
 
     ok = [(index, item, result, explained) for index, (item, result, explained) in enumerate(done) if isinstance(result, ImageResult)]
@@ -185,7 +206,8 @@ def _evaluated(perturber, done: list, layout) -> list:
         return done
     for (index, item, result, explained), scored in zip(ok, curves):
         try:
-            judged = evaluation(result, scored, perturber.baseline, layout)
+            checked = sanity(result, randomised[index]) if randomised is not None else None
+            judged = evaluation(result, scored, perturber.baseline, layout, checked)
             done[index] = (item, dataclasses.replace(result, evaluation=judged), explained)
         except Exception as err:
             log.debug("evaluation of %s failed", result.entry.id, exc_info=err)

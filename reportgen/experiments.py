@@ -32,7 +32,7 @@ from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
 from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, sectioned_methods
 from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, Prediction, Target, TokenLayout
-from reportgen.methods.evaluation import CURVE_KINDS, Curves, mass_in_box, pointing_hit
+from reportgen.methods.evaluation import SANITY_THRESHOLD, CURVE_KINDS, Curves, mass_in_box, pointing_hit
 from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
     number_duplicates,
@@ -395,6 +395,39 @@ class RandomBaseline:
 
 
 @dataclass(frozen=True)
+class Sanity:
+    """The cascading model-randomisation check of one image's maps.
+
+    Attributes:
+        blocks: at each step, the block (numbered from 1) re-initialised then, last block first;
+            every block after it stays re-initialised.
+        spearman: per map name, ``[steps]`` its rank correlation over the image's patches with the
+            original map after each step (NaN where either map is constant).
+    """
+
+    blocks: tuple[int, ...]
+    spearman: dict[str, np.ndarray]
+
+    @property
+    def flagged(self) -> dict[str, bool]:
+        """Per map, whether it still correlates above :data:`SANITY_THRESHOLD` with every block
+        re-initialised: it does not depend on what the model learnt."""
+        return {name: bool(values[-1] > SANITY_THRESHOLD) for name, values in self.spearman.items()}
+
+
+def sanity(result: ImageResult, steps: list[tuple[int, dict[str, np.ndarray]]]) -> Sanity:
+    """The :class:`Sanity` of ``result``'s maps from each step's ``(block index, maps)``."""
+    content = result.content
+    return Sanity(
+        blocks=tuple(index + 1 for index, _ in steps),
+        spearman={
+            name: np.array([spearman(content.values(grid), content.values(maps[name])) for _, maps in steps])
+            for name, grid in result.maps.items()
+        },
+    )
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """How far each map of one image reflects what the model uses.
 
@@ -406,6 +439,7 @@ class Evaluation:
             the deletion curves: a reversed random order is as random).
         localisation: per box of the image, how each map localises it.
         agreement: every pair of maps, in page order.
+        sanity: the model-randomisation check (with ``evaluate.sanity``), else None.
     """
 
     baseline: str
@@ -414,6 +448,7 @@ class Evaluation:
     random: dict[str, RandomBaseline]
     localisation: tuple[BoxLocalisation, ...]
     agreement: tuple[Agreement, ...]
+    sanity: Sanity | None = None
 
     def beats_random(self, name: str, kind: str) -> bool:
         """Whether map ``name``'s curve ``kind`` is better than the random orders' mean."""
@@ -537,8 +572,11 @@ def explain(
     )
 
 
-def evaluation(result: ImageResult, curves: Curves, baseline: str, layout: TokenLayout) -> Evaluation:
-    """The :class:`Evaluation` of one image from its maps and the curves the model scored."""
+def evaluation(
+    result: ImageResult, curves: Curves, baseline: str, layout: TokenLayout, checked: Sanity | None = None
+) -> Evaluation:
+    """The :class:`Evaluation` of one image from its maps, the curves the model scored and (if run)
+    the sanity check."""
     maps, content = result.maps, result.content
     random = {}
     for kind in CURVE_KINDS:
@@ -573,6 +611,7 @@ def evaluation(result: ImageResult, curves: Curves, baseline: str, layout: Token
         random=random,
         localisation=tuple(localisation),
         agreement=agreement,
+        sanity=checked,
     )
 
 

@@ -179,3 +179,51 @@ def test_the_api_evaluates_with_the_same_settings(tmp_path):
     assert Explainer("vit_tiny_patch16_224", pretrained=False, input_size=32, device="cpu",
                      options={"patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 3}).explain(
         tmp_path / "a.png").result.evaluation is None
+
+
+def test_the_sanity_check_re_initialises_the_blocks_from_the_top_down(tmp_path):
+    """Each step's maps against hand-written attention and rollout (softmax(QKᵀ/√d) from the
+    randomised blocks' weights), their rank correlation with the original maps by scipy; the
+    user's model is left as it was."""
+    import torch
+    from conftest import TINY_MODEL, hand_attention, hand_rollout
+    from scipy.stats import spearmanr
+
+    from reportgen.config import ModelSettings
+    from reportgen.imaging import open_image, preprocess
+    from reportgen.model.loading import load_model
+    from reportgen.model.sanity import cascade
+
+    write_photo(tmp_path / "a.png", (48, 40), seed=5)
+    manifest = write_manifest(tmp_path, [{"path": "a.png"}], evaluate={"random_orders": 1, "sanity": True})
+    out = tmp_path / "site"
+    result = _build(manifest, out)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    (record,) = results["images"]
+    sanity = record["evaluation"]["sanity"]
+    assert sanity["blocks"] == [2, 1] and sanity["threshold"] == 0.5
+
+    loaded = load_model(ModelSettings(**TINY_MODEL), "cpu")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    x = preprocess(open_image(tmp_path / "a.png"), loaded.data_config)[0][None]
+    weights = np.array(record["content"]["weights"])
+    inside = weights > 0
+
+    def values(grid):
+        return (np.asarray(grid) * weights)[inside]
+
+    attentions, _ = hand_attention(loaded.model, x)
+    original = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
+    for step, (index, model) in enumerate(cascade(loaded.model)):
+        assert index == sanity["blocks"][step] - 1
+        attentions, _ = hand_attention(model, x)
+        now = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
+        for name in ("attention/mean", "rollout"):
+            expected = spearmanr(values(original[name].reshape(weights.shape)), values(now[name].reshape(weights.shape)))[0]
+            assert sanity["spearman"][name][step] == pytest.approx(expected, abs=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+    assert sanity["flagged"] == {name: sanity["spearman"][name][-1] > 0.5 for name in sanity["spearman"]}
+    page = (out / "a.html").read_text()
+    assert "Does each map depend on what the model learnt?" in page
+    assert disagreements(out)[1] == []

@@ -236,6 +236,13 @@ class _Agreement(_Schema):
     top_overlap: Share
 
 
+class _Sanity(_Schema):
+    blocks: Annotated[list[Annotated[int, Field(ge=1, le=MAX_COUNT)]], Field(max_length=MAX_LIST)]
+    spearman: Annotated[dict[Text, Curve], Field(max_length=MAX_LIST)]
+    flagged: Annotated[dict[Text, bool], Field(max_length=MAX_LIST)]
+    threshold: Finite
+
+
 class Evaluation(_Schema):
     """``evaluation``: how far each map reflects what the model uses (shapes checked in _check_record)."""
 
@@ -253,6 +260,7 @@ class Evaluation(_Schema):
     random: Annotated[dict[Text, _RandomBaseline], Field(max_length=8)]
     localisation: Annotated[list[_Localisation], Field(max_length=2 * MAX_OBJECTS)]
     agreement: Annotated[list[_Agreement], Field(max_length=MAX_LIST * MAX_LIST)]
+    sanity: _Sanity | None
 
 
 class Record(_Schema):

@@ -72,7 +72,8 @@ def settings_key(manifest: Manifest) -> str:
             "detector": [manifest.detector.name, manifest.detector.threshold],
             "figures": [manifest.output.cmap, manifest.output.alpha, *_scale_key(manifest)],
             # Only when on, so a build without the evaluation keeps its key.
-            **({"evaluate": [manifest.evaluate.baseline, manifest.evaluate.random_orders]} if manifest.evaluate.enabled else {}),
+            **({"evaluate": [manifest.evaluate.baseline, manifest.evaluate.random_orders, manifest.evaluate.sanity]}
+               if manifest.evaluate.enabled else {}),
         }
     )
 
@@ -380,6 +381,11 @@ def _check_evaluation(e: Evaluation, map_names: list[str], boxes: int) -> None:
         raise ValueError("evaluation.localisation does not match the boxes and the maps")
     if any(a.a not in map_names or a.b not in map_names for a in e.agreement) or len(e.agreement) != len(map_names) * (len(map_names) - 1) // 2:
         raise ValueError("evaluation.agreement is not every pair of the maps")
+    if e.sanity is not None and (
+        sorted(e.sanity.spearman) != map_names or sorted(e.sanity.flagged) != map_names
+        or any(len(values) != len(e.sanity.blocks) for values in e.sanity.spearman.values())
+    ):
+        raise ValueError("evaluation.sanity does not match the maps and its steps")
 
 
 def _is_shape(matrix: list[list[Any]], rows: int, cols: int) -> bool:

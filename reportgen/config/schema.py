@@ -182,6 +182,8 @@ class EvaluateSettings(_Section):
             mean colour (over the image, padding excluded), the image blurred, or black.
         random_orders: how many seeded random orders the random baseline averages over, at most
             :data:`MAX_RANDOM_ORDERS`.
+        sanity: also run the cascading model-randomisation check (one more pass of every image
+            per block of the model).
     """
 
     SHAPE: ClassVar[str] = "true, false or a mapping"
@@ -189,6 +191,7 @@ class EvaluateSettings(_Section):
     enabled: Annotated[bool, Flag()] = False
     baseline: Annotated[str, OneOf(PERTURBATION_BASELINES)] = "mean"
     random_orders: Annotated[int, Count(most=MAX_RANDOM_ORDERS)] = 5
+    sanity: Annotated[bool, Flag()] = False
 
     @model_validator(mode="before")
     @classmethod

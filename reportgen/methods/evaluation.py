@@ -16,6 +16,9 @@
   the map's mass on the image that lies inside the box.
 - **Agreement** between two maps: Spearman's rank correlation and the top-10% overlap of
   :mod:`reportgen.methods.maths`, over the patches that hold image.
+- **Sanity check** (Adebayo et al., NeurIPS 2018, cascading model randomisation; the model stage's
+  :mod:`reportgen.model.sanity`): each map's rank correlation with its original after each step;
+  one still above :data:`SANITY_THRESHOLD` with every block re-initialised is flagged.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ POINTING_TOLERANCE = 15.0
 
 #: The seed of the random baseline's orders: the same orders on every build.
 RANDOM_SEED = 0
+
+#: The sanity check flags a map whose rank correlation with its original is still above this once
+#: every block of the model has been re-initialised.
+SANITY_THRESHOLD = 0.5
 
 #: The curves of every map: removing most relevant first, least relevant first, inserting most relevant first.
 CURVE_KINDS = ("deletion", "negative", "insertion")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, METHODS, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, sectioned_methods
+from reportgen.methods.evaluation import SANITY_THRESHOLD
 from reportgen.site.scales import Scale, ScaleSetting, result_scales
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
@@ -183,6 +184,12 @@ def _evaluation_record(e: Evaluation) -> dict[str, Any]:
             for b in e.localisation
         ],
         "agreement": [plain(a) for a in e.agreement],  # {a, b, spearman, top_overlap}
+        "sanity": None if e.sanity is None else {
+            "blocks": list(e.sanity.blocks),  # the block re-initialised at each step, last first
+            "spearman": plain(e.sanity.spearman),  # per map, one per step
+            "flagged": e.sanity.flagged,
+            "threshold": SANITY_THRESHOLD,
+        },
     })
 
 
