@@ -123,8 +123,8 @@ class Explainer:
         cmap / alpha: colour map and opacity of :meth:`Explanation.figure`.
         scale / scale_percentile: its colour scale, as the manifest's ``output.scale`` (``map``,
             ``shared`` or ``percentile``) and ``output.scale_percentile``.
-        evaluate / evaluate_baseline / random_orders: evaluate every map against the model, as the
-            manifest's ``evaluate`` section (``result.evaluation`` of each explanation).
+        evaluate / evaluate_baseline / random_orders / sanity: evaluate every map against the model,
+            as the manifest's ``evaluate`` section (``result.evaluation`` of each explanation).
 
     Raises:
         SettingsError: (a ``ValueError``) a setting the manifest would also refuse, named with the
@@ -154,6 +154,7 @@ class Explainer:
         evaluate: bool = False,
         evaluate_baseline: str = "mean",
         random_orders: int = 5,
+        sanity: bool = False,
     ):
         model_values = {"name": model, "weights": weights, "input_size": input_size, "pretrained": pretrained, "options": options}
         sections = check_overrides(
@@ -162,7 +163,7 @@ class Explainer:
                        "rollout_start_layer": rollout_start_layer, "target_class": target_class},
             output={"cmap": cmap, "alpha": alpha, "scale": scale, "scale_percentile": scale_percentile},
             methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
-            evaluate={"enabled": evaluate, "baseline": evaluate_baseline, "random_orders": random_orders},
+            evaluate={"enabled": evaluate, "baseline": evaluate_baseline, "random_orders": random_orders, "sanity": sanity},
         )
         self.options = build_options(device=device, batch_size=batch_size)
         self.settings = _Settings(

@@ -226,4 +226,7 @@ def test_the_sanity_check_re_initialises_the_blocks_from_the_top_down(tmp_path):
     assert sanity["flagged"] == {name: sanity["spearman"][name][-1] > 0.5 for name in sanity["spearman"]}
     page = (out / "a.html").read_text()
     assert "Does each map depend on what the model learnt?" in page
+    board = results["leaderboard"]
+    assert board["sanity_images"] == 1
+    assert [m["sanity_flagged"] for m in board["maps"]] == [int(sanity["flagged"][m["name"]]) for m in board["maps"]]
     assert disagreements(out)[1] == []

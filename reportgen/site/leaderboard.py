@@ -38,12 +38,14 @@ def leaderboard(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         standard deviation over the images), ``beats_random`` (per kind, in how many images) and
         ``pointing`` (``hits``, ``boxes``, ``rate``: None without boxes; boxes where the map is
         flat over the image do not count) and ``mass_ratio``
-        (the mean over boxes of the map's mass in the box divided by the box's share of the image).
+        (the mean over boxes of the map's mass in the box divided by the box's share of the image),
+        ``sanity_flagged`` (in how many images the sanity check flagged it; None when not run).
     """
     evaluated = [r["evaluation"] for r in records if not r.get("error") and r.get("evaluation")]
     if not evaluated:
         return None
     names = list(evaluated[0]["maps"])  # every image has the same maps, in page order
+    checked = [e for e in evaluated if e.get("sanity")]
     maps = []
     for name in names:
         aucs = {kind: np.array([e["auc"][name][kind] for e in evaluated], dtype=np.float64) for kind in KINDS}
@@ -57,6 +59,8 @@ def leaderboard(records: list[dict[str, Any]]) -> dict[str, Any] | None:
             "beats_random": {kind: sum(bool(e["beats_random"][name][kind]) for e in evaluated) for kind in KINDS},
             "pointing": {"hits": hits, "boxes": len(boxes), "rate": plain(hits / len(boxes)) if boxes else None},
             "mass_ratio": plain(float(np.mean(ratios))) if ratios else None,
+            # In how many of the images with the sanity check the map was flagged (None: not run).
+            "sanity_flagged": sum(bool(e["sanity"]["flagged"][name]) for e in checked) if checked else None,
         })
     random = {}
     for kind in KINDS:
@@ -64,6 +68,7 @@ def leaderboard(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         random[kind] = {"mean": plain(values.mean()), "std": plain(values.std())}
     first = evaluated[0]
     return {
+        "sanity_images": len(checked),
         "images": len(evaluated),
         "baseline": first["baseline"],
         "steps": first["steps"],
