@@ -79,26 +79,27 @@ def measure(model: dict, entries: list[dict], batch_size: int, work: Path, rando
         for group in groups:
             perturber.curves(group)
 
-    def timed(function) -> float:
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            function()
-            best = min(best, time.perf_counter() - started)
-        return best
+    def timed_once(function) -> float:
+        started = time.perf_counter()
+        function()
+        return time.perf_counter() - started
 
     bare()  # warm-up
-    floor, perturbation = timed(bare), timed(stage)
+    # Interleaved, best of each: the load of other processes drifts, and only ever slows a pass down.
+    floor = perturbation = float("inf")
+    for _ in range(repeats):
+        floor = min(floor, timed_once(bare))
+        perturbation = min(perturbation, timed_once(stage))
     inputs.clear()  # the perturbed inputs are not needed for the builds
     del loaded, computation, results
 
-    def built(manifest) -> float:
-        def once() -> None:
-            build(manifest, BuildOptions(output=work / "site-evaluate", device="cpu", batch_size=batch_size, force=True))
+    def built_once(manifest) -> float:
+        return timed_once(lambda: build(
+            manifest, BuildOptions(output=work / "site-evaluate", device="cpu", batch_size=batch_size, force=True)))
 
-        return timed(once)
-
-    without, with_evaluate = built(plain), built(judged)
+    without = with_evaluate = float("inf")
+    for _ in range(repeats):  # interleaved too
+        without, with_evaluate = min(without, built_once(plain)), min(with_evaluate, built_once(judged))
     return {
         "images": len(entries),
         "forwards": forwards,
