@@ -164,7 +164,7 @@ def _plan(manifest: Manifest, options: BuildOptions, output: Path, staging: Path
             continue
         record = reuse(
             previous, entry, state.keys[entry.slug], manifest.methods, output, staging, state.report.warnings,
-            manifest.attention.target_count, manifest.attention.object_targets,
+            manifest.attention.target_count, manifest.attention.object_targets, manifest.evaluate.enabled,
         ) if previous else None
         if record is None:
             state.todo.append(entry)
