@@ -16,6 +16,7 @@ from reportgen.methods.evaluation import (
     removal_order,
     step_counts,
 )
+from reportgen.model.adapters import ModelAdapter
 from reportgen.model.loading import LoadedModel
 from reportgen.model.perturbation import Perturber, Subject, forward_count
 
@@ -110,11 +111,48 @@ class OnePatchModel(torch.nn.Module):
         return pooled if pre_logits else pooled @ self.weight.T
 
 
+class OnePatchAdapter(ModelAdapter):
+    """The constructed model behind the model interface: the evaluation reads only its forward
+    pass and head; it has no attention to capture."""
+
+    library = "test"
+
+    def __init__(self, model):
+        self.module = model
+
+    layer_names = ()
+    heads = None
+    num_prefix_tokens = 0
+    prefix_kinds = ()
+    class_token = False
+    grid = GRID
+    patch_size = PATCH
+    input_size = SIZE
+
+    def _no_attention(self, *args):
+        raise AssertionError("the one-patch model has no attention")
+
+    attention_capture = token_norms = attention_gradients = block_gradients = _no_attention
+
+    def forward_features(self, x):
+        return self.module.forward_features(x)
+
+    def forward_head(self, features, pre_logits=False):
+        return self.module.forward_head(features, pre_logits=pre_logits)
+
+    @property
+    def num_classes(self):
+        return self.module.num_classes
+
+    def class_names(self):
+        return None
+
+
 def loaded(model, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> LoadedModel:
     return LoadedModel(
         model=model, name="one patch", architecture="test", source="constructed", weights_file=None, weights_sha256=None,
         data_config={"input_size": (3, *SIZE), "mean": mean, "std": std}, num_prefix_tokens=0, grid=GRID,
-        patch_size=PATCH, device=torch.device("cpu"),
+        patch_size=PATCH, device=torch.device("cpu"), adapter=OnePatchAdapter(model),
     )
 
 

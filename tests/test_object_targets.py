@@ -178,3 +178,16 @@ def test_object_targets_without_a_gradient_method_are_said_to_do_nothing(tmp_pat
     result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(tmp_path / "site"), "--object-targets"])
     assert result.exit_code == 0, result.output
     assert "none of them runs in this build, so they have no effect" in result.output
+
+
+def test_an_evaluated_site_with_further_targets_scores_the_first_target_s_maps_and_is_reused(tmp_path):
+    args = ("--object-targets", "--target-classes", "top-2", "--evaluate", "--random-orders", "1")
+    result = _build(tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    site = tmp_path / "site"
+    record = json.loads((site / "results.json").read_text())["images"][0]
+    assert "gradcam/target-2" in record["maps"] and "gradcam/object-1" in record["maps"]
+    assert record["evaluation"]["maps"] == ["attention/mean", "attention/max", "gradcam"]
+    again = CliRunner().invoke(main, ["build", str(tmp_path / "manifest.yaml"), "-o", str(site), *args])
+    assert again.exit_code == 0 and "recomputed" not in again.output, again.output
+    assert json.loads((site / "results.json").read_text())["images"][0] == record

@@ -367,7 +367,9 @@ def _check_record(
     if (record.evaluation is not None) != evaluate:
         raise ValueError("evaluation does not match the settings")
     if record.evaluation is not None:
-        _check_evaluation(record.evaluation, map_names, len(entry.objects) + count)
+        # Only each method's first target's maps are evaluated.
+        first_maps = sorted(m for name in methods for m, _ in METHODS[name].maps)
+        _check_evaluation(record.evaluation, first_maps, len(entry.objects) + count)
     figures = figure_index(
         f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained,
         evaluate,
