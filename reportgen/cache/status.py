@@ -45,7 +45,7 @@ from reportgen.site.scales import ScaleSetting
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 7  # raised whenever what a record holds, or what its numbers mean, changes
+STATUS_FORMAT = 8  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 
@@ -357,7 +357,8 @@ def _check_record(
             if matrix is not None and not _is_shape(matrix, count, count):
                 raise ValueError(f"objects.{name} is not {count}x{count}")
     figures = figure_index(
-        f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained
+        f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained,
+        (rows, cols),
     )
     if record.figures != figures:
         raise ValueError("figures are not the ones made for this image")

@@ -1,0 +1,88 @@
+"""The click-a-patch explorer's data: where each patch attends (mean over heads), per layer, against
+a hand-written softmax(QK^T / sqrt(d)) from the tiny model's qkv weights, both as the runner keeps
+it and as the sprite draws it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import hand_attention, make_tiny_vit, write_manifest, write_photo
+
+from reportgen.cli import main
+from reportgen.config import AttentionSettings
+from reportgen.methods import PATCH_LAYERS_GRID, create_methods
+from reportgen.methods.base import TokenLayout
+from reportgen.model.loading import LoadedModel
+from reportgen.model.runner import ModelRunner
+
+
+def _loaded(model, grid) -> LoadedModel:
+    return LoadedModel(
+        model=model, name="tiny", architecture="vit", source="random", weights_file=None, weights_sha256=None,
+        data_config={"input_size": (3, grid[0] * 8, grid[1] * 8)}, num_prefix_tokens=1, grid=grid, patch_size=(8, 8),
+        device=torch.device("cpu"),
+    )
+
+
+@pytest.mark.parametrize("grid, kept", [((4, 6), 2), ((PATCH_LAYERS_GRID + 1, 3), 1)])
+def test_runner_keeps_each_patch_row_mean_over_heads(grid, kept):
+    """Every layer up to a 24 x 24 grid, beyond it the last layer only; rows over the patches
+    (prefix dropped, not renormalised)."""
+    model = make_tiny_vit(img_size=(grid[0] * 8, grid[1] * 8))
+    x = torch.randn(2, 3, grid[0] * 8, grid[1] * 8, generator=torch.Generator().manual_seed(3))
+    expected, _ = hand_attention(model, x)
+    (method,) = create_methods(("attention",), AttentionSettings())
+    forwards = ModelRunner(_loaded(model, grid), [method]).run(x)
+    layout = TokenLayout(num_prefix_tokens=1, grid=grid, patch_size=(8, 8))
+    patches = grid[0] * grid[1]
+    for b, forward in enumerate(forwards):
+        got = method.maps(forward, layout).extras["patch_attention"]
+        assert got.shape == (kept, patches, patches)
+        for i, layer in enumerate(expected[-kept:]):
+            np.testing.assert_allclose(got[i], layer[b, :, 1:, 1:].double().numpy().mean(axis=0), atol=1e-6)
+
+
+def _unit_values(tile: np.ndarray, cmap: str) -> np.ndarray:
+    """Invert a colour map: each pixel's position on the map, in steps of 1/255."""
+    import matplotlib
+
+    lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round()
+    distance = ((tile[..., None, :].astype(np.float64) - lut) ** 2).sum(axis=-1)
+    return distance.argmin(axis=-1) / 255.0
+
+
+def test_sprite_tile_is_the_patch_row_of_the_hand_computed_attention(tmp_path):
+    from PIL import Image
+    from timm.data import create_transform
+
+    from reportgen.config import load_manifest
+    from reportgen.model.loading import load_model
+
+    write_photo(tmp_path / "square.png", (40, 40), seed=4)  # centre-cropped: no letterbox padding
+    manifest = write_manifest(tmp_path, [{"path": "square.png", "id": "square"}])
+    out = tmp_path / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    patches = results["images"][0]["figures"]["patches"]
+    assert patches == {"sprite": "figures/square/patches.png", "rows": 4, "cols": 4, "layers": 2, "first_layer": 1}
+    sheet = np.asarray(Image.open(out / patches["sprite"]).convert("RGB"))
+    assert sheet.shape == (2 * 4 * 4, 4 * 4, 3)  # per layer, a 4 x 4 block of 4 x 4 tiles
+
+    settings = load_manifest(manifest)
+    loaded = load_model(settings.model, "cpu")  # the same seeded random weights the build used
+    image = Image.open(settings.images[0].path).convert("RGB")
+    x = create_transform(**loaded.data_config, is_training=False)(image)[None]
+    expected, _ = hand_attention(loaded.model, x)
+    cmap = results["settings"]["cmap"]
+    for layer in range(2):
+        mean = expected[layer][0, :, 1:, 1:].double().numpy().mean(axis=0)  # [16 queries, 16 keys]
+        for qr, qc in [(0, 0), (1, 2), (3, 3), (2, 0)]:
+            row = mean[qr * 4 + qc].reshape(4, 4)
+            tile = sheet[(layer * 4 + qr) * 4 : (layer * 4 + qr + 1) * 4, qc * 4 : (qc + 1) * 4]
+            # Each tile from 0 to its own maximum: one step of the colour map of rounding.
+            np.testing.assert_allclose(_unit_values(tile, cmap), row / row.max(), atol=1.5 / 255)
+    # Guard: tiles of different queries differ, so the check above compares more than one map.
+    assert not np.array_equal(sheet[0:4, 0:4], sheet[4:8, 8:12])
