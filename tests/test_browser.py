@@ -149,6 +149,85 @@ def test_explorer_steps_through_layers_and_heads(site, browser):
     assert left == pytest.approx(-5, abs=1e-3)
 
 
+# Where the patch sprite sits in its clipping box, in units of the box: [left, top] (minus the
+# chosen patch's tile column and tile row).
+PATCH_TILE = (
+    "var s = arguments[0].querySelector('.tile img'), box = s.parentNode.getBoundingClientRect(),"
+    " r = s.getBoundingClientRect(); return [(r.left - box.left) / box.width, (r.top - box.top) / box.height];"
+)
+
+
+def test_patch_explorer_shows_the_clicked_patch_at_each_layer(site, browser):
+    """one.png on the 4 x 4 grid of a 2-layer model: the sprite holds, per layer, a 4 x 4 block of
+    tiles; the tile of patch (r, c) at layer l is at column c, row (l - 1) * 4 + r."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    assert _open(browser, site / "one.html") == []
+    root = browser.find_element(By.CSS_SELECTOR, ".patch-explorer")
+    assert root.is_displayed()  # the script revealed it ...
+    assert not browser.find_element(By.CSS_SELECTOR, ".patch-static-note").is_displayed()  # ... and hid the no-script note
+    buttons = root.find_elements(By.CSS_SELECTOR, ".patch-grid button")
+    assert len(buttons) == 16
+    sprite = root.find_element(By.CSS_SELECTOR, ".tile img")
+    assert sprite.get_attribute("src").endswith("/figures/one/patches.png")
+    assert browser.execute_script("var s = arguments[0]; return [s.naturalWidth, s.naturalHeight];", sprite) == [16, 32]
+    # At first: the centre patch (row 3, column 3 from 1) in the last layer.
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-2, -(4 + 2)], abs=1e-3)
+    assert [b.get_attribute("aria-pressed") for b in buttons].index("true") == 2 * 4 + 2
+    stage = root.find_element(By.CSS_SELECTOR, ".patch-stage")
+    before = stage.screenshot_as_png
+
+    # A real click at the middle of the patch in row 1, column 4 of the image.
+    grid = root.find_element(By.CSS_SELECTOR, ".patch-grid")
+    width, height = grid.size["width"], grid.size["height"]
+    ActionChains(browser).move_to_element_with_offset(grid, int(width * (3.5 / 4 - 0.5)), int(height * (0.5 / 4 - 0.5))).click().perform()
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-3, -(4 + 0)], abs=1e-3)
+    text = "Layer 2 of 2: where the patch at row 1, column 4 attends, mean over heads"
+    assert sprite.get_attribute("alt") == text and text in root.text
+    assert stage.screenshot_as_png != before  # another tile is drawn over the image
+    assert browser.switch_to.active_element == buttons[3]
+
+    # The keyboard: arrows move the chosen patch (clamped at the edges), Home and End along the row.
+    focused = browser.switch_to.active_element
+    focused.send_keys("\ue015", "\ue012", "\ue012")  # down, left, left
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-1, -(4 + 1)], abs=1e-3)
+    browser.switch_to.active_element.send_keys("\ue011")  # Home
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([0, -(4 + 1)], abs=1e-3)
+    browser.switch_to.active_element.send_keys("\ue012", "\ue013")  # left (already at the edge), up
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([0, -(4 + 0)], abs=1e-3)
+    browser.switch_to.active_element.send_keys("\ue010")  # End
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-3, -(4 + 0)], abs=1e-3)
+    assert browser.switch_to.active_element == buttons[3]
+    assert [b.get_attribute("tabindex") for b in buttons].count("0") == 1  # one tab stop in the grid
+
+    # The layer slider: the same patch in layer 1.
+    browser.execute_script(
+        "var s = arguments[0]; s.value = 1; s.dispatchEvent(new Event('input'));",
+        root.find_element(By.NAME, "patch-layer"),
+    )
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-3, 0], abs=1e-3)
+    assert sprite.get_attribute("alt") == "Layer 1 of 2: where the patch at row 1, column 4 attends, mean over heads"
+    assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
+
+
+def test_patch_explorer_without_javascript_shows_the_static_panels(site):
+    """The page as written: the explorer hidden until the script reveals it, a note saying so,
+    and static panels of the last layer whose tiles are the patches they name."""
+    page = html5lib.parse((site / "one.html").read_text(), namespaceHTMLElements=False)
+    section = next(s for s in page.iter("section") if s.get("aria-labelledby") == "patches-heading")
+    explorer = next(d for d in section.iter("div") if d.get("class") == "patch-explorer")
+    assert explorer.get("hidden") is not None
+    assert any("needs JavaScript" in "".join(p.itertext()) for p in section.iter("p") if p.get("class") == "note patch-static-note")
+    figures = [f for f in section.iter("figure")]
+    assert len(figures) == 5
+    for figure in figures:
+        caption = "".join(figure.find("figcaption").itertext())
+        r, c = (int(v) - 1 for v in re.findall(r"\d+", caption))
+        style = next(i for i in figure.iter("img") if i.get("class") == "sprite").get("style")
+        assert f"left: -{c * 100}%; top: -{(4 + r) * 100}%" in style, caption  # layer 2's block
+
+
 def test_summary_table_sorts_without_a_server(site, browser):
     from selenium.webdriver.common.by import By
 
