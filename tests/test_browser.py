@@ -228,6 +228,65 @@ def test_patch_explorer_without_javascript_shows_the_static_panels(site):
         assert f"left: -{c * 100}%; top: -{(4 + r) * 100}%" in style, caption  # layer 2's block
 
 
+@pytest.fixture(scope="module")
+def targeted_site(tmp_path_factory):
+    """A multi image with a gradient method explaining two classes and each object."""
+    folder = tmp_path_factory.mktemp("targeted")
+    write_photo(folder / "two.jpg", (64, 36), seed=2)
+    manifest = write_manifest(
+        folder,
+        [{"path": "two.jpg", "id": "two", "title": "Two", "kind": "multi",
+          "objects": [{"label": "a <i>", "box": [0, 0, 30, 30]}, {"label": "b", "box": [20, 4, 60, 34]}]}],
+        attention={"target_classes": "top-2", "object_targets": True},
+        methods=["attention", "rollout", "gradcam"],
+    )
+    out = folder / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+COMPARISON = (
+    "var t = document.querySelector('table.comparison');"
+    " return [Array.from(t.tHead.rows[0].cells).map(c => c.textContent.trim()),"
+    " Array.from(t.tBodies[0].rows).map(r => Array.from(r.cells).map(c => {"
+    "   var i = c.querySelector('img'); if (!i) { return c.tagName === 'TH' ? c.textContent.trim() : null; }"
+    "   return [i.getAttribute('src'), i.complete && i.naturalWidth > 0, Math.round(c.getBoundingClientRect().left)]; }))];"
+)
+
+
+def test_comparison_grid_lines_up_each_kind_of_map(targeted_site, browser):
+    """Rows: the methods; columns: the main map, attention's max, the second class target, each
+    object; each cell the overlay of that method's map of that kind (as results.json names its
+    figure), loaded, and the cells of one column one above the other."""
+    assert _open(browser, targeted_site / "two.html") == []
+    headers, rows = browser.execute_script(COMPARISON)
+    assert headers == ["Method", "Main map", "attention/max", "Target 2", "Object 1: a <i>", "Object 2: b"]
+    figures = json.loads((targeted_site / "results.json").read_text())["images"][0]["figures"]
+    expected = {
+        "attention": ["cls_mean", "cls_max", None, None, None],
+        "rollout": ["rollout", None, None, None, None],
+        "gradcam": ["gradcam", None, "gradcam_t2", "gradcam_o1", "gradcam_o2"],
+    }
+    assert [row[0] for row in rows] == list(expected)
+    lefts = {}
+    for row in rows:
+        for column, (cell, key) in enumerate(zip(row[1:], expected[row[0]])):
+            if key is None:
+                assert cell is None, (row[0], column)
+                continue
+            src, loaded, left = cell
+            assert src == figures[key] and loaded, (row[0], column)
+            assert lefts.setdefault(column, left) == left  # one column, one x position
+    assert len(lefts) == 5
+    # The second class target and the objects are named in their cells.
+    caption = browser.execute_script(
+        "return document.querySelector('table.comparison tbody tr:last-child td:nth-child(4) figcaption').textContent")
+    target = next(m for m in json.loads((targeted_site / "results.json").read_text())["images"][0]["maps"].values()
+                  if m["figure"] == "gradcam_t2")["target"]
+    assert caption.startswith(f"gradcam/target-2: class {target['class_index']}")
+
+
 def test_summary_table_sorts_without_a_server(site, browser):
     from selenium.webdriver.common.by import By
 

@@ -86,3 +86,27 @@ def test_sprite_tile_is_the_patch_row_of_the_hand_computed_attention(tmp_path):
             np.testing.assert_allclose(_unit_values(tile, cmap), row / row.max(), atol=1.5 / 255)
     # Guard: tiles of different queries differ, so the check above compares more than one map.
     assert not np.array_equal(sheet[0:4, 0:4], sheet[4:8, 8:12])
+
+
+def test_comparison_grid_puts_maps_of_one_kind_in_one_column():
+    from reportgen.methods import method_maps
+    from reportgen.site.comparison import comparison_grid
+
+    methods = ("attention", "rollout", "relevance", "gradcam")
+    names = [m for name in methods for m, _ in method_maps(name, 3, 1)]
+    grid = comparison_grid(methods, reversed(names))  # the order of the names does not matter
+    assert [(c["kind"], c["number"], c["map"]) for c in grid["columns"]] == [
+        ("main", 0, None), ("extra", 0, "attention/max"), ("target", 2, None), ("target", 3, None), ("object", 1, None),
+    ]
+    cells = {row["method"]: [c and (c["map"], c["figure"]) for c in row["cells"]] for row in grid["rows"]}
+    assert cells == {
+        "attention": [("attention/mean", "cls_mean"), ("attention/max", "cls_max"), None, None, None],
+        "rollout": [("rollout", "rollout"), None, None, None, None],
+        "relevance": [("relevance", "relevance"), None, ("relevance/target-2", "relevance_t2"),
+                      ("relevance/target-3", "relevance_t3"), ("relevance/object-1", "relevance_o1")],
+        "gradcam": [("gradcam", "gradcam"), None, ("gradcam/target-2", "gradcam_t2"),
+                    ("gradcam/target-3", "gradcam_t3"), ("gradcam/object-1", "gradcam_o1")],
+    }
+    # A method with fewer maps than the others (an image with fewer objects) leaves its cells empty.
+    grid = comparison_grid(("rollout", "gradcam"), ["rollout", "gradcam", "gradcam/object-1", "gradcam/object-2"])
+    assert [row["cells"][1:] for row in grid["rows"]][0] == [None, None]

@@ -19,6 +19,7 @@ import jinja2
 
 from reportgen import outdir
 from reportgen.methods import CLS_QUERY, PATCH_LAYERS_GRID, QUERIES
+from reportgen.site.comparison import comparison_grid
 from reportgen.site.records import plain
 from reportgen.site.scales import ordinal
 from reportgen.site.summary import fraction_lowered, object_tables, summarise_pairs
@@ -59,6 +60,7 @@ def environment() -> jinja2.Environment:
     env.filters["fmt"] = _fmt
     env.globals["UNDEFINED"] = UNDEFINED
     env.globals["PATCH_LAYERS_GRID"] = PATCH_LAYERS_GRID
+    env.globals["comparison_grid"] = comparison_grid
     env.filters["ordinal"] = ordinal
     return env
 
