@@ -110,3 +110,21 @@ def test_comparison_grid_puts_maps_of_one_kind_in_one_column():
     # A method with fewer maps than the others (an image with fewer objects) leaves its cells empty.
     grid = comparison_grid(("rollout", "gradcam"), ["rollout", "gradcam", "gradcam/object-1", "gradcam/object-2"])
     assert [row["cells"][1:] for row in grid["rows"]][0] == [None, None]
+
+
+def test_beyond_a_24_by_24_grid_the_page_offers_the_last_layer_only(tmp_path):
+    from PIL import Image
+
+    write_photo(tmp_path / "big.png", (200, 200), seed=5)
+    model = {"name": "vit_tiny_patch16_224", "pretrained": False, "input_size": 200,
+             "options": {"patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 3}}
+    manifest = write_manifest(tmp_path, [{"path": "big.png", "id": "big"}], model=model)
+    out = tmp_path / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    patches = json.loads((out / "results.json").read_text())["images"][0]["figures"]["patches"]
+    assert patches == {"sprite": "figures/big/patches.png", "rows": 25, "cols": 25, "layers": 1, "first_layer": 2}
+    assert Image.open(out / patches["sprite"]).size == (25 * 25, 25 * 25)
+    page = (out / "big.html").read_text()
+    assert "in the last layer (layer 2) only: beyond a grid of 24 × 24 patches" in page
+    assert 'name="patch-layer"' not in page and 'data-layers="1" data-first-layer="2"' in page
