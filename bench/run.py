@@ -21,6 +21,8 @@ with random weights and no detector into a temporary folder, then measures, in o
    image);
 7. each map method through the Python API against its own floor (``bench/methods.py``): the bare
    forward for attention and rollout, a bare forward + backward for the gradient methods;
+8. ``--evaluate`` on a few images against its floor, the bare batched forwards of the same
+   perturbed inputs (``bench/evaluate.py``);
 
 and, in this process, the same builds through :func:`reportgen.builder.build` with timers wrapped
 around its stages (model load, forward pass, attention capture, experiments, figures, pages) and
@@ -487,6 +489,8 @@ def main() -> int:
     parser.add_argument("--big-size", type=int, default=518, help=f"input size of the {BIG_MODEL} run")
     parser.add_argument("--methods-images", type=int, default=16,
                         help="images for the per-method costs against their floors (0 skips them)")
+    parser.add_argument("--evaluate-images", type=int, default=4,
+                        help="images for the --evaluate run against its floor (0 skips it; see bench/evaluate.py)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep inputs and sites here (default: a temp dir, removed)")
     args = parser.parse_args()
     if args.images < 1:
@@ -690,6 +694,14 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
             big = {"seconds": big_run["seconds"], "over": over, "hold_all_batch": per_image * batch_images,
                    "hold_all_image": per_image, "rss": big_run["maxrss"]}
 
+    # ---- (8) --evaluate against the bare forwards of its perturbed inputs ----
+    evaluated = None
+    if args.evaluate_images > 0:
+        from evaluate import measure as measure_evaluate
+
+        print(f"\n[8] --evaluate on {args.evaluate_images} images, against the bare forwards of the same perturbed inputs")
+        evaluated = measure_evaluate(model, [i["entry"] for i in images[: args.evaluate_images]], args.batch_size, work)
+
     # ---- results ----
     print("\n" + "=" * 100)
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -762,6 +774,11 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
         measured = method_bench.measure(args.model, paths, args.batch_size, repeats=2)
         method_bench.report(measured)
         targets.extend(method_bench.targets(measured))
+    if evaluated:
+        from evaluate import report as report_evaluate
+
+        print("(8) --evaluate")
+        targets.extend(report_evaluate(evaluated))
     print("\nTARGETS")
     for text, ok in targets:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")

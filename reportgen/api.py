@@ -25,6 +25,7 @@ from reportgen.builder import build as _build_site
 from reportgen.config import (
     AttentionSettings,
     DetectorSettings,
+    EvaluateSettings,
     ImageEntry,
     ModelSettings,
     ObjectBox,
@@ -49,6 +50,7 @@ class _Settings:
     attention: AttentionSettings
     detector: DetectorSettings
     methods: tuple[str, ...]
+    evaluate: EvaluateSettings = EvaluateSettings()
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class Explainer:
         cmap / alpha: colour map and opacity of :meth:`Explanation.figure`.
         scale / scale_percentile: its colour scale, as the manifest's ``output.scale`` (``map``,
             ``shared`` or ``percentile``) and ``output.scale_percentile``.
+        evaluate / evaluate_baseline / random_orders / sanity: evaluate every map against the model,
+            as the manifest's ``evaluate`` section (``result.evaluation`` of each explanation).
 
     Raises:
         SettingsError: (a ``ValueError``) a setting the manifest would also refuse, named with the
@@ -154,6 +158,10 @@ class Explainer:
         alpha: float = 0.5,
         scale: str = "map",
         scale_percentile: float = 99.0,
+        evaluate: bool = False,
+        evaluate_baseline: str = "mean",
+        random_orders: int = 5,
+        sanity: bool = False,
     ):
         model_values = {"name": model, "weights": weights, "input_size": input_size, "pretrained": pretrained, "options": options}
         sections = check_overrides(
@@ -162,6 +170,7 @@ class Explainer:
                        "rollout_start_layer": rollout_start_layer, "target_classes": target_classes, "object_targets": object_targets},
             output={"cmap": cmap, "alpha": alpha, "scale": scale, "scale_percentile": scale_percentile},
             methods=[methods] if isinstance(methods, str) and methods != "all" else methods,
+            evaluate={"enabled": evaluate, "baseline": evaluate_baseline, "random_orders": random_orders, "sanity": sanity},
         )
         self.options = build_options(device=device, batch_size=batch_size)
         self.settings = _Settings(
@@ -169,6 +178,7 @@ class Explainer:
             attention=sections["attention"],
             detector=DetectorSettings(name=None),  # objects come only from the boxes given
             methods=sections["methods"],
+            evaluate=sections["evaluate"],
         )
         self.output = sections["output"]
         self._kept: dict = {}  # the loaded model, kept between calls

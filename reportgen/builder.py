@@ -164,7 +164,7 @@ def _plan(manifest: Manifest, options: BuildOptions, output: Path, staging: Path
             continue
         record = reuse(
             previous, entry, state.keys[entry.slug], manifest.methods, output, staging, state.report.warnings,
-            manifest.attention.target_count, manifest.attention.object_targets,
+            manifest.attention.target_count, manifest.attention.object_targets, manifest.evaluate.enabled,
         ) if previous else None
         if record is None:
             state.todo.append(entry)
@@ -243,7 +243,7 @@ def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | N
     drawn = [record.get("layer_entropy") for record in ordered if record.get("layer_entropy")]
     if drawn:
         digest = hashlib.sha256(json.dumps([FIGURE_VERSION, drawn], sort_keys=True).encode()).hexdigest()[:10]
-        entropy = f"figures/entropy-by-layer.{digest}.png"
+        entropy = f"assets/entropy-by-layer.{digest}.png"  # not in figures/, where image ids name folders
         if previous is None or not reuse_file(output, staging, entropy):
             figure = layer_entropy_figure(ordered)
             with outdir.open_new(staging, entropy) as file:

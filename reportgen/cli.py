@@ -43,6 +43,10 @@ _SETTING_OPTIONS = {
     "scale": ("output", "scale"),
     "scale_percentile": ("output", "scale_percentile"),
     "title": ("output", "title"),
+    "evaluate": ("evaluate", "enabled"),
+    "evaluate_baseline": ("evaluate", "baseline"),
+    "random_orders": ("evaluate", "random_orders"),
+    "sanity": ("evaluate", "sanity"),
     "methods": ("methods", None),
 }
 
@@ -50,7 +54,7 @@ _SETTING_OPTIONS = {
 def _overrides(**options) -> dict:
     """Manifest overrides from options the user actually gave (None = not given). Options are
     only parsed here; their values are checked by the settings' own models."""
-    sections: dict = {"model": {}, "attention": {}, "detector": {}, "output": {}, "methods": None}
+    sections: dict = {"model": {}, "attention": {}, "detector": {}, "output": {}, "evaluate": {}, "methods": None}
     for option, value in options.items():
         if value is None or value == ():  # () : a repeatable option not given
             continue
@@ -129,6 +133,16 @@ def main() -> None:
 @click.option("--title", default=None, help="Site title.")
 @click.option("--methods", default=None,
               help="Map methods to run, comma-separated (e.g. attention,rollout), or all.")
+@click.option("--evaluate", is_flag=True, default=None,
+              help="Evaluate every map against the model: perturbation curves (extra forward passes), "
+                   "localisation in the boxes, agreement between the maps.")
+@click.option("--evaluate-baseline", default=None,
+              help="With --evaluate: what replaces a removed patch, mean (the image's mean colour, default), blur or zero (black).")
+@click.option("--random-orders", type=int, default=None,
+              help="With --evaluate: seeded random orders the random baseline averages over (default 5).")
+@click.option("--sanity", is_flag=True, default=None,
+              help="With --evaluate: re-initialise the model's blocks from the top down and report how much each "
+                   "map changes (one more pass of every image per block).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
 @click.option("--jobs", type=int, default=1, show_default=True,

@@ -26,9 +26,10 @@ from PIL import Image
 import reportgen
 from reportgen.config import ImageEntry, Manifest, ObjectBox
 from reportgen.errors import ImageError, ModelSettingsError
-from reportgen.experiments import ImageFailure, ImageResult, Objects, explain, seen_objects
+from reportgen.experiments import ImageFailure, ImageResult, Objects, explain, first_target_maps, seen_objects
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
 from reportgen.methods import METHODS, create_methods
+from reportgen.model.adapters import TimmAdapter
 from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel, load_model
 from reportgen.model.runner import ModelRunner
@@ -109,6 +110,18 @@ class Computation:
         chosen, top = check_fits_model(self.manifest, loaded)
         methods = create_methods(self.manifest.methods, self.manifest.attention)
         runner = ModelRunner(loaded, methods, chosen, top)
+        evaluate = self.manifest.evaluate
+        perturber = None
+        if evaluate.enabled:
+            from reportgen.model.perturbation import Perturber
+
+            perturber = Perturber(loaded, evaluate.baseline, evaluate.random_orders)
+        sanity = evaluate.enabled and evaluate.sanity and isinstance(loaded.adapter, TimmAdapter)
+        if evaluate.enabled and evaluate.sanity and not sanity:
+            self.warnings.append(
+                f"evaluate.sanity: the model randomisation check re-initialises timm blocks; {loaded.name} is not a "
+                "timm model, so it is left out."
+            )
         self.model_run = ModelRun(loaded, None, _versions())
         layout = loaded.layout
         objects_for = _ObjectSource(self.manifest, self.warnings)
@@ -149,19 +162,28 @@ class Computation:
                 upcoming = decoder.submit(prepare_batch, batches[index + 1]) if index + 1 < len(batches) else None
                 outcomes = [_per_image(with_objects, item, "objects") for item in outcomes]
                 prepared = [item for item in outcomes if isinstance(item, _Prepared)]
-                explained = [p.coverages for p in prepared] if explain_objects else None
-                passes = iter(runner.run(torch.stack([p.tensor for p in prepared]), explained) if prepared else ())
+                coverages = [p.coverages for p in prepared] if explain_objects else None
+                passes = iter(runner.run(torch.stack([p.tensor for p in prepared]), coverages) if prepared else ())
                 if prepared:
                     self.model_run = ModelRun(loaded, runner.capture_info, self.model_run.versions)
+                done: list[tuple[_Prepared | None, ImageResult | ImageFailure, int | None]] = []
                 for item in outcomes:
                     if isinstance(item, ImageFailure):
-                        yield item
+                        done.append((None, item, None))
                         continue
                     forward = next(passes)
-                    yield _per_image(
+                    result = _per_image(
                         lambda p: explain(p.entry, forward, methods, layout, p.geometry, p.original, p.view, p.objects),
                         item, "experiments",
                     )
+                    # The evaluation scores every map with the image's first target's class.
+                    explained = forward.target.class_index if forward.target is not None else (chosen[0] if chosen else None)
+                    done.append((item, result, explained))
+                if perturber is not None:
+                    randomised = _randomised_maps(loaded, methods, chosen, top, done) if sanity else None
+                    done = _evaluated(perturber, done, layout, randomised)
+                for _item, result, _class in done:
+                    yield result
 
 
 def _per_image(step, item: _Prepared, what: str):
@@ -171,16 +193,72 @@ def _per_image(step, item: _Prepared, what: str):
         return step(item)
     except ImageError as err:
         return ImageFailure(item.entry, str(err))
-    except Exception as err:
+    except Exception as err:  # a bug must cost one image, not the whole site
         log.debug("%s of %s failed", what, item.entry.id, exc_info=err)
-        return ImageFailure(item.entry, f"internal error in reportgen ({type(err).__name__}: {err})")
+        return _internal_error(item.entry, err)
+
+
+def _internal_error(entry: ImageEntry, err: Exception) -> ImageFailure:
+    return ImageFailure(entry, f"internal error in reportgen ({type(err).__name__}: {err})")
+
+
+def _randomised_maps(loaded: LoadedModel, methods: list, chosen: tuple[int, ...], top: int, done: list) -> list | None:
+    """For the batch's images (aligned with ``done``; None for a failure), the maps of each step of
+    the cascading randomisation (:mod:`reportgen.model.sanity`): ``[(block index, {map: grid})]``.
+    One pass of the batch per step, on a copy of the model."""
+    from reportgen.model.sanity import cascade
+
+    ok = [index for index, (_item, result, _class) in enumerate(done) if isinstance(result, ImageResult)]
+    if not ok:
+        return None
+    batch = torch.stack([done[index][0].tensor for index in ok])
+    steps: list[list] = [[] for _ in done]
+    layout = loaded.layout
+    for block, model in cascade(loaded.model):
+        forwards = ModelRunner(dataclasses.replace(loaded, model=model, adapter=None), methods, chosen, top).run(batch)
+        for index, forward in zip(ok, forwards):
+            maps = {name: grid for method in methods for name, grid in method.maps(forward, layout).maps.items()}
+            steps[index].append((block, maps))
+    return steps
+
+
+def _evaluated(perturber, done: list, layout, randomised: list | None = None) -> list:
+    """The batch's results with their :class:`~reportgen.experiments.Evaluation`: every image's
+    perturbed inputs go through the model together."""
+    from reportgen.experiments import evaluation, sanity
+    from reportgen.model.perturbation import Subject
+
+    ok = [(index, item, result, explained) for index, (item, result, explained) in enumerate(done) if isinstance(result, ImageResult)]
+    if not ok:
+        return done
+    subjects = [
+        Subject(item.tensor, first_target_maps(result), result.content.weights, item.geometry.content_box(), explained)
+        for _index, item, result, explained in ok
+    ]
+    done = list(done)
+    try:
+        curves = perturber.curves(subjects)
+    except Exception as err:  # a bug must cost this batch's images, not the whole site
+        log.debug("evaluation failed", exc_info=err)
+        for index, item, result, explained in ok:
+            done[index] = (item, _internal_error(result.entry, err), explained)
+        return done
+    for (index, item, result, explained), scored in zip(ok, curves):
+        try:
+            checked = sanity(result, randomised[index]) if randomised is not None else None
+            judged = evaluation(result, scored, perturber.baseline, layout, checked)
+            done[index] = (item, dataclasses.replace(result, evaluation=judged), explained)
+        except Exception as err:
+            log.debug("evaluation of %s failed", result.entry.id, exc_info=err)
+            done[index] = (item, _internal_error(result.entry, err), explained)
+    return done
 
 
 def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int, ...], int]:
     """The rules a setting can only be checked by once the model is loaded. Returns the indices of
     the classes the gradient methods explain (``attention.target_classes``; empty for each image's
-    top predictions, and when no method explains a target) and how many top predictions to
-    explain without them.
+    top predictions, and when nothing explains a target) and how many top predictions to
+    explain without them. The evaluation scores each image's first target.
 
     Raises:
         ModelSettingsError: naming the setting, its value and what the model allows.
@@ -192,7 +270,7 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int
             f"{loaded.name} ({loaded.depth} layers); use a layer from 1 to {loaded.depth}."
         )
     choice = settings.attention.target_classes
-    if choice is None or not any(METHODS[name].targeted for name in settings.methods):
+    if choice is None or not (any(METHODS[name].targeted for name in settings.methods) or settings.evaluate.enabled):
         return (), 1
     targets = Targets(loaded.adapter)
     written = choice.as_written()

@@ -7,6 +7,10 @@
 3. Object embeddings pooled from patch tokens, plain and (with ``rollout``) rollout-weighted, and
    their cosine similarities.
 
+With ``evaluate``, :func:`evaluation` adds how far each map reflects what the model uses: the
+perturbation curves the model stage scored (:mod:`reportgen.model.perturbation`), their areas
+against a random baseline, localisation in the boxes and agreement between every pair of maps.
+
 Every map of every configured method also gets its entropy and the share of its mass on letterbox
 padding. Every statistic of a map (entropy, rank agreement, top-10% overlap, mass in a box) is taken
 over the patches that hold image, each weighted by the fraction of it that is image
@@ -27,8 +31,9 @@ from PIL import Image
 
 from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
-from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, sectioned_methods
+from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, METHODS, sectioned_methods
 from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, Prediction, Target, TokenLayout
+from reportgen.methods.evaluation import SANITY_THRESHOLD, CURVE_KINDS, Curves, mass_in_box, pointing_hit
 from reportgen.methods.embeddings import (
     cosine_similarity_matrix,
     number_duplicates,
@@ -342,6 +347,128 @@ class ObjectsResult:
 
 
 @dataclass(frozen=True)
+class BoxLocalisation:
+    """How each map localises one box (in model-input pixels).
+
+    Attributes:
+        label: the object's label (numbered when repeated).
+        input_box: the box in model-input pixels, clipped to the input.
+        area_share: the box's share of the image area the model sees (padding excluded).
+        hit: per map name, whether its largest patch on the image lies within
+            :data:`~reportgen.methods.evaluation.POINTING_TOLERANCE` pixels of the box (None for a
+            map that is flat over the image, which has no largest patch).
+        mass: per map name, the share of its mass on the image inside the box (None without mass).
+    """
+
+    label: str
+    input_box: tuple[float, float, float, float]
+    area_share: float
+    hit: dict[str, bool | None]
+    mass: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far two maps agree over the image's patches.
+
+    Attributes:
+        a / b: the two maps' names, in page order.
+        spearman: rank correlation (NaN when either map is constant).
+        top_overlap: share of ``a``'s top-10% patches also in ``b``'s (ties shared).
+    """
+
+    a: str
+    b: str
+    spearman: float
+    top_overlap: float
+
+
+@dataclass(frozen=True)
+class RandomBaseline:
+    """The random orders' curves of one kind, summarised.
+
+    Attributes:
+        mean / std: ``[S + 1]`` the mean and standard deviation over the orders at each step.
+        aucs: ``[R]`` each order's area under its curve.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    aucs: np.ndarray
+
+    @property
+    def auc_mean(self) -> float:
+        return float(self.aucs.mean()) if self.aucs.size else float("nan")
+
+    @property
+    def auc_std(self) -> float:
+        return float(self.aucs.std()) if self.aucs.size else float("nan")
+
+
+@dataclass(frozen=True)
+class Sanity:
+    """The cascading model-randomisation check of one image's maps.
+
+    Attributes:
+        blocks: at each step, the block (numbered from 1) re-initialised then, last block first;
+            every block after it stays re-initialised.
+        spearman: per map name, ``[steps]`` its rank correlation over the image's patches with the
+            original map after each step (NaN where either map is constant).
+    """
+
+    blocks: tuple[int, ...]
+    spearman: dict[str, np.ndarray]
+
+    @property
+    def flagged(self) -> dict[str, bool]:
+        """Per map, whether it still correlates above :data:`SANITY_THRESHOLD` with every block
+        re-initialised: it does not depend on what the model learnt."""
+        return {name: bool(values[-1] > SANITY_THRESHOLD) for name, values in self.spearman.items()}
+
+
+def sanity(result: ImageResult, steps: list[tuple[int, dict[str, np.ndarray]]]) -> Sanity:
+    """The :class:`Sanity` of ``result``'s maps from each step's ``(block index, maps)``."""
+    content = result.content
+    return Sanity(
+        blocks=tuple(index + 1 for index, _ in steps),
+        spearman={
+            name: np.array([spearman(content.values(grid), content.values(maps[name])) for _, maps in steps])
+            for name, grid in result.maps.items()
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How far each map of one image reflects what the model uses.
+
+    Attributes:
+        baseline: what replaced a removed patch (``mean``, ``blur``, ``zero``).
+        curves: the perturbation curves the model scored.
+        auc: per map name, per kind of curve, the area under it.
+        random: per kind of curve, the random orders' :class:`RandomBaseline` (``negative`` has
+            the deletion curves: a reversed random order is as random).
+        localisation: per box of the image, how each map localises it.
+        agreement: every pair of maps, in page order.
+        sanity: the model-randomisation check (with ``evaluate.sanity``), else None.
+    """
+
+    baseline: str
+    curves: Curves
+    auc: dict[str, dict[str, float]]
+    random: dict[str, RandomBaseline]
+    localisation: tuple[BoxLocalisation, ...]
+    agreement: tuple[Agreement, ...]
+    sanity: Sanity | None = None
+
+    def beats_random(self, name: str, kind: str) -> bool:
+        """Whether map ``name``'s curve ``kind`` is better than the random orders' mean."""
+        from reportgen.methods.evaluation import beats_random
+
+        return beats_random(kind, self.auc[name][kind], self.random[kind].auc_mean)
+
+
+@dataclass(frozen=True)
 class ImageResult:
     """Everything the report shows for one image.
 
@@ -371,6 +498,7 @@ class ImageResult:
         object_target_count: how many objects it has maps for.
         layer_entropy: per method, the normalised entropy of its explorer map at each layer
             (:func:`layer_entropy`).
+        evaluation: how far each map reflects what the model uses (with ``evaluate``), else None.
     """
 
     entry: ImageEntry
@@ -392,6 +520,7 @@ class ImageResult:
     target_count: int = 1
     object_target_count: int = 0
     layer_entropy: dict[str, tuple[float | None, ...]] = field(default_factory=dict)
+    evaluation: Evaluation | None = None
 
     @property
     def maps(self) -> dict[str, np.ndarray]:
@@ -497,6 +626,65 @@ def maps_for_every_target(method: MapMethod, forward: ForwardPass, layout: Token
             targets[f"{name}/{kind}-{counts[kind]}"] = target
         prefix.update({f"{name}/{kind}-{counts[kind]}": values for name, values in other.prefix.items()})
     return dataclasses.replace(first, maps=maps, prefix=prefix, targets=targets)
+
+
+def evaluation(
+    result: ImageResult, curves: Curves, baseline: str, layout: TokenLayout, checked: Sanity | None = None
+) -> Evaluation:
+    """The :class:`Evaluation` of one image from its maps (those of each method's first target:
+    :func:`first_target_maps`), the curves the model scored and (if run) the sanity check."""
+    maps, content = first_target_maps(result), result.content
+    random = {}
+    for kind in CURVE_KINDS:
+        rows = curves.random["deletion" if kind == "negative" else kind]
+        random[kind] = RandomBaseline(
+            mean=rows.mean(axis=0) if len(rows) else np.full(len(curves.fractions), np.nan),
+            std=rows.std(axis=0) if len(rows) else np.full(len(curves.fractions), np.nan),
+            aucs=curves.random_aucs(kind),
+        )
+    names = list(maps)
+    agreement = tuple(
+        Agreement(a, b, spearman(content.values(maps[a]), content.values(maps[b])),
+                  top_fraction_overlap(content.values(maps[a]), content.values(maps[b]), TOP_FRACTION))
+        for i, a in enumerate(names) for b in names[i + 1 :]
+    )
+    localisation = []
+    for label, input_box in _input_boxes(result):
+        coverage = patch_coverage(input_box, layout.grid, layout.patch_size)
+        localisation.append(
+            BoxLocalisation(
+                label=label,
+                input_box=input_box,
+                area_share=_box_fraction(input_box, result.geometry),
+                hit={name: pointing_hit(grid, content.weights, layout.patch_size, input_box) for name, grid in maps.items()},
+                mass={name: mass_in_box(grid, content.weights, coverage) for name, grid in maps.items()},
+            )
+        )
+    return Evaluation(
+        baseline=baseline,
+        curves=curves,
+        auc={name: {kind: curves.auc(name, kind) for kind in CURVE_KINDS} for name in curves.maps},
+        random=random,
+        localisation=tuple(localisation),
+        agreement=agreement,
+        sanity=checked,
+    )
+
+
+def first_target_maps(result: ImageResult) -> dict[str, np.ndarray]:
+    """The maps of each method's first target (the evaluation scores only the image's first
+    target), by name, in page order."""
+    return {name: output.maps[name] for method, output in result.methods.items() for name, _stem in METHODS[method].maps}
+
+
+def _input_boxes(result: ImageResult) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """The image's boxes in model-input pixels: its objects' (the manifest's or a detector's), else
+    the manifest's boxes of a ``single`` image; boxes cropped away are left out."""
+    if result.objects is not None:
+        return [(o.label, o.input_box) for o in result.objects.objects]
+    boxes = result.entry.objects
+    mapped = [(label, result.geometry.map_box(box.as_tuple())[0]) for label, box in zip(number_duplicates([b.label for b in boxes]), boxes)]
+    return [(label, box) for label, box in mapped if box is not None]
 
 
 def _all_maps(outputs: dict[str, MethodMaps]) -> dict[str, np.ndarray]:

@@ -235,7 +235,7 @@ def test_unknown_keys_name_every_allowed_key_including_methods(tmp_path, photo):
     path = tmp_path / "manifest.yaml"
     path.write_text(yaml.safe_dump({"method": ["rollout"], "images": [{"path": "a.png"}]}), encoding="utf-8")
     assert _problems(path) == [
-        "top level: unknown key 'method' (allowed: attention, detector, images, methods, model, output, title)"
+        "top level: unknown key 'method' (allowed: attention, detector, evaluate, images, methods, model, output, title)"
     ]
 
 

@@ -180,7 +180,7 @@ def _tamper(site, change):
     (lambda d: d["images"][0]["scales"]["maps"].pop("rollout"), "images[0] (id 'one').scales.maps.rollout: missing"),
     (lambda d: d["settings"].__setitem__("cmap", "no-such-map"), "settings.cmap:"),
     (lambda d: d["settings"].__setitem__("methods", ["attention", "attention"]), "settings.methods:"),
-    (lambda d: d.__setitem__("format", 99), "format: 99 is not 2"),
+    (lambda d: d.__setitem__("format", 99), "format: 99 is not 3"),
     (lambda d: d["model"].__setitem__("grid", [4]), "model.grid"),
 ])
 def test_a_tampered_site_is_refused_naming_file_and_key(copy, tmp_path, change, message):

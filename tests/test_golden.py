@@ -44,7 +44,7 @@ LINE_WIDTH = 200
 _JSON_VERSIONS = re.compile(r'"versions": \{([^{}]*)\}')
 _JSON_ENTRY = re.compile(r'"([^"]+)": (?:"[^"]*"|null)')
 _HTML_VERSIONS = re.compile(r"<dt>Versions</dt><dd>([^<]*)</dd>")
-_DATA_HASHED = re.compile(r"(figures/entropy-by-layer)\.[0-9a-f]{10}\.png")
+_DATA_HASHED = re.compile(r"(assets/entropy-by-layer)\.[0-9a-f]{10}\.png")
 _DECIMAL = re.compile(r"-?\d+\.(\d+)(?:[eE][-+]?\d+)?")
 NUMBER_TOLERANCE = 1e-5
 

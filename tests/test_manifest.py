@@ -463,7 +463,7 @@ def test_several_problems_are_reported_at_once(folder: Path):
     "text, expected",
     [
         ("imagez: []\nimages: [{path: cat.png}]\n",
-         "top level: unknown key 'imagez' (allowed: attention, detector, images, methods, model, output, title)"),
+         "top level: unknown key 'imagez' (allowed: attention, detector, evaluate, images, methods, model, output, title)"),
         ("model: {nmae: x}\nimages: [{path: cat.png}]\n",
          "model: unknown key 'nmae' (allowed: input_size, name, options, pretrained, weights)"),
         ("attention: {fusion: max}\nimages: [{path: cat.png}]\n",

@@ -145,7 +145,7 @@ def test_layer_entropy_agrees_with_a_hand_computation_and_the_index_draws_it(tmp
         assert record["layer_entropy"]["attention"][-1] == record["attention"]["mean_entropy"]["normalised"]
     # The figure: one line per method at layers 1 and 2, the mean over the three images.
     index = (out / "index.html").read_text()
-    figure_file = re.search(r'<img src="(figures/entropy-by-layer\.[0-9a-f]{10}\.png)"', index).group(1)
+    figure_file = re.search(r'<img src="(assets/entropy-by-layer\.[0-9a-f]{10}\.png)"', index).group(1)
     with Image.open(out / figure_file) as png:
         assert png.format == "PNG" and png.size == (640, 360)
     figure = layer_entropy_figure(results["images"])

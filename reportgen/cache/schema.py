@@ -211,6 +211,60 @@ class _Objects(_Schema):
     detector_unavailable: None  # an image whose detector could not be loaded is never cached
 
 
+Curve = Annotated[list[Number], Field(max_length=MAX_LIST)]
+_KindMap = Annotated[dict[Text, Curve], Field(max_length=8)]
+
+
+class _RandomBaseline(_Schema):
+    mean: Curve
+    std: Curve
+    aucs: Annotated[list[Number], Field(max_length=1000)]
+    auc_mean: Number
+    auc_std: Number
+
+
+class _Localisation(_Schema):
+    label: Text
+    input_box: Box
+    area_share: Share
+    hit: Annotated[dict[Text, bool | None], Field(max_length=MAX_LIST)]
+    mass: Annotated[dict[Text, Share], Field(max_length=MAX_LIST)]
+
+
+class _Agreement(_Schema):
+    a: Text
+    b: Text
+    spearman: Number
+    top_overlap: Share
+
+
+class _Sanity(_Schema):
+    blocks: Annotated[list[Annotated[int, Field(ge=1, le=MAX_COUNT)]], Field(max_length=MAX_LIST)]
+    spearman: Annotated[dict[Text, Curve], Field(max_length=MAX_LIST)]
+    flagged: Annotated[dict[Text, bool], Field(max_length=MAX_LIST)]
+    threshold: Finite
+
+
+class Evaluation(_Schema):
+    """``evaluation``: how far each map reflects what the model uses (shapes checked in _check_record)."""
+
+    maps: Annotated[list[Text], Field(max_length=MAX_LIST)]
+    baseline: Literal["mean", "blur", "zero"]
+    steps: Annotated[int, Field(ge=1, le=MAX_LIST - 1)]
+    random_orders: Count
+    target: Text
+    reference_score: Number
+    forwards: Count
+    fractions: Curve
+    curves: Annotated[dict[Text, _KindMap], Field(max_length=MAX_LIST)]
+    auc: Annotated[dict[Text, Annotated[dict[Text, Number], Field(max_length=8)]], Field(max_length=MAX_LIST)]
+    beats_random: Annotated[dict[Text, Annotated[dict[Text, bool], Field(max_length=8)]], Field(max_length=MAX_LIST)]
+    random: Annotated[dict[Text, _RandomBaseline], Field(max_length=8)]
+    localisation: Annotated[list[_Localisation], Field(max_length=2 * MAX_OBJECTS)]
+    agreement: Annotated[list[_Agreement], Field(max_length=MAX_LIST * MAX_LIST)]
+    sanity: _Sanity | None
+
+
 class Record(_Schema):
     """A cached page record (what :func:`reportgen.site.records.image_record` writes for an image
     that worked). Which sections may be None depends on the methods (checked in _check_record)."""
@@ -239,6 +293,7 @@ class Record(_Schema):
     scales: _Scales
     maps: Annotated[dict[Text, _Map], Field(max_length=MAX_LIST)] | None = None  # maps no section shows
     predictions: Annotated[list[_Prediction], Field(min_length=1, max_length=5)] | None = None  # a classifier's top 5
+    evaluation: Evaluation | None = None  # with the evaluation only (checked in _check_record)
 
 
 class Entry(_Schema):

@@ -33,10 +33,11 @@ from pydantic import ValidationError
 
 import reportgen
 from reportgen import outdir
-from reportgen.cache.schema import MAX_COUNT, Entry, ModelRun, Record
+from reportgen.cache.schema import MAX_COUNT, Entry, Evaluation, ModelRun, Record
 from reportgen.config import ImageEntry, Manifest
 from reportgen.hashing import file_sha256
 from reportgen.methods import METHODS, figure_key, method_maps, sectioned_methods
+from reportgen.methods.evaluation import CURVE_KINDS
 from reportgen.model.sources import model_identity
 from reportgen.site.figures import figure_files, figure_index
 from reportgen.site.records import page_name
@@ -45,7 +46,7 @@ from reportgen.site.scales import ScaleSetting
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 8  # raised whenever what a record holds, or what its numbers mean, changes
+STATUS_FORMAT = 9  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 
@@ -71,6 +72,9 @@ def settings_key(manifest: Manifest) -> str:
             ],
             "detector": [manifest.detector.name, manifest.detector.threshold],
             "figures": [manifest.output.cmap, manifest.output.alpha, *_scale_key(manifest)],
+            # Only when on, so a build without the evaluation keeps its key.
+            **({"evaluate": [manifest.evaluate.baseline, manifest.evaluate.random_orders, manifest.evaluate.sanity]}
+               if manifest.evaluate.enabled else {}),
         }
     )
 
@@ -160,11 +164,12 @@ def read_status(output: Path, current_key: str, warnings: list[str]) -> Status |
 
 def reuse(
     status: Status, entry: ImageEntry, key: str, methods: tuple[str, ...], output: Path, staging: Path, warnings: list[str],
-    targets: int = 1, object_targets: bool = False,
+    targets: int = 1, object_targets: bool = False, evaluate: bool = False,
 ) -> dict[str, Any] | None:
     """Carry an unchanged image's figures into ``staging``; its page record, or None to recompute.
     ``targets`` is how many class (or label-free) targets the methods that explain one have maps
-    for, ``object_targets`` whether they explain each object too.
+    for, ``object_targets`` whether they explain each object too, ``evaluate`` whether the build
+    evaluates the maps (the record must hold the evaluation).
 
     A record whose key matches but that does not fit the schema, or whose figures are not regular
     files inside ``output``, is recomputed with one warning in ``warnings``.
@@ -175,7 +180,9 @@ def reuse(
     where = f"{output / STATUS_FILE}: entry {entry.slug!r}"
     try:
         record = Entry.model_validate(cached).record
-        figures = _check_record(record, entry, methods, ModelRun.model_validate(status.model_run), targets, object_targets)
+        figures = _check_record(
+            record, entry, methods, ModelRun.model_validate(status.model_run), targets, object_targets, evaluate
+        )
     except ValidationError as err:
         warnings.append(f"{where} does not fit the build cache's schema ({_problem(err)[1:]}); it is recomputed.")
         return None
@@ -255,7 +262,8 @@ def old_file(output: Path, relative: str) -> Path | None:
 
 
 def _check_record(
-    record: Record, entry: ImageEntry, methods: tuple[str, ...], run: ModelRun, targets: int = 1, object_targets: bool = False
+    record: Record, entry: ImageEntry, methods: tuple[str, ...], run: ModelRun, targets: int = 1,
+    object_targets: bool = False, evaluate: bool = False,
 ) -> dict[str, Any]:
     """Check what a schema cannot: names made from this entry's slug, the sections the methods
     make, and array shapes that agree with the model. Returns the figure index the record must
@@ -356,13 +364,45 @@ def _check_record(
                 raise ValueError(f"objects.{name} does not match the methods")
             if matrix is not None and not _is_shape(matrix, count, count):
                 raise ValueError(f"objects.{name} is not {count}x{count}")
+    if (record.evaluation is not None) != evaluate:
+        raise ValueError("evaluation does not match the settings")
+    if record.evaluation is not None:
+        _check_evaluation(record.evaluation, map_names, len(entry.objects) + count)
     figures = figure_index(
         f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained,
-        (rows, cols),
+        evaluate, grid=(rows, cols),
     )
     if record.figures != figures:
         raise ValueError("figures are not the ones made for this image")
     return figures
+
+
+def _check_evaluation(e: Evaluation, map_names: list[str], boxes: int) -> None:
+    """The evaluation's maps are the methods' maps, and every curve has one score per step."""
+    points = e.steps + 1
+    if sorted(e.maps) != map_names:
+        raise ValueError("evaluation.maps does not name the methods' maps")
+    if len(e.fractions) != points:
+        raise ValueError("evaluation.fractions does not have one value per step")
+    for section in ("curves", "auc", "beats_random"):
+        table = getattr(e, section)
+        if sorted(table) != map_names or any(sorted(kinds) != sorted(CURVE_KINDS) for kinds in table.values()):
+            raise ValueError(f"evaluation.{section} does not name the methods' maps and the curves")
+    if any(len(curve) != points for kinds in e.curves.values() for curve in kinds.values()):
+        raise ValueError("evaluation.curves do not have one score per step")
+    if sorted(e.random) != sorted(CURVE_KINDS) or any(
+        len(r.mean) != points or len(r.std) != points or len(r.aucs) != e.random_orders for r in e.random.values()
+    ):
+        raise ValueError("evaluation.random does not match the curves and the random orders")
+    if len(e.localisation) > boxes or any(sorted(b.hit) != map_names or sorted(b.mass) != map_names for b in e.localisation):
+        raise ValueError("evaluation.localisation does not match the boxes and the maps")
+    if any(a.a not in map_names or a.b not in map_names for a in e.agreement) or len(e.agreement) != len(map_names) * (len(map_names) - 1) // 2:
+        raise ValueError("evaluation.agreement is not every pair of the maps")
+    if e.sanity is not None and (
+        sorted(e.sanity.spearman) != map_names or sorted(e.sanity.flagged) != map_names
+        or any(len(values) != len(e.sanity.blocks) for values in e.sanity.spearman.values())
+    ):
+        raise ValueError("evaluation.sanity does not match the maps and its steps")
 
 
 def _is_shape(matrix: list[list[Any]], rows: int, cols: int) -> bool:

@@ -14,6 +14,8 @@ from reportgen.config.bounds import (  # noqa: F401
     MAX_NAME_LENGTH,
     MAX_OBJECTS,
     MAX_PATH_LENGTH,
+    MAX_RANDOM_ORDERS,
+    PERTURBATION_BASELINES,
     MAX_TITLE_LENGTH,
     SCALE_KINDS,
 )
@@ -21,6 +23,8 @@ from reportgen.config.manifest import ImageEntry, Manifest, ObjectBox, check_ove
 from reportgen.config.messages import SettingsError  # noqa: F401
 from reportgen.config.options import BuildOptions, ExportOptions, build_options, export_options  # noqa: F401
 from reportgen.config.rules import ClassTargets  # noqa: F401
-from reportgen.config.schema import AttentionSettings, DetectorSettings, ModelSettings, OutputSettings  # noqa: F401
+from reportgen.config.schema import (  # noqa: F401
+    AttentionSettings, DetectorSettings, EvaluateSettings, ModelSettings, OutputSettings,
+)
 from reportgen.config.slugs import slugify  # noqa: F401
 from reportgen.methods import DEFAULT_METHODS, HEAD_FUSIONS, METHODS  # noqa: F401

@@ -41,3 +41,11 @@ MAX_OBJECTS = 64
 #: Largest model.input_size accepted; anything bigger is a typo that would only fail later
 #: with an out-of-memory error deep inside the model.
 MAX_INPUT_SIZE = 4096
+
+#: What replaces a patch the evaluation removes (evaluate.baseline): the image's mean colour,
+#: the image blurred, or black.
+PERTURBATION_BASELINES = ("mean", "blur", "zero")
+
+#: Most seeded random orders the evaluation's random baseline averages over (evaluate.random_orders):
+#: each costs about 2 x 9 forward passes per image.
+MAX_RANDOM_ORDERS = 100

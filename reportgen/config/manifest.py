@@ -10,6 +10,7 @@ and the output site::
     detector: {name: none, threshold: 0.9}
     output: {dir: ../site, cmap: inferno, alpha: 0.5}
     methods: [attention, rollout]         # or: all
+    evaluate: {baseline: mean}            # or: true; off when left out
     images:
       - path: chelsea.png
         id: chelsea
@@ -42,6 +43,7 @@ from reportgen.config.schema import (
     SECTIONS,
     AttentionSettings,
     DetectorSettings,
+    EvaluateSettings,
     ManifestDocument,
     MethodNames,
     ModelSettings,
@@ -132,6 +134,7 @@ class Manifest:
         output: output settings.
         images: the images, in manifest order, with unique ids and slugs.
         methods: names of the map methods to run, from :data:`reportgen.methods.METHODS`.
+        evaluate: whether and how the maps are evaluated against the model.
     """
 
     path: Path
@@ -141,6 +144,7 @@ class Manifest:
     output: OutputSettings
     images: tuple[ImageEntry, ...]
     methods: tuple[str, ...] = DEFAULT_METHODS
+    evaluate: EvaluateSettings = dataclasses.field(default_factory=EvaluateSettings)
 
     def with_overrides(self, **changes: Any) -> Manifest:
         """Return a copy with some settings replaced, e.g. from command-line options.
@@ -149,7 +153,7 @@ class Manifest:
         manifest; paths are used as given, not resolved against the manifest's folder.
 
         Args:
-            **changes: per section ("model", "attention", "detector", "output"), a mapping of
+            **changes: per section ("model", "attention", "detector", "output", "evaluate"), a mapping of
                 field name to new value; None or an empty mapping changes nothing. ``methods``
                 is a list of method names or "all".
 
@@ -265,4 +269,4 @@ def _manifest(path: Path, document: ManifestDocument) -> Manifest:
         for index, (spec, image_id, slug) in enumerate(zip(document.images, ids, unique_slugs(ids)))
     )
     return Manifest(path=path, model=document.model, attention=document.attention, detector=document.detector,
-                    output=output, images=images, methods=document.methods)
+                    output=output, images=images, methods=document.methods, evaluate=document.evaluate)

@@ -26,7 +26,9 @@ from reportgen.config.bounds import (
     MAX_LABEL_LENGTH,
     MAX_NAME_LENGTH,
     MAX_OBJECTS,
+    MAX_RANDOM_ORDERS,
     MAX_TITLE_LENGTH,
+    PERTURBATION_BASELINES,
     SCALE_KINDS,
 )
 from reportgen.config.messages import file_stem_id, image_id, problem, problems, show, with_problems
@@ -198,12 +200,52 @@ class OutputSettings(_Section):
     scale_percentile: Annotated[float, Number(gt=50, le=100)] = 99.0
 
 
+@dataclass(frozen=True, config=_CONFIG)
+class EvaluateSettings(_Section):
+    """Whether, and how, each map is evaluated against the model (perturbation curves, localisation
+    in the boxes, agreement between the maps; see :mod:`reportgen.methods.evaluation`). Opt-in: the
+    perturbation curves cost extra forward passes.
+
+    The manifest writes ``evaluate: true``, or a mapping of these keys, which turns it on unless it
+    says ``enabled: false``.
+
+    Attributes:
+        enabled: evaluate the maps.
+        baseline: what replaces a removed patch, one of :data:`PERTURBATION_BASELINES`: the image's
+            mean colour (over the image, padding excluded), the image blurred, or black.
+        random_orders: how many seeded random orders the random baseline averages over, at most
+            :data:`MAX_RANDOM_ORDERS`.
+        sanity: also run the cascading model-randomisation check (one more pass of every image
+            per block of the model).
+    """
+
+    SHAPE: ClassVar[str] = "true, false or a mapping"
+
+    enabled: Annotated[bool, Flag()] = False
+    baseline: Annotated[str, OneOf(PERTURBATION_BASELINES)] = "mean"
+    random_orders: Annotated[int, Count(most=MAX_RANDOM_ORDERS)] = 5
+    sanity: Annotated[bool, Flag()] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any) -> Any:
+        # Replaces the sections' rule: a bare true/false, and a written section means "on".
+        if isinstance(data, (ArgsKwargs, cls)):
+            return data
+        if isinstance(data, bool):
+            return {"enabled": data}
+        if not isinstance(data, Mapping):
+            raise problem(f"expected {cls.SHAPE}, got {show(data)}")
+        return {"enabled": True, **{key: value for key, value in data.items() if value is not None}}
+
+
 #: The sections of the manifest that settings (and command-line overrides) can change.
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "attention": AttentionSettings,
     "detector": DetectorSettings,
     "output": OutputSettings,
+    "evaluate": EvaluateSettings,
 }
 
 
@@ -277,6 +319,7 @@ class ManifestDocument(_Section):
     attention: AttentionSettings = dataclasses.field(default_factory=AttentionSettings)
     detector: DetectorSettings = dataclasses.field(default_factory=DetectorSettings)
     output: OutputSettings = dataclasses.field(default_factory=OutputSettings)
+    evaluate: EvaluateSettings = dataclasses.field(default_factory=EvaluateSettings)
     methods: MethodNames = DEFAULT_METHODS
     images: Annotated[tuple[ImageSpec, ...], Items(
         "a list of images", empty="the list is empty; add at least one image")] = Field(

@@ -464,7 +464,7 @@ def layer_entropy_figure(records: list[dict]):
 
 def figure_index(
     prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False, targets: int = 1,
-    object_targets: int = 0, grid: tuple[int, int] | None = None,
+    object_targets: int = 0, evaluation: bool = False, grid: tuple[int, int] | None = None,
 ) -> dict:
     """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
     the explorer sprite's layout. The only place figure file names are made (the build cache
@@ -478,6 +478,7 @@ def figure_index(
         norms: the explorer ends with a column of token norms per layer.
         targets: how many class (or label-free) targets the methods that explain one have maps for.
         object_targets: how many objects they have maps for.
+        evaluation: the image's maps were evaluated (the perturbation curves' figure).
         grid: the model's patch grid (rows, cols): with ``attention``, the patch explorer's
             sprite (:func:`write_patch_sprite`) holds its last ``patch_layers(layers, grid)`` layers.
     """
@@ -522,6 +523,8 @@ def figure_index(
         figures["objects"] = f"{prefix}/objects.jpg"
     if objects > 1 and "rollout" in methods:
         figures["similarity"] = f"{prefix}/similarity.png"
+    if evaluation:
+        figures["evaluation"] = f"{prefix}/evaluation.png"
     return figures
 
 
@@ -561,7 +564,7 @@ def write_image_figures(
     norms = result.norms.patches[:, None] if result.norms is not None else None  # [L, 1, rows, cols]
     figures = figure_index(
         prefix, tuple(outputs), stack.shape[0], heads, len(objects), norms is not None, result.target_count,
-        result.object_target_count, stack.shape[2:],
+        result.object_target_count, result.evaluation is not None, grid=stack.shape[2:],
     )
 
     def out(name: str) -> BinaryIO:
@@ -601,4 +604,44 @@ def write_image_figures(
     if "similarity" in figures:
         with out("similarity") as file:
             write_similarity_heatmaps(result.objects.labels, result.objects.plain_similarity, result.objects.rollout_similarity, file)
+    if result.evaluation is not None:
+        e = result.evaluation
+        with out("evaluation") as file:
+            write_curves(e.curves.fractions, e.curves.maps, {kind: (r.mean, r.std) for kind, r in e.random.items()}, file)
     return figures
+
+
+#: The panels of the curves' figure: curve kind, title, x-axis label.
+CURVE_PANELS = (
+    ("deletion", "Deletion (most relevant first)", "fraction of patches removed"),
+    ("negative", "Negative (least relevant first)", "fraction of patches removed"),
+    ("insertion", "Insertion (most relevant first)", "fraction of patches inserted"),
+)
+
+
+def write_curves(
+    fractions: np.ndarray, maps: dict[str, dict[str, np.ndarray]], random: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: Destination,
+) -> None:
+    """The perturbation curves of one image: a panel per kind of curve, one line per map and the
+    random orders' mean with a band of one standard deviation."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9.0, 2.8))
+    axes = figure.subplots(1, len(CURVE_PANELS), sharey=True)
+    colours = [f"C{i}" for i in range(10)]
+    for ax, (kind, title, xlabel) in zip(axes, CURVE_PANELS):
+        mean, std = random[kind]
+        ax.fill_between(fractions, mean - std, mean + std, color="0.8", linewidth=0, label="random ± 1 s.d.")
+        ax.plot(fractions, mean, color="0.45", linestyle="--", linewidth=1.2, label="random (mean)")
+        for i, (name, curves) in enumerate(maps.items()):
+            ax.plot(fractions, curves[kind], color=colours[i % len(colours)], linewidth=1.5, marker="o", markersize=2.5, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_xlim(0.0, 1.0)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, linewidth=0.4, color="0.9")
+    axes[0].set_ylabel("score / unperturbed", fontsize=8)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    figure.subplots_adjust(left=0.07, right=0.8, bottom=0.18, top=0.88, wspace=0.08)
+    save_figure(figure, path)

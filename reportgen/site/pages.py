@@ -20,6 +20,7 @@ import jinja2
 from reportgen import outdir
 from reportgen.methods import CLS_QUERY, PATCH_LAYERS_GRID, QUERIES
 from reportgen.site.comparison import comparison_grid
+from reportgen.site.leaderboard import leaderboard
 from reportgen.site.records import plain
 from reportgen.site.scales import ordinal
 from reportgen.site.summary import fraction_lowered, object_tables, summarise_pairs
@@ -127,6 +128,9 @@ def write_site(
         "pairs": plain(pairs),
         "rollout_lowered": lowered_record,
     }
+    board = leaderboard(records)
+    if board is not None:  # only with the evaluation: a build without it keeps its results.json
+        results["leaderboard"] = board
     env = environment()
     # Whose attention the maps show, in words (no model ran when every image failed to load).
     query = QUERIES[run["model"]["query"]] if run.get("model") else CLS_QUERY
@@ -150,6 +154,7 @@ def write_site(
         pairs=results["pairs"],
         lowered=lowered_record,
         layer_entropy=layer_entropy,
+        leaderboard=board,
     )
     outdir.write_text(out, "index.html", index_html)
     outdir.write_text(out, "results.json", results_json(results))

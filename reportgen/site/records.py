@@ -19,12 +19,13 @@ import numpy as np
 from reportgen.methods import (
     DOMINANT_RATIO, DOMINANT_SHARE, OUTLIER_RATIO, OUTLIER_SIGMAS, figure_key, method_maps, sectioned_methods,
 )
+from reportgen.methods.evaluation import SANITY_THRESHOLD
 from reportgen.site.scales import Scale, ScaleSetting, result_scales
 
 if TYPE_CHECKING:  # results come from the model stage; the site only reads their fields
     from reportgen.compute import ModelRun
     from reportgen.config import ImageEntry, Manifest
-    from reportgen.experiments import ImageResult, ObjectsResult, TokenNorms
+    from reportgen.experiments import Evaluation, ImageResult, ObjectsResult, TokenNorms
 
 # Significant digits kept in results.json. Relative rather than absolute precision: rollout values
 # around 0.002 would keep only 3-4 digits at 6 decimals, too few to check them at a relative 1e-6.
@@ -157,7 +158,53 @@ def image_record(result: ImageResult, figures: dict[str, Any], scale: ScaleSetti
         record["maps"] = others
     if result.predictions is not None:
         record["predictions"] = plain(result.predictions)  # [{index, name, probability}], best first
+    if result.evaluation is not None:
+        record["evaluation"] = _evaluation_record(result.evaluation)
     return record
+
+
+def _evaluation_record(e: Evaluation) -> dict[str, Any]:
+    """The evaluation of an image's maps: curves, their areas, the random baseline, boxes, agreement."""
+    curves = e.curves
+    return _sorted_keys({
+        "maps": list(curves.maps),  # the page's order (the mappings below are sorted, as the cache reads them back)
+        "baseline": e.baseline,
+        "steps": len(curves.fractions) - 1,
+        "random_orders": int(len(e.random["deletion"].aucs)),
+        "target": curves.target,
+        "reference_score": plain(curves.reference),
+        "forwards": curves.forwards,
+        "fractions": plain(curves.fractions),
+        "curves": plain(curves.maps),  # {map: {deletion, negative, insertion: [steps + 1]}}
+        "auc": plain(e.auc),
+        "beats_random": {name: {kind: e.beats_random(name, kind) for kind in kinds} for name, kinds in e.auc.items()},
+        "random": {
+            kind: {"mean": plain(r.mean), "std": plain(r.std), "aucs": plain(r.aucs), "auc_mean": plain(r.auc_mean),
+                   "auc_std": plain(r.auc_std)}
+            for kind, r in e.random.items()
+        },
+        "localisation": [
+            {"label": b.label, "input_box": plain(b.input_box), "area_share": plain(b.area_share), "hit": dict(b.hit),
+             "mass": plain(b.mass)}
+            for b in e.localisation
+        ],
+        "agreement": [plain(a) for a in e.agreement],  # {a, b, spearman, top_overlap}
+        "sanity": None if e.sanity is None else {
+            "blocks": list(e.sanity.blocks),  # the block re-initialised at each step, last first
+            "spearman": plain(e.sanity.spearman),  # per map, one per step
+            "flagged": e.sanity.flagged,
+            "threshold": SANITY_THRESHOLD,
+        },
+    })
+
+
+def _sorted_keys(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted, as a record read back from the status file has them."""
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 def _scale_record(scale: Scale) -> dict[str, Any]:
@@ -292,6 +339,9 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "alpha": manifest.output.alpha,
             "scale": manifest.output.scale,
             "scale_percentile": ScaleSetting.of(manifest.output).used_percentile,
+            # Only when on, so a build without the evaluation keeps its results.json.
+            **({"evaluate": {"baseline": manifest.evaluate.baseline, "random_orders": manifest.evaluate.random_orders}}
+               if manifest.evaluate.enabled else {}),
         },
         # The fixed rules behind the token-norm and concentration statistics.
         "rules": {

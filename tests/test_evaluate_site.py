@@ -1,0 +1,232 @@
+"""The evaluation through the real program: settings (manifest and command line), the page's
+figure and tables, results.json, the index's leaderboard, the build cache, and the boxes and
+pointing game in model-input pixels."""
+
+import json
+
+import html5lib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_manifest, write_photo
+from sitecheck import broken_links, disagreements
+
+from reportgen.cli import main
+from reportgen.config import load_manifest
+from reportgen.errors import ManifestError
+from reportgen.imaging import plan_geometry
+
+KINDS = ("deletion", "negative", "insertion")
+
+
+def _build(manifest, out, *args):
+    return CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet", *args])
+
+
+@pytest.fixture
+def photos(tmp_path):
+    write_photo(tmp_path / "cat.png", (48, 40), seed=1)
+    write_photo(tmp_path / "street.png", (64, 36), seed=2)
+    return write_manifest(
+        tmp_path,
+        [
+            {"path": "cat.png", "objects": [{"label": "head", "box": [10, 5, 30, 25]}]},
+            {"path": "street.png", "kind": "multi",
+             "objects": [{"label": "car", "box": [0, 0, 30, 30]}, {"label": "sign", "box": [40, 0, 64, 20]}]},
+        ],
+    )
+
+
+def test_evaluate_builds_curves_tables_and_a_leaderboard_and_is_cached(photos, tmp_path):
+    out = tmp_path / "site"
+    result = _build(photos, out, "--evaluate", "--random-orders", "2", "--evaluate-baseline", "blur")
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["evaluate"] == {"baseline": "blur", "random_orders": 2}
+    maps = ["attention/max", "attention/mean", "rollout"]
+    for record in results["images"]:
+        e = record["evaluation"]
+        assert (e["baseline"], e["steps"], e["random_orders"]) == ("blur", 10, 2)
+        assert sorted(e["curves"]) == maps and sorted(e["auc"]) == maps
+        assert e["fractions"][0] == 0.0 and e["fractions"][-1] == 1.0
+        for name in maps:
+            for kind in KINDS:
+                curve = np.array(e["curves"][name][kind])
+                # The area is the trapezoid rule over the fractions, recomputed here.
+                x = np.array(e["fractions"])
+                assert e["auc"][name][kind] == pytest.approx(float(np.sum((curve[1:] + curve[:-1]) / 2 * np.diff(x))), rel=1e-5)
+                assert e["beats_random"][name][kind] == (
+                    e["auc"][name][kind] < e["random"][kind]["auc_mean"] if kind == "deletion"
+                    else e["auc"][name][kind] > e["random"][kind]["auc_mean"])
+            assert e["curves"][name]["deletion"][0] == 1.0 and e["curves"][name]["insertion"][-1] == 1.0
+        assert e["random"]["negative"]["aucs"] == e["random"]["deletion"]["aucs"]
+        assert len(e["random"]["insertion"]["aucs"]) == 2
+        # Every pair of maps, with the agreement recomputed from the grids.
+        assert [(a["a"], a["b"]) for a in e["agreement"]] == [
+            ("attention/mean", "attention/max"), ("attention/mean", "rollout"), ("attention/max", "rollout")]
+        assert e["forwards"] == (3 * 3 + 2 * 2) * 9 + 3
+        assert "class" in e["target"] and e["reference_score"] > 0
+        assert (out / record["figures"]["evaluation"]).is_file()
+    cat, street = results["images"]
+    assert [b["label"] for b in cat["evaluation"]["localisation"]] == ["head"]
+    assert [b["label"] for b in street["evaluation"]["localisation"]] == ["car", "sign"]
+    board = results["leaderboard"]
+    assert board["images"] == 2 and [m["name"] for m in board["maps"]] == ["attention/mean", "attention/max", "rollout"]
+    mean = board["maps"][0]
+    assert mean["auc"]["deletion"]["mean"] == pytest.approx(
+        np.mean([r["evaluation"]["auc"]["attention/mean"]["deletion"] for r in results["images"]]), rel=1e-6)
+    assert mean["pointing"]["boxes"] == 3
+    assert mean["pointing"]["hits"] == sum(b["hit"]["attention/mean"] for r in results["images"] for b in r["evaluation"]["localisation"])
+    assert board["published"]["rows"][1] == {"method": "rollout", "positive": 20.05, "negative": 53.1}
+    # Every number on the pages is the number in results.json, and every link resolves.
+    checked, problems = disagreements(out)
+    assert problems == [] and checked > 100
+    assert broken_links(out) == []
+    parser = html5lib.HTMLParser(strict=True)
+    for html in sorted(out.glob("*.html")):
+        parser.parse(html.read_bytes())  # raises on any parse error
+    page = (out / "cat.html").read_text()
+    assert "Which map reflects what the model uses" in page and "the blurred image" in page
+    index = (out / "index.html").read_text()
+    assert "Published figures, for orientation" in index and "20.05" in index
+
+    # A rebuild reuses every image, with the same pages; a record whose evaluation was changed is recomputed.
+    pages = {name: (out / name).read_text() for name in ("index.html", "cat.html", "street.html")}
+    again = _build(photos, out, "--evaluate", "--random-orders", "2", "--evaluate-baseline", "blur")
+    assert again.exit_code == 0 and json.loads((out / "results.json").read_text()) == results
+    assert {name: (out / name).read_text() for name in pages} == pages
+    status = json.loads((out / ".reportgen-status.json").read_text())
+    del status["entries"]["cat"]["record"]["evaluation"]["agreement"][0]
+    (out / ".reportgen-status.json").write_text(json.dumps(status))
+    tampered = CliRunner().invoke(main, ["build", str(photos), "-o", str(out), "--evaluate", "--random-orders", "2",
+                                         "--evaluate-baseline", "blur"])
+    assert tampered.exit_code == 0 and "'cat' does not fit this image (evaluation.agreement" in tampered.output
+    assert json.loads((out / "results.json").read_text())["images"][0]["evaluation"]["agreement"] == cat["evaluation"]["agreement"]
+
+    # Without --evaluate, nothing of it is left.
+    plain = _build(photos, out)
+    assert plain.exit_code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "leaderboard" not in results and "evaluate" not in results["settings"]
+    assert all("evaluation" not in r and "evaluation" not in r["figures"] for r in results["images"])
+    assert not (out / "figures" / "cat" / "evaluation.png").exists()
+
+
+def test_boxes_and_the_pointing_game_are_in_model_input_pixels(tmp_path):
+    write_photo(tmp_path / "wide.png", (64, 36), seed=4)
+    manifest = write_manifest(tmp_path, [{"path": "wide.png", "objects": [{"label": "left", "box": [2, 2, 20, 34]}]}],
+                              evaluate={"random_orders": 1})
+    out = tmp_path / "site"
+    assert _build(manifest, out).exit_code == 0
+    results = json.loads((out / "results.json").read_text())
+    (record,) = results["images"]
+    (box,) = record["evaluation"]["localisation"]
+    geometry = plan_geometry((64, 36), results["model"]["data_config"])
+    # The input box as the crop maps it, worked out here from the geometry's scale and offset.
+    sx, sy = geometry.resized[0] / 64, geometry.resized[1] / 36
+    x0, y0, x1, y1 = 2 * sx - geometry.left, 2 * sy - geometry.top, 20 * sx - geometry.left, 34 * sy - geometry.top
+    w, h = geometry.output
+    assert box["input_box"] == pytest.approx([max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)], abs=1e-5)
+    patch = results["model"]["patch_size"]
+    weights = np.array(record["content"]["weights"])
+    for name, grid in (("attention/mean", record["attention"]["cls_mean"]), ("rollout", record["rollout"]["rollout"])):
+        values = np.where(weights > 0, np.array(grid), -np.inf)
+        row, col = np.unravel_index(int(np.argmax(values)), values.shape)
+        px, py = (col + 0.5) * patch[1], (row + 0.5) * patch[0]
+        bx0, by0, bx1, by1 = box["input_box"]
+        assert box["hit"][name] == (bx0 - 15 <= px <= bx1 + 15 and by0 - 15 <= py <= by1 + 15)
+        coverage = np.zeros_like(weights)
+        for r in range(weights.shape[0]):
+            for c in range(weights.shape[1]):
+                cw = max(0.0, min(bx1, (c + 1) * patch[1]) - max(bx0, c * patch[1]))
+                ch = max(0.0, min(by1, (r + 1) * patch[0]) - max(by0, r * patch[0]))
+                coverage[r, c] = cw * ch / (patch[0] * patch[1])
+        assert box["mass"][name] == pytest.approx(float((np.array(grid) * coverage).sum() / (np.array(grid) * weights).sum()), rel=1e-5)
+
+
+def test_evaluate_settings_in_the_manifest_and_on_the_command_line(tmp_path):
+    write_photo(tmp_path / "a.png")
+    on = load_manifest(write_manifest(tmp_path, [{"path": "a.png"}], evaluate=True))
+    assert on.evaluate.enabled and on.evaluate.baseline == "mean" and on.evaluate.random_orders == 5
+    section = load_manifest(write_manifest(tmp_path, [{"path": "a.png"}], evaluate={"baseline": "zero"}))
+    assert section.evaluate.enabled and section.evaluate.baseline == "zero"
+    off = load_manifest(write_manifest(tmp_path, [{"path": "a.png"}]))
+    assert not off.evaluate.enabled
+    with pytest.raises(ManifestError) as err:
+        load_manifest(write_manifest(tmp_path, [{"path": "a.png"}], evaluate={"baseline": "grey", "random_orders": 0}))
+    assert "evaluate.baseline: expected one of mean, blur, zero, got 'grey'" in str(err.value)
+    assert "evaluate.random_orders: expected a positive integer, got 0" in str(err.value)
+    with pytest.raises(ManifestError, match="evaluate: expected true, false or a mapping"):
+        load_manifest(write_manifest(tmp_path, [{"path": "a.png"}], evaluate="yes"))
+    manifest = write_manifest(tmp_path, [{"path": "a.png"}])
+    bad = _build(manifest, tmp_path / "site", "--evaluate-baseline", "grey")
+    assert bad.exit_code == 2 and "--evaluate-baseline" in bad.output and "grey" in bad.output
+    bad = _build(manifest, tmp_path / "site", "--random-orders", "1000")
+    assert bad.exit_code == 2 and "--random-orders" in bad.output
+
+
+def test_the_api_evaluates_with_the_same_settings(tmp_path):
+    from reportgen import Explainer
+
+    write_photo(tmp_path / "a.png", (48, 40), seed=3)
+    with pytest.raises(ValueError, match="evaluate.baseline: expected one of mean, blur, zero"):
+        Explainer("vit_tiny_patch16_224", pretrained=False, evaluate=True, evaluate_baseline="grey")
+    ex = Explainer("vit_tiny_patch16_224", pretrained=False, input_size=32, device="cpu",
+                   options={"patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 3}, evaluate=True, random_orders=1)
+    e = ex.explain(tmp_path / "a.png", boxes={"thing": (4, 4, 30, 30)}).result.evaluation
+    assert list(e.auc) == ["attention/mean", "attention/max", "rollout"] and e.baseline == "mean"
+    assert [b.label for b in e.localisation] == ["thing"] and len(e.random["deletion"].aucs) == 1
+    assert Explainer("vit_tiny_patch16_224", pretrained=False, input_size=32, device="cpu",
+                     options={"patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 3}).explain(
+        tmp_path / "a.png").result.evaluation is None
+
+
+def test_the_sanity_check_re_initialises_the_blocks_from_the_top_down(tmp_path):
+    """Each step's maps against hand-written attention and rollout (softmax(QKᵀ/√d) from the
+    randomised blocks' weights), their rank correlation with the original maps by scipy; the
+    user's model is left as it was."""
+    import torch
+    from conftest import TINY_MODEL, hand_attention, hand_rollout
+    from scipy.stats import spearmanr
+
+    from reportgen.config import ModelSettings
+    from reportgen.imaging import open_image, preprocess
+    from reportgen.model.loading import load_model
+    from reportgen.model.sanity import cascade
+
+    write_photo(tmp_path / "a.png", (48, 40), seed=5)
+    manifest = write_manifest(tmp_path, [{"path": "a.png"}], evaluate={"random_orders": 1, "sanity": True})
+    out = tmp_path / "site"
+    result = _build(manifest, out)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    (record,) = results["images"]
+    sanity = record["evaluation"]["sanity"]
+    assert sanity["blocks"] == [2, 1] and sanity["threshold"] == 0.5
+
+    loaded = load_model(ModelSettings(**TINY_MODEL), "cpu")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    x = preprocess(open_image(tmp_path / "a.png"), loaded.data_config)[0][None]
+    weights = np.array(record["content"]["weights"])
+    inside = weights > 0
+
+    def values(grid):
+        return (np.asarray(grid) * weights)[inside]
+
+    attentions, _ = hand_attention(loaded.model, x)
+    original = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
+    for step, (index, model) in enumerate(cascade(loaded.model)):
+        assert index == sanity["blocks"][step] - 1
+        attentions, _ = hand_attention(model, x)
+        now = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
+        for name in ("attention/mean", "rollout"):
+            expected = spearmanr(values(original[name].reshape(weights.shape)), values(now[name].reshape(weights.shape)))[0]
+            assert sanity["spearman"][name][step] == pytest.approx(expected, abs=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+    assert sanity["flagged"] == {name: sanity["spearman"][name][-1] > 0.5 for name in sanity["spearman"]}
+    page = (out / "a.html").read_text()
+    assert "Does each map depend on what the model learnt?" in page
+    board = results["leaderboard"]
+    assert board["sanity_images"] == 1
+    assert [m["sanity_flagged"] for m in board["maps"]] == [int(sanity["flagged"][m["name"]]) for m in board["maps"]]
+    assert disagreements(out)[1] == []
