@@ -149,6 +149,144 @@ def test_explorer_steps_through_layers_and_heads(site, browser):
     assert left == pytest.approx(-5, abs=1e-3)
 
 
+# Where the patch sprite sits in its clipping box, in units of the box: [left, top] (minus the
+# chosen patch's tile column and tile row).
+PATCH_TILE = (
+    "var s = arguments[0].querySelector('.tile img'), box = s.parentNode.getBoundingClientRect(),"
+    " r = s.getBoundingClientRect(); return [(r.left - box.left) / box.width, (r.top - box.top) / box.height];"
+)
+
+
+def test_patch_explorer_shows_the_clicked_patch_at_each_layer(site, browser):
+    """one.png on the 4 x 4 grid of a 2-layer model: the sprite holds, per layer, a 4 x 4 block of
+    tiles; the tile of patch (r, c) at layer l is at column c, row (l - 1) * 4 + r."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    assert _open(browser, site / "one.html") == []
+    root = browser.find_element(By.CSS_SELECTOR, ".patch-explorer")
+    assert root.is_displayed()  # the script revealed it ...
+    assert not browser.find_element(By.CSS_SELECTOR, ".patch-static-note").is_displayed()  # ... and hid the no-script note
+    buttons = root.find_elements(By.CSS_SELECTOR, ".patch-grid button")
+    assert len(buttons) == 16
+    sprite = root.find_element(By.CSS_SELECTOR, ".tile img")
+    assert sprite.get_attribute("src").endswith("/figures/one/patches.png")
+    assert browser.execute_script("var s = arguments[0]; return [s.naturalWidth, s.naturalHeight];", sprite) == [16, 32]
+    # At first: the centre patch (row 3, column 3 from 1) in the last layer.
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-2, -(4 + 2)], abs=1e-3)
+    assert [b.get_attribute("aria-pressed") for b in buttons].index("true") == 2 * 4 + 2
+    stage = root.find_element(By.CSS_SELECTOR, ".patch-stage")
+    before = stage.screenshot_as_png
+
+    # A real click at the middle of the patch in row 1, column 4 of the image.
+    grid = root.find_element(By.CSS_SELECTOR, ".patch-grid")
+    width, height = grid.size["width"], grid.size["height"]
+    ActionChains(browser).move_to_element_with_offset(grid, int(width * (3.5 / 4 - 0.5)), int(height * (0.5 / 4 - 0.5))).click().perform()
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-3, -(4 + 0)], abs=1e-3)
+    text = "Layer 2 of 2: where the patch at row 1, column 4 attends, mean over heads"
+    assert sprite.get_attribute("alt") == text and text in root.text
+    assert stage.screenshot_as_png != before  # another tile is drawn over the image
+    assert browser.switch_to.active_element == buttons[3]
+
+    # The keyboard: arrows move the chosen patch (clamped at the edges), Home and End along the row.
+    focused = browser.switch_to.active_element
+    focused.send_keys("\ue015", "\ue012", "\ue012")  # down, left, left
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-1, -(4 + 1)], abs=1e-3)
+    browser.switch_to.active_element.send_keys("\ue011")  # Home
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([0, -(4 + 1)], abs=1e-3)
+    browser.switch_to.active_element.send_keys("\ue012", "\ue013")  # left (already at the edge), up
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([0, -(4 + 0)], abs=1e-3)
+    browser.switch_to.active_element.send_keys("\ue010")  # End
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-3, -(4 + 0)], abs=1e-3)
+    assert browser.switch_to.active_element == buttons[3]
+    assert [b.get_attribute("tabindex") for b in buttons].count("0") == 1  # one tab stop in the grid
+
+    # The layer slider: the same patch in layer 1.
+    browser.execute_script(
+        "var s = arguments[0]; s.value = 1; s.dispatchEvent(new Event('input'));",
+        root.find_element(By.NAME, "patch-layer"),
+    )
+    assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-3, 0], abs=1e-3)
+    assert sprite.get_attribute("alt") == "Layer 1 of 2: where the patch at row 1, column 4 attends, mean over heads"
+    assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
+
+
+def test_patch_explorer_without_javascript_shows_the_static_panels(site):
+    """The page as written: the explorer hidden until the script reveals it, a note saying so,
+    and static panels of the last layer whose tiles are the patches they name."""
+    page = html5lib.parse((site / "one.html").read_text(), namespaceHTMLElements=False)
+    section = next(s for s in page.iter("section") if s.get("aria-labelledby") == "patches-heading")
+    explorer = next(d for d in section.iter("div") if d.get("class") == "patch-explorer")
+    assert explorer.get("hidden") is not None
+    assert any("needs JavaScript" in "".join(p.itertext()) for p in section.iter("p") if p.get("class") == "note patch-static-note")
+    figures = [f for f in section.iter("figure")]
+    assert len(figures) == 5
+    for figure in figures:
+        caption = "".join(figure.find("figcaption").itertext())
+        r, c = (int(v) - 1 for v in re.findall(r"\d+", caption))
+        style = next(i for i in figure.iter("img") if i.get("class") == "sprite").get("style")
+        assert f"left: -{c * 100}%; top: -{(4 + r) * 100}%" in style, caption  # layer 2's block
+
+
+@pytest.fixture(scope="module")
+def targeted_site(tmp_path_factory):
+    """A multi image with a gradient method explaining two classes and each object."""
+    folder = tmp_path_factory.mktemp("targeted")
+    write_photo(folder / "two.jpg", (64, 36), seed=2)
+    manifest = write_manifest(
+        folder,
+        [{"path": "two.jpg", "id": "two", "title": "Two", "kind": "multi",
+          "objects": [{"label": "a <i>", "box": [0, 0, 30, 30]}, {"label": "b", "box": [20, 4, 60, 34]}]}],
+        attention={"target_classes": "top-2", "object_targets": True},
+        methods=["attention", "rollout", "gradcam"],
+    )
+    out = folder / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+COMPARISON = (
+    "var t = document.querySelector('table.comparison');"
+    " return [Array.from(t.tHead.rows[0].cells).map(c => c.textContent.trim()),"
+    " Array.from(t.tBodies[0].rows).map(r => Array.from(r.cells).map(c => {"
+    "   var i = c.querySelector('img'); if (!i) { return c.tagName === 'TH' ? c.textContent.trim() : null; }"
+    "   return [i.getAttribute('src'), i.complete && i.naturalWidth > 0, Math.round(c.getBoundingClientRect().left)]; }))];"
+)
+
+
+def test_comparison_grid_lines_up_each_kind_of_map(targeted_site, browser):
+    """Rows: the methods; columns: the main map, attention's max, the second class target, each
+    object; each cell the overlay of that method's map of that kind (as results.json names its
+    figure), loaded, and the cells of one column one above the other."""
+    assert _open(browser, targeted_site / "two.html") == []
+    headers, rows = browser.execute_script(COMPARISON)
+    assert headers == ["Method", "Main map", "attention/max", "Target 2", "Object 1: a <i>", "Object 2: b"]
+    figures = json.loads((targeted_site / "results.json").read_text())["images"][0]["figures"]
+    expected = {
+        "attention": ["cls_mean", "cls_max", None, None, None],
+        "rollout": ["rollout", None, None, None, None],
+        "gradcam": ["gradcam", None, "gradcam_t2", "gradcam_o1", "gradcam_o2"],
+    }
+    assert [row[0] for row in rows] == list(expected)
+    lefts = {}
+    for row in rows:
+        for column, (cell, key) in enumerate(zip(row[1:], expected[row[0]])):
+            if key is None:
+                assert cell is None, (row[0], column)
+                continue
+            src, loaded, left = cell
+            assert src == figures[key] and loaded, (row[0], column)
+            assert lefts.setdefault(column, left) == left  # one column, one x position
+    assert len(lefts) == 5
+    # The second class target and the objects are named in their cells.
+    caption = browser.execute_script(
+        "return document.querySelector('table.comparison tbody tr:last-child td:nth-child(4) figcaption').textContent")
+    target = next(m for m in json.loads((targeted_site / "results.json").read_text())["images"][0]["maps"].values()
+                  if m["figure"] == "gradcam_t2")["target"]
+    assert caption.startswith(f"gradcam/target-2: class {target['class_index']}")
+
+
 def test_summary_table_sorts_without_a_server(site, browser):
     from selenium.webdriver.common.by import By
 

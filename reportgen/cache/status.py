@@ -46,7 +46,7 @@ from reportgen.site.scales import ScaleSetting
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 8  # raised whenever what a record holds, or what its numbers mean, changes
+STATUS_FORMAT = 9  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 
@@ -372,7 +372,7 @@ def _check_record(
         _check_evaluation(record.evaluation, first_maps, len(entry.objects) + count)
     figures = figure_index(
         f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained,
-        evaluate,
+        evaluate, grid=(rows, cols),
     )
     if record.figures != figures:
         raise ValueError("figures are not the ones made for this image")

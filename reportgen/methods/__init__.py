@@ -24,6 +24,17 @@ DOMINANT_SHARE = 0.1
 #: ... if that is also more than this many times a uniform map's share (small grids are exempt).
 DOMINANT_RATIO = 10.0
 
+#: Largest patch grid side (rows and columns) whose patch-to-patch attention (the patch explorer's)
+#: is kept at every layer; beyond it only the last layer's (24 x 24 patches at 12 layers: 16 MB of
+#: float32 per image).
+PATCH_LAYERS_GRID = 24
+
+
+def patch_layers(depth: int, grid: tuple[int, int]) -> int:
+    """How many layers (the last ones) of patch-to-patch attention are kept for a model of
+    ``depth`` layers over a ``grid`` of patches: all of them up to :data:`PATCH_LAYERS_GRID`, else 1."""
+    return depth if max(grid) <= PATCH_LAYERS_GRID else 1
+
 
 @dataclass(frozen=True)
 class Query:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from reportgen import outdir
-from reportgen.methods import METHODS, figure_key, method_maps
+from reportgen.methods import METHODS, figure_key, method_maps, patch_layers
 from reportgen.site.scales import ScaleSetting, result_scales, tile_tops, to_unit
 
 # Figures are built with matplotlib's object API (Figure, not pyplot), so no backend is switched
@@ -165,6 +165,31 @@ def write_explorer_sprite(
     if padding is not None and padding.any():
         colours = grey_out(colours, np.broadcast_to(padding, colours.shape[:-1]))
     sheet = colours.transpose(0, 2, 1, 3, 4).reshape(count * rows, columns * cols, 3)
+    save_png(Image.fromarray(np.ascontiguousarray(sheet), "RGB"), path)
+
+
+def write_patch_sprite(attention: np.ndarray, grid: tuple[int, int], cmap: str, path: Destination, padding: np.ndarray | None = None) -> None:
+    """Where each patch attends, at each kept layer, in one PNG: one tile per (layer, query patch),
+    one pixel per key patch.
+
+    The tile of query patch ``(r, c)`` at kept layer ``l`` is at tile column ``c`` and tile row
+    ``l * rows + r`` (so each layer is a ``rows`` x ``cols`` block of tiles laid out as the patch
+    grid). Each tile is coloured from 0 to its own maximum: rows of one layer differ by orders of
+    magnitude, and a shared scale would leave most of them black.
+
+    Args:
+        attention: ``[L', P, P]`` patch-to-patch attention (rows: queries, columns: keys; mean
+            over heads), ``P = rows * cols``.
+        grid: the patch grid (rows, cols).
+        padding: ``[rows, cols]`` True for patches that are all letterbox padding: drawn in greys.
+    """
+    rows, cols = grid
+    count = attention.shape[0]
+    tiles = np.asarray(attention, dtype=np.float64).reshape(count, rows, cols, rows, cols)  # [L', qr, qc, kr, kc]
+    colours = colourise(to_unit(tiles, tiles.max(axis=(3, 4), keepdims=True)), cmap)
+    if padding is not None and padding.any():
+        colours = grey_out(colours, np.broadcast_to(padding, colours.shape[:-1]))
+    sheet = colours.transpose(0, 1, 3, 2, 4, 5).reshape(count * rows * rows, cols * cols, 3)
     save_png(Image.fromarray(np.ascontiguousarray(sheet), "RGB"), path)
 
 
@@ -439,7 +464,7 @@ def layer_entropy_figure(records: list[dict]):
 
 def figure_index(
     prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False, targets: int = 1,
-    object_targets: int = 0, evaluation: bool = False,
+    object_targets: int = 0, evaluation: bool = False, grid: tuple[int, int] | None = None,
 ) -> dict:
     """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
     the explorer sprite's layout. The only place figure file names are made (the build cache
@@ -454,6 +479,8 @@ def figure_index(
         targets: how many class (or label-free) targets the methods that explain one have maps for.
         object_targets: how many objects they have maps for.
         evaluation: the image's maps were evaluated (the perturbation curves' figure).
+        grid: the model's patch grid (rows, cols): with ``attention``, the patch explorer's
+            sprite (:func:`write_patch_sprite`) holds its last ``patch_layers(layers, grid)`` layers.
     """
     figures: dict = {
         "original": f"{prefix}/original.jpg",
@@ -476,6 +503,15 @@ def figure_index(
         columns += 1
     if "attention" in methods:
         figures["tokens"] = f"{prefix}/tokens.png"
+        if grid is not None:
+            kept = patch_layers(int(layers), grid)
+            figures["patches"] = {
+                "sprite": f"{prefix}/patches.png",
+                "rows": int(grid[0]),
+                "cols": int(grid[1]),
+                "layers": kept,
+                "first_layer": int(layers) - kept + 1,  # from 1
+            }
     figures["explorer"] = {
         "sprite": f"{prefix}/explorer.png",
         "layers": int(layers),
@@ -494,7 +530,8 @@ def figure_index(
 
 def figure_files(figures: dict) -> list[str]:
     """The relative paths of the files in a :func:`figure_index`."""
-    return [value for value in figures.values() if isinstance(value, str)] + [figures["explorer"]["sprite"]]
+    sprites = [figures[name]["sprite"] for name in ("explorer", "patches") if name in figures]
+    return [value for value in figures.values() if isinstance(value, str)] + sprites
 
 
 def write_image_figures(
@@ -527,11 +564,11 @@ def write_image_figures(
     norms = result.norms.patches[:, None] if result.norms is not None else None  # [L, 1, rows, cols]
     figures = figure_index(
         prefix, tuple(outputs), stack.shape[0], heads, len(objects), norms is not None, result.target_count,
-        result.object_target_count, result.evaluation is not None,
+        result.object_target_count, result.evaluation is not None, grid=stack.shape[2:],
     )
 
     def out(name: str) -> BinaryIO:
-        return outdir.open_new(root, figures[name] if name != "explorer" else figures[name]["sprite"])
+        return outdir.open_new(root, figures[name] if isinstance(figures[name], str) else figures[name]["sprite"])
 
     content_box = result.geometry.content_box()
     scales = result_scales(result, scale)
@@ -555,6 +592,9 @@ def write_image_figures(
             stack = np.concatenate([stack, norms], axis=1)
             tops = np.concatenate([tops, tile_tops({"norms": norms}, ScaleSetting("map"), result.content.weights > 0)], axis=1)
         write_explorer_sprite(stack, cmap, file, padding=result.content.weights == 0, tops=tops)
+    if "patches" in figures:
+        with out("patches") as file:
+            write_patch_sprite(outputs["attention"].extras["patch_attention"], stack.shape[2:], cmap, file, result.content.weights == 0)
     if objects:
         with out("objects") as file:
             # Boxes are in the original image's pixels; the decoded image may be downscaled.

@@ -18,7 +18,8 @@ from typing import Any
 import jinja2
 
 from reportgen import outdir
-from reportgen.methods import CLS_QUERY, QUERIES
+from reportgen.methods import CLS_QUERY, PATCH_LAYERS_GRID, QUERIES
+from reportgen.site.comparison import comparison_grid
 from reportgen.site.leaderboard import leaderboard
 from reportgen.site.records import plain
 from reportgen.site.scales import ordinal
@@ -59,6 +60,8 @@ def environment() -> jinja2.Environment:
     )
     env.filters["fmt"] = _fmt
     env.globals["UNDEFINED"] = UNDEFINED
+    env.globals["PATCH_LAYERS_GRID"] = PATCH_LAYERS_GRID
+    env.globals["comparison_grid"] = comparison_grid
     env.filters["ordinal"] = ordinal
     return env
 

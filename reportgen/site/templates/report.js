@@ -40,6 +40,88 @@
     show();
   }
 
+  // Patch explorer: a grid of buttons over the model input; the chosen patch's tile of the patch
+  // sprite (tile column: the patch's column; tile row: (layer - first layer) * rows + its row) is
+  // shown over the input. Arrow keys move the chosen patch, Home and End go to the row's ends.
+  function setUpPatchExplorer(root) {
+    var rows = parseInt(root.getAttribute("data-rows"), 10);
+    var cols = parseInt(root.getAttribute("data-cols"), 10);
+    var layers = parseInt(root.getAttribute("data-layers"), 10);
+    var first = parseInt(root.getAttribute("data-first-layer"), 10);
+    var sprite = root.querySelector(".tile img");
+    var marker = root.querySelector(".patch-marker");
+    var grid = root.querySelector(".patch-grid");
+    var label = root.querySelector(".patch-label");
+    var layer = root.querySelector("input[name=patch-layer]");  // absent when one layer is kept
+    if (!rows || !cols || !layers || !first || !sprite || !grid || !label) { return; }
+    var last = first + layers - 1;
+    var chosen = { r: rows >> 1, c: cols >> 1 };
+    var buttons = [];
+
+    grid.style.gridTemplateColumns = "repeat(" + cols + ", 1fr)";
+    grid.style.gridTemplateRows = "repeat(" + rows + ", 1fr)";
+    for (var r = 0; r < rows; r++) {
+      for (var c = 0; c < cols; c++) {
+        var button = document.createElement("button");
+        button.type = "button";
+        button.tabIndex = -1;
+        button.setAttribute("aria-pressed", "false");
+        button.setAttribute("aria-label", "Patch at row " + (r + 1) + ", column " + (c + 1));
+        button.setAttribute("data-row", r);
+        button.setAttribute("data-col", c);
+        grid.appendChild(button);
+        buttons.push(button);
+      }
+    }
+    if (marker) { marker.remove(); }  // the chosen button is outlined instead
+
+    function show() {
+      var l = layer ? parseInt(layer.value, 10) : last;
+      sprite.style.left = (-100 * chosen.c) + "%";
+      sprite.style.top = (-100 * ((l - first) * rows + chosen.r)) + "%";
+      var text = "Layer " + l + " of " + last + ": where the patch at row " + (chosen.r + 1) + ", column " +
+        (chosen.c + 1) + " attends, mean over heads";
+      sprite.alt = text;
+      label.textContent = text;
+    }
+
+    function choose(r, c, focus) {
+      var before = buttons[chosen.r * cols + chosen.c];
+      before.tabIndex = -1;
+      before.setAttribute("aria-pressed", "false");
+      chosen = { r: Math.min(Math.max(r, 0), rows - 1), c: Math.min(Math.max(c, 0), cols - 1) };
+      var now = buttons[chosen.r * cols + chosen.c];
+      now.tabIndex = 0;
+      now.setAttribute("aria-pressed", "true");
+      if (focus) { now.focus(); }
+      show();
+    }
+
+    var MOVES = { ArrowLeft: [0, -1], ArrowRight: [0, 1], ArrowUp: [-1, 0], ArrowDown: [1, 0] };
+    grid.addEventListener("click", function (event) {
+      var target = event.target.closest("button");
+      if (target) {
+        choose(parseInt(target.getAttribute("data-row"), 10), parseInt(target.getAttribute("data-col"), 10), true);
+      }
+    });
+    grid.addEventListener("keydown", function (event) {
+      var move = MOVES[event.key];
+      if (move) {
+        choose(chosen.r + move[0], chosen.c + move[1], true);
+      } else if (event.key === "Home" || event.key === "End") {
+        choose(chosen.r, event.key === "Home" ? 0 : cols - 1, true);
+      } else {
+        return;
+      }
+      event.preventDefault();
+    });
+    if (layer) { layer.addEventListener("input", show); }
+    root.hidden = false;
+    var note = root.parentNode.querySelector(".patch-static-note");
+    if (note) { note.hidden = true; }
+    choose(chosen.r, chosen.c, false);
+  }
+
   // Sortable tables: click a column header to sort by it (numbers numerically), again to reverse.
   // A row with nothing in the column (a failed image's row has one wide cell; "—" or "n/a" mark a
   // missing value, "–" an undefined entropy) goes after the others in either direction.
@@ -96,6 +178,7 @@
 
   document.addEventListener("DOMContentLoaded", function () {
     Array.prototype.forEach.call(document.querySelectorAll(".explorer"), setUpExplorer);
+    Array.prototype.forEach.call(document.querySelectorAll(".patch-explorer"), setUpPatchExplorer);
     Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), setUpSorting);
   });
 })();
