@@ -69,7 +69,8 @@ def _forward(patch_norms: np.ndarray, rows: np.ndarray, rolled: np.ndarray, pref
         tokens=torch.zeros(n, 2),
         token_norms=torch.tensor(norms, dtype=torch.float32),
         query_rows=torch.tensor(rows, dtype=torch.float32),
-        kept={"attention": {"token_attention": torch.full((n, n), 1 / n)},
+        kept={"attention": {"token_attention": torch.full((n, n), 1 / n),
+                            "patch_attention": torch.full((patch_norms.shape[0], n - prefix, n - prefix), 1 / (n - prefix))},
               "rollout": {"query_by_layer": torch.tensor(rolled, dtype=torch.float32)}},
     )
 

@@ -38,12 +38,16 @@ def _maps(seed: int = 0):
     return heads, rolled
 
 
+#: The one layer's patch-to-patch attention (mean over heads) the attention method keeps: uniform.
+PATCH_ATTENTION = torch.full((1, 16, 16), 1 / 16)
+
+
 def _explain(heads: np.ndarray, rolled: np.ndarray):
     forward = ForwardPass(
         tokens=torch.zeros(17, 3),
         query_rows=torch.tensor(heads[None], dtype=torch.float32),
         kept={
-            "attention": {"token_attention": torch.full((17, 17), 1 / 17)},
+            "attention": {"token_attention": torch.full((17, 17), 1 / 17), "patch_attention": PATCH_ATTENTION},
             "rollout": {"query_by_layer": torch.tensor(rolled[None], dtype=torch.float32)},
         },
     )
@@ -104,7 +108,7 @@ def test_an_image_without_padding_keeps_every_patch_at_full_weight():
         ForwardPass(
             tokens=torch.zeros(17, 3),
             query_rows=torch.tensor(heads[None], dtype=torch.float32),
-            kept={"attention": {"token_attention": torch.full((17, 17), 1 / 17)},
+            kept={"attention": {"token_attention": torch.full((17, 17), 1 / 17), "patch_attention": PATCH_ATTENTION},
                   "rollout": {"query_by_layer": torch.tensor(rolled[None], dtype=torch.float32)}},
         ),
         [AttentionMethod(), RolloutMethod()], LAYOUT, geometry, forward_result.view, forward_result.view, None,
