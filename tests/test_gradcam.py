@@ -126,3 +126,28 @@ def test_the_model_is_left_as_it_was_found_after_an_error_in_the_pass():
 def test_gradcam_is_a_targeted_method_in_all():
     spec = METHODS["gradcam"]
     assert spec.targeted and spec.maps == (("gradcam", "gradcam"),) and spec.explorer == "one"
+
+
+def test_a_build_whose_methods_read_no_attention_computes_none(monkeypatch):
+    """Grad-CAM alone reads no attention: the capture only checks that every layer ran."""
+    from reportgen.model import capture
+
+    computed = []
+    real = capture.AttentionCapture._from_qkv
+
+    def counting(self, index, module):
+        hook = real(self, index, module)
+
+        def wrapped(*args):
+            computed.append(self._on_layer is not None)
+            return hook(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(capture.AttentionCapture, "_from_qkv", counting)
+    model = make_model("classifier")
+    ModelRunner(loaded(model), create_methods(("gradcam",), AttentionSettings())).run(images(1))
+    assert computed == [False] * len(model.blocks)
+    computed.clear()
+    ModelRunner(loaded(model), create_methods(("gradcam", "rollout"), AttentionSettings())).run(images(1))
+    assert computed == [True] * len(model.blocks)

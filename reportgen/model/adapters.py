@@ -18,7 +18,8 @@ What an adapter must provide (every abstract member of :class:`ModelAdapter`):
   never touched):
 
   * :meth:`~ModelAdapter.attention_capture` -> :class:`LayerCapture`: calls
-    ``on_layer(index, attn)`` during the forward pass with each layer's attention probabilities,
+    ``on_layer(index, attn)`` (unless ``on_layer`` is None: nothing reads the attention, and the
+    capture only checks that every layer ran) during the forward pass with each layer's attention probabilities,
     float32 ``[B, H, N, N]``, detached, rows summing to 1, computed with the family's own maths
     (rotary embedding, position bias ...);
   * :meth:`~ModelAdapter.token_norms` -> :class:`NormCapture`: ``[B, L, N]`` norms of the tokens
@@ -156,7 +157,7 @@ class ModelAdapter(ABC):
 
     # Capture contexts.
     @abstractmethod
-    def attention_capture(self, on_layer: LayerCallback) -> LayerCapture:
+    def attention_capture(self, on_layer: LayerCallback | None) -> LayerCapture:
         """Each layer's attention probabilities, detached, during the forward pass."""
 
     @abstractmethod
@@ -255,7 +256,7 @@ class TimmAdapter(ModelAdapter):
     def input_size(self) -> tuple[int, int]:
         return tuple(int(s) for s in self.module.patch_embed.img_size)
 
-    def attention_capture(self, on_layer: LayerCallback) -> AttentionCapture:
+    def attention_capture(self, on_layer: LayerCallback | None) -> AttentionCapture:
         return AttentionCapture(self.module, on_layer)
 
     def token_norms(self) -> TokenNormCapture:

@@ -186,11 +186,12 @@ class AttentionCapture(Hooks):
 
     Args:
         model: a timm ViT (any loaded object; fused attention on or off).
-        on_layer: called as ``on_layer(layer_index, attn)`` with ``attn`` float32
+        on_layer: None when nothing reads the attention (the capture then only checks that every
+            layer ran, and computes nothing), else called as ``on_layer(layer_index, attn)`` with ``attn`` float32
             ``[B, H, N, N]``, rows summing to 1, during the forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, on_layer: LayerCallback):
+    def __init__(self, model: torch.nn.Module, on_layer: LayerCallback | None):
         super().__init__()
         self._modules = attention_modules(model)
         self._on_layer = on_layer
@@ -236,6 +237,9 @@ class AttentionCapture(Hooks):
 
     def _from_qkv(self, index: int, module: Attention):
         def hook(_linear, _inputs, qkv: torch.Tensor):
+            if self._on_layer is None:  # nothing reads the attention: only that the layer ran
+                self._seen.add(index)
+                return
             qkv = qkv.detach()  # in a gradient pass, the copy the methods read stays off the graph
             B, N, _ = qkv.shape
             q, k, _v = qkv.reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -249,7 +253,8 @@ class AttentionCapture(Hooks):
     def _from_softmax(self, index: int):
         def hook(_drop, inputs, _output):
             # Detached: in a gradient pass, the copy the methods read stays off the graph.
-            self._on_layer(index, inputs[0].detach().float())
+            if self._on_layer is not None:
+                self._on_layer(index, inputs[0].detach().float())
             self._seen.add(index)
 
         return hook

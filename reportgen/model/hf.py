@@ -149,7 +149,7 @@ class HFAdapter(ModelAdapter):
     def input_size(self) -> tuple[int, int]:
         return self._input_size
 
-    def attention_capture(self, on_layer: LayerCallback) -> HFAttentionCapture:
+    def attention_capture(self, on_layer: LayerCallback | None) -> HFAttentionCapture:
         return HFAttentionCapture(self.module, self.arch, on_layer)
 
     def token_norms(self) -> HFTokenNormCapture:

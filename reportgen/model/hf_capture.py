@@ -61,7 +61,7 @@ class HFAttentionCapture(Hooks):
             (detached), rows summing to 1, during the forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, arch: HFArchitecture, on_layer: LayerCallback):
+    def __init__(self, model: torch.nn.Module, arch: HFArchitecture, on_layer: LayerCallback | None):
         super().__init__()
         self._model = model
         self._arch = arch
@@ -90,7 +90,8 @@ class HFAttentionCapture(Hooks):
             attn = _attention_of(output)
             if attn is None:
                 return  # check_complete reports the layer
-            self._on_layer(index, attn.detach().float())
+            if self._on_layer is not None:
+                self._on_layer(index, attn.detach().float())
             self._seen.add(index)
 
         return hook

@@ -105,7 +105,9 @@ class ModelRunner:
         targets = predictions = None
         kept_by_target: list[dict[str, dict[str, torch.Tensor]]] = []
         with ExitStack() as stack:
-            capture = stack.enter_context(adapter.attention_capture(on_layer))
+            # A build whose methods read no attention (Grad-CAM alone) computes none.
+            listens = want_rows or bool(on_attention)
+            capture = stack.enter_context(adapter.attention_capture(on_layer if listens else None))
             norms = stack.enter_context(adapter.token_norms())
             if not self.gradients:
                 with torch.inference_mode():
