@@ -86,7 +86,7 @@ def measure(model_name: str, paths: list[Path], batch_size: int, repeats: int) -
     return {"forward": forward, "backward": backward, "sets": sets}
 
 
-def targets(measured: dict) -> list[tuple[str, bool]]:
+def speed_goals(measured: dict) -> list[tuple[str, bool]]:
     """Each gradient method <= 1.2 x its floor (forward + backward); all methods together <= 1.2 x
     that floor plus the report overhead of the attention build (its time minus the forward)."""
     sets, backward = measured["sets"], measured["backward"]
@@ -126,7 +126,7 @@ def main() -> None:
               f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads")
         measured = measure(args.model, paths, args.batch_size, args.repeats)
         report(measured)
-        for text, ok in targets(measured):
+        for text, ok in speed_goals(measured):
             print(f"  {'PASS' if ok else 'FAIL'}  {text}")
 
 

@@ -773,7 +773,7 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
         paths = [Path(i["file"]) for i in images[: args.methods_images]]
         measured = method_bench.measure(args.model, paths, args.batch_size, repeats=2)
         method_bench.report(measured)
-        targets.extend(method_bench.targets(measured))
+        targets.extend(method_bench.speed_goals(measured))
     if evaluated:
         from evaluate import report as report_evaluate
 
