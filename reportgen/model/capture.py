@@ -51,7 +51,8 @@ UNFUSED = {
 METHODS = {
     QKV: (
         "forward hook on each block's qkv projection; attention recomputed as "
-        "softmax(q_norm(q) · k_norm(k)ᵀ · scale) with the block's own heads, norms and scale"
+        "softmax(q_norm(q) · k_norm(k)ᵀ · scale) with the block's own heads, norms and scale "
+        "(read at the module's own softmax instead where it runs unfused, as in a gradient pass)"
     ),
     SOFTMAX: (
         "the attention module's own softmax output (q kᵀ with its {extra}), read at its attn_drop "
@@ -207,6 +208,9 @@ class AttentionCapture(Hooks):
             if capture_path(module) == QKV:
                 self._handles.append(module.register_forward_pre_hook(self._reject_masks(name), with_kwargs=True))
                 self._handles.append(module.qkv.register_forward_hook(self._from_qkv(index, module)))
+                if isinstance(getattr(module, "attn_drop", None), torch.nn.Module):
+                    # Called only on the unfused path, with the softmax the module computed itself.
+                    self._handles.append(module.attn_drop.register_forward_hook(self._from_softmax(index)))
                 continue
             if not isinstance(getattr(module, "attn_drop", None), torch.nn.Module):
                 raise CaptureError(f"{name} has no attn_drop module, so its softmax output cannot be read")
@@ -240,6 +244,8 @@ class AttentionCapture(Hooks):
             if self._on_layer is None:  # nothing reads the attention: only that the layer ran
                 self._seen.add(index)
                 return
+            if not getattr(module, "fused_attn", False) and isinstance(getattr(module, "attn_drop", None), torch.nn.Module):
+                return  # the module computes the softmax itself: read there (_from_softmax), not twice
             qkv = qkv.detach()  # in a gradient pass, the copy the methods read stays off the graph
             B, N, _ = qkv.shape
             q, k, _v = qkv.reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
