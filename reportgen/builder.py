@@ -184,7 +184,7 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
 
     computation = Computation(manifest, options.device, options.batch_size, options.model_cache)
     scale = ScaleSetting.of(manifest.output)
-    settings = (manifest.output.cmap, manifest.output.alpha, scale)
+    settings = (manifest.output.cmap, scale)
     # Entered first, so the figure writer is shut down however this ends (also if the model
     # cannot be loaded); its thread imports seaborn while the model loads.
     with FigureWriter(staging, options.jobs, options.batch_size) as figures:

@@ -115,3 +115,16 @@ def coverage_by_hand(box, grid, patch):
 
 def cosine(a, b):
     return float(a @ b / math.sqrt((a @ a) * (b @ b)))
+
+
+def map_tile(site: Path, figures: dict, key: str) -> np.ndarray:
+    """``[h, w, 3]`` the tile of figure ``key`` in an image's map sprite (``figures.overlays``),
+    without its gutter, read from the written site."""
+    from PIL import Image
+
+    layout = figures["overlays"]
+    w, h, g = layout["tile_width"], layout["tile_height"], layout["gutter"]
+    sheet = np.asarray(Image.open(site / layout["sprite"]).convert("RGB"))
+    assert sheet.shape == (h + 2 * g, len(layout["tiles"]) * (w + 2 * g), 3)
+    left = layout["tiles"][key] * (w + 2 * g) + g
+    return sheet[g : g + h, left : left + w]

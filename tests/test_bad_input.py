@@ -205,7 +205,7 @@ def test_bad_image_gets_a_card_others_complete(tmp_path, case):
     assert "Not processed" in card and message in card
     for slug in ("first", "last"):
         assert (out / f"{slug}.html").is_file()
-        assert (out / "figures" / slug / "rollout.jpg").is_file()
+        assert (out / "figures" / slug / "maps.png").is_file()
     assert not (out / "bad.html").exists()
     results = json.loads((out / "results.json").read_text())
     assert [bool(i["error"]) for i in results["images"]] == [False, True, False]

@@ -95,6 +95,74 @@ def test_explorer_sprite_layout_and_an_all_zero_map(tmp_path):
             assert np.abs(got - expected).max() <= 1, (layer, column)
 
 
+def _bilinear(grid: np.ndarray, k: int) -> np.ndarray:
+    """``grid`` sampled at the centres of ``k`` x ``k`` pixels per cell, linear between the cells'
+    centres and flat beyond the outer ones (how an image is upsampled bilinearly)."""
+    def axis(n):
+        x = np.clip((np.arange(n * k) + 0.5) / k - 0.5, 0, n - 1)
+        low = np.minimum(np.floor(x).astype(int), n - 2) if n > 1 else np.zeros(n * k, dtype=int)
+        return low, x - low
+    (r0, fy), (c0, fx) = axis(grid.shape[0]), axis(grid.shape[1])
+    r1, c1 = np.minimum(r0 + 1, grid.shape[0] - 1), np.minimum(c0 + 1, grid.shape[1] - 1)
+    top = grid[r0][:, c0] * (1 - fx) + grid[r0][:, c1] * fx
+    bottom = grid[r1][:, c0] * (1 - fx) + grid[r1][:, c1] * fx
+    return top * (1 - fy[:, None]) + bottom * fy[:, None]
+
+
+def test_map_sprite_holds_each_map_on_its_own_scale_with_gutters(tmp_path):
+    rows, cols = 3, 4
+    rng = np.random.default_rng(5)
+    ramp = rng.uniform(0, 2, (rows, cols))
+    heats = [ramp, np.zeros((rows, cols)), np.full((rows, cols), 7.0)]
+    tops = [1.5, 0.0, 7.0]  # the ramp clipped at 1.5; an all-zero map; a flat map at its top
+    figures.write_map_sprite(heats, tops, "viridis", (40, 30), tmp_path / "maps.png")
+    sheet = np.asarray(Image.open(tmp_path / "maps.png")).astype(int)
+    k, g = figures.map_tile_scale((rows, cols)), figures.MAP_TILE_GUTTER
+    assert k == 16 and sheet.shape == (rows * k + 2 * g, 3 * (cols * k + 2 * g), 3)
+    width = cols * k + 2 * g
+    for i, (heat, top) in enumerate(zip(heats, tops)):
+        cell = sheet[:, i * width : (i + 1) * width]
+        tile = cell[g:-g, g:-g]
+        # Clipped at the top, then upsampled (as the overlay of figures.overlay).
+        unit = _bilinear(np.clip(heat / top, 0, 1), k) if top > 0 else np.zeros((rows * k, cols * k))
+        # One level of the colour map either way: the map is resampled in float32.
+        assert np.abs(tile - _rgb("viridis", unit)).max() <= 4, i
+        # The gutter repeats the tile's edge, so smoothing at the edge never reaches the next tile.
+        np.testing.assert_array_equal(cell[:g, g:-g], np.repeat(tile[:1], g, axis=0))
+        np.testing.assert_array_equal(cell[g:-g, -g:], np.repeat(tile[:, -1:], g, axis=1))
+    assert (sheet[:, width : 2 * width] == _rgb("viridis", [0.0])[0]).all()
+    assert (sheet[:, 2 * width :] == _rgb("viridis", [1.0])[0]).all()
+
+
+def test_map_tiles_grey_the_letterbox_padding_by_the_content_box(tmp_path):
+    heat = np.random.default_rng(6).uniform(0, 1, (4, 4))
+    plain = figures.map_sprite([heat], [1.0], "inferno", (32, 32))
+    greyed = figures.map_sprite([heat], [1.0], "inferno", (32, 32), content_box=(0.0, 6.0, 32.0, 26.0))
+    g = figures.MAP_TILE_GUTTER
+    tile, plain_tile = greyed[g:-g, g:-g].astype(int), plain[g:-g, g:-g].astype(int)
+    centres = (np.arange(tile.shape[0]) + 0.5) * 32 / tile.shape[0]  # rows' centres in input pixels
+    image = (centres >= 6) & (centres <= 26)
+    np.testing.assert_array_equal(tile[image], plain_tile[image])
+    assert (tile[~image, :, 0] == tile[~image, :, 1]).all() and (tile[~image, :, 1] == tile[~image, :, 2]).all()
+    assert not (plain_tile[~image, :, 0] == plain_tile[~image, :, 1]).all()
+
+
+def test_a_map_tile_laid_over_the_input_looks_like_the_blended_overlay():
+    """The page's composition (the tile scaled smoothly over the input, at the run's opacity) against
+    :func:`figures.overlay`, which blends at full size: on the image, within a few levels."""
+    rng = np.random.default_rng(7)
+    base = np.asarray(Image.fromarray(rng.integers(0, 255, (14, 14, 3), dtype=np.uint8)).resize((224, 224)))
+    view = Image.fromarray(base)
+    heat = rng.gamma(0.5, 1.0, (14, 14))
+    sprite = figures.map_sprite([heat], [float(heat.max())], "inferno", view.size)
+    g = figures.MAP_TILE_GUTTER
+    tile = Image.fromarray(np.ascontiguousarray(sprite[g:-g, g:-g])).resize(view.size, Image.Resampling.BILINEAR)
+    composed = 0.5 * base + 0.5 * np.asarray(tile, dtype=np.float64)
+    blended = np.asarray(figures.overlay(view, heat, "inferno", 0.5, top=float(heat.max())), dtype=np.float64)
+    difference = np.abs(composed - blended)
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) < 6, (difference.mean(), np.percentile(difference, 99))
+
+
 def _label_layouts():
     """Boxes whose labels collide when each is put by its box's top-left corner: nested boxes from
     the same corner (a flag in front of a person, the whole frame's height), boxes at the top edge,

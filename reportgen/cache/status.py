@@ -46,7 +46,7 @@ from reportgen.site.scales import ScaleSetting
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 10  # raised whenever what a record holds, or what its numbers mean, changes
+STATUS_FORMAT = 11  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 
@@ -71,7 +71,8 @@ def settings_key(manifest: Manifest) -> str:
                 *(["object targets"] if manifest.attention.object_targets else []),
             ],
             "detector": [manifest.detector.name, manifest.detector.threshold],
-            "figures": [manifest.output.cmap, manifest.output.alpha, *_scale_key(manifest)],
+            # Not the overlays' opacity: the pages apply it, no figure holds it.
+            "figures": [manifest.output.cmap, *_scale_key(manifest)],
             # Only when on, so a build without the evaluation keeps its key.
             **({"evaluate": [manifest.evaluate.baseline, manifest.evaluate.random_orders, manifest.evaluate.sanity]}
                if manifest.evaluate.enabled else {}),

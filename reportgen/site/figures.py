@@ -1,9 +1,11 @@
-"""Figures: attention overlays, token maps, object boxes, similarity heatmaps.
+"""Figures: map sprites, token maps, object boxes, similarity heatmaps.
 
-Overlays are composited with numpy and Pillow (colour-map lookup + alpha blend), which costs a few
-milliseconds; matplotlib/seaborn are used only where axes and labels carry meaning. Photographs
-and overlays on them are JPEG (PNG compression of a photo costs 15-70 ms, JPEG under 1 ms);
-maps with sharp edges (patch grids, token maps, heatmaps) are PNG. Every writer takes plain
+The pages compose every overlay in the browser: each map is a tile of one small PNG per image
+(:func:`write_map_sprite`, colours by a numpy colour-map lookup) laid over the one model-input
+JPEG with its opacity, so no blended photo is encoded per map. :func:`overlay` blends the same
+map into the image for the notebook panels and the export. matplotlib/seaborn are used only where
+axes and labels carry meaning. Photographs are JPEG (PNG compression of a photo costs 15-70 ms,
+JPEG under 1 ms); maps (patch grids, token maps, heatmaps) are PNG. Every writer takes plain
 arrays, with fixed encoder settings and no timestamps, so identical inputs give identical bytes.
 """
 
@@ -129,16 +131,69 @@ def overlay(
     return Image.fromarray(blended.round().astype(np.uint8), "RGB")
 
 
-def write_overlay(
-    view: Image.Image,
-    heat: np.ndarray,
+#: Sprite pixels of a map tile: about this many along the grid's longer side (a whole number per
+#: patch). Enough samples that the browser's smooth scaling between them looks like the bilinear
+#: overlay of :func:`overlay` (at 4 samples per patch the colours between two samples differ by
+#: less than a JPEG's error), few enough that the sprite costs about a millisecond to encode.
+MAP_TILE_SIDE = 64
+#: Pixels repeated around each tile (its edge copied outwards): the browser's smooth scaling
+#: samples a pixel or two beyond the part it shows, which must be the tile's own edge, not the
+#: next tile's.
+MAP_TILE_GUTTER = 2
+
+
+def map_tile_scale(grid: tuple[int, int]) -> int:
+    """Sprite pixels per patch of a map tile over a patch ``grid`` (rows, cols)."""
+    return max(1, -(-MAP_TILE_SIDE // max(grid)))
+
+
+def map_sprite(
+    heats: list[np.ndarray],
+    tops: list[float],
     cmap: str,
-    alpha: float,
+    view_size: tuple[int, int],
+    content_box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
+    """Every overlay map of one image as tiles in one row, ``[H, W, 3]`` uint8, for the page to lay
+    over the model input (the browser applies the overlay's opacity).
+
+    Each map is upsampled bilinearly from the patch grid to :func:`map_tile_scale` pixels per
+    patch and coloured from 0 to its top (as :func:`overlay` does at full size); pixels whose
+    centres lie outside ``content_box`` (letterbox padding, in input pixels of ``view_size``) are
+    drawn in greys. Tile ``i`` holds its map in the ``cols * k`` x ``rows * k`` pixels at
+    ``(i * (cols * k + 2g) + g, g)``, with ``g`` = :data:`MAP_TILE_GUTTER` pixels of its own edge
+    around them.
+    """
+    rows, cols = heats[0].shape
+    k = map_tile_scale((rows, cols))
+    size = (cols * k, rows * k)
+    units = [
+        np.asarray(Image.fromarray(heat_to_unit(heat, top).astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+        for heat, top in zip(heats, tops)
+    ]
+    colours = colourise(np.stack(units), cmap)  # [n, rows*k, cols*k, 3]
+    if content_box is not None:
+        fx, fy = size[0] / view_size[0], size[1] / view_size[1]
+        x0, y0, x1, y1 = content_box
+        padding = padding_pixels(size, (x0 * fx, y0 * fy, x1 * fx, y1 * fy))
+        if padding.any():
+            colours = grey_out(colours, np.broadcast_to(padding, colours.shape[:-1]))
+    g = MAP_TILE_GUTTER
+    tiles = np.pad(colours, ((0, 0), (g, g), (g, g), (0, 0)), mode="edge")
+    return np.ascontiguousarray(np.concatenate(list(tiles), axis=1))
+
+
+def write_map_sprite(
+    heats: list[np.ndarray],
+    tops: list[float],
+    cmap: str,
+    view_size: tuple[int, int],
     path: Destination,
     content_box: tuple[float, float, float, float] | None = None,
-    top: float | None = None,
 ) -> None:
-    save_jpeg(overlay(view, heat, cmap, alpha, content_box, top), path)
+    """:func:`map_sprite` as a PNG. RGB, not RGBA: every pixel is opaque (the run's opacity is the
+    page's, so one sprite serves any ``alpha``), and an alpha channel would be a constant."""
+    save_png(Image.fromarray(map_sprite(heats, tops, cmap, view_size, content_box), "RGB"), path)
 
 
 def write_explorer_sprite(
@@ -464,7 +519,7 @@ def layer_entropy_figure(records: list[dict]):
 
 def figure_index(
     prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False, targets: int = 1,
-    object_targets: int = 0, evaluation: bool = False, grid: tuple[int, int] | None = None,
+    object_targets: int = 0, evaluation: bool = False, *, grid: tuple[int, int],
 ) -> dict:
     """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
     the explorer sprite's layout. The only place figure file names are made (the build cache
@@ -472,7 +527,8 @@ def figure_index(
 
     Args:
         prefix: the relative URL of the image's figure folder from the site root.
-        methods: the map methods that ran, in order (each map gets an overlay named by its spec).
+        methods: the map methods that ran, in order (each map gets a tile of the map sprite,
+            :func:`write_map_sprite`, named by its spec's figure stem).
         layers / heads: layers and heads of the model.
         objects: how many objects the image has (boxes from 1, similarity heat maps from 2).
         norms: the explorer ends with a column of token norms per layer.
@@ -481,6 +537,7 @@ def figure_index(
         evaluation: the image's maps were evaluated (the perturbation curves' figure).
         grid: the model's patch grid (rows, cols): with ``attention``, the patch explorer's
             sprite (:func:`write_patch_sprite`) holds its last ``patch_layers(layers, grid)`` layers.
+            The map sprite's tiles are laid out for it too.
     """
     figures: dict = {
         "original": f"{prefix}/original.jpg",
@@ -488,10 +545,11 @@ def figure_index(
         "input": f"{prefix}/input.jpg",
     }
     columns, explorer = 0, {"mean_column": None, "rollout_column": None}
+    tiles: dict[str, int] = {}
     for name in methods:
         spec = METHODS[name]
         for _map, stem in method_maps(name, targets, object_targets):
-            figures[figure_key(stem)] = f"{prefix}/{stem}.jpg"
+            tiles[figure_key(stem)] = len(tiles)
         if spec.explorer == "heads+mean":
             columns += int(heads)
             explorer[f"{name}_column" if name != "attention" else "mean_column"] = columns
@@ -501,17 +559,25 @@ def figure_index(
     if norms:
         explorer["norms_column"] = columns
         columns += 1
+    if tiles:
+        scale = map_tile_scale(grid)
+        figures["overlays"] = {
+            "sprite": f"{prefix}/maps.png",
+            "tiles": tiles,
+            "tile_width": int(grid[1]) * scale,
+            "tile_height": int(grid[0]) * scale,
+            "gutter": MAP_TILE_GUTTER,
+        }
     if "attention" in methods:
         figures["tokens"] = f"{prefix}/tokens.png"
-        if grid is not None:
-            kept = patch_layers(int(layers), grid)
-            figures["patches"] = {
-                "sprite": f"{prefix}/patches.png",
-                "rows": int(grid[0]),
-                "cols": int(grid[1]),
-                "layers": kept,
-                "first_layer": int(layers) - kept + 1,  # from 1
-            }
+        kept = patch_layers(int(layers), grid)
+        figures["patches"] = {
+            "sprite": f"{prefix}/patches.png",
+            "rows": int(grid[0]),
+            "cols": int(grid[1]),
+            "layers": kept,
+            "first_layer": int(layers) - kept + 1,  # from 1
+        }
     figures["explorer"] = {
         "sprite": f"{prefix}/explorer.png",
         "layers": int(layers),
@@ -530,7 +596,7 @@ def figure_index(
 
 def figure_files(figures: dict) -> list[str]:
     """The relative paths of the files in a :func:`figure_index`."""
-    sprites = [figures[name]["sprite"] for name in ("explorer", "patches") if name in figures]
+    sprites = [figures[name]["sprite"] for name in ("explorer", "patches", "overlays") if name in figures]
     return [value for value in figures.values() if isinstance(value, str)] + sprites
 
 
@@ -539,7 +605,6 @@ def write_image_figures(
     root: Path,
     prefix: str,
     cmap: str,
-    alpha: float,
     num_prefix_tokens: int,
     heads: int,
     scale: ScaleSetting = ScaleSetting(),
@@ -550,7 +615,8 @@ def write_image_figures(
         result: the image's results (with its original image and the model's view of it).
         root: the (staging) site folder; every file is written through :mod:`reportgen.outdir`.
         prefix: the relative path of the image's figure folder in ``root`` (and its URL).
-        cmap / alpha: overlay colour map and opacity.
+        cmap: the maps' colour map (their opacity over the image is the pages', so no figure
+            depends on it).
         num_prefix_tokens: prefix tokens at the start of the token map.
         heads: attention heads of the model.
         scale: the colour scale of the maps (the image's record names the same scales).
@@ -579,10 +645,11 @@ def write_image_figures(
         save_jpeg(shrink(shown, THUMB_SIDE), file)  # from the smaller copy: 4-40x fewer pixels to filter
     with out("input") as file:
         save_jpeg(result.view, file)
-    for name, output in outputs.items():
-        for map_name, stem in method_maps(name, result.target_count, result.object_target_count):
-            with out(figure_key(stem)) as file:
-                write_overlay(result.view, output.maps[map_name], cmap, alpha, file, content_box, scales.maps[map_name].top)
+    if "overlays" in figures:
+        drawn = [(output.maps[m], scales.maps[m].top) for name, output in outputs.items()
+                 for m, _stem in method_maps(name, result.target_count, result.object_target_count)]
+        with out("overlays") as file:
+            write_map_sprite([heat for heat, _ in drawn], [top for _, top in drawn], cmap, result.view.size, file, content_box)
     if result.attention is not None:
         with out("tokens") as file:
             write_token_map(result.attention.token_attention, num_prefix_tokens, cmap, file, scales.tokens.top)

@@ -55,7 +55,6 @@ class FigureWriter:
         self,
         result: ImageResult,
         cmap: str,
-        alpha: float,
         scale: ScaleSetting,
         num_prefix_tokens: int,
         heads: int,
@@ -65,7 +64,7 @@ class FigureWriter:
         ``done`` is called as soon as they are written or have failed, from the worker's thread
         (or the pool's), so a progress bar moves per image while the model runs the next batch."""
         prefix = f"figures/{result.entry.slug}"
-        args = (result, self.root, prefix, cmap, alpha, num_prefix_tokens, heads, scale)
+        args = (result, self.root, prefix, cmap, num_prefix_tokens, heads, scale)
         future = self._pool.submit(write_image_figures, *args)
         if done is not None:
             future.add_done_callback(lambda _future: done())
