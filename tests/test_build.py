@@ -45,7 +45,7 @@ def test_build_writes_a_complete_consistent_site(two_images, tmp_path):
     assert results["model"]["grid"] == [4, 4] and results["model"]["num_prefix_tokens"] == 1
     assert results["capture"]["layers"] == ["blocks.0.attn", "blocks.1.attn"]
     # Figures exist for each panel, and every local link resolves with nothing external.
-    for name in ("cls-mean.jpg", "cls-max.jpg", "explorer.png", "tokens.png", "rollout.jpg", "objects.jpg", "similarity.png"):
+    for name in ("input.jpg", "maps.png", "explorer.png", "tokens.png", "objects.jpg", "similarity.png"):
         assert (out / "figures" / "street-scene" / name).is_file(), name
     assert broken_links(out) == []
     # Every number on the pages is the number in results.json.

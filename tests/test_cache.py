@@ -117,10 +117,10 @@ def test_corrupt_or_foreign_cache_is_discarded_with_a_warning(project, counting,
 def test_missing_figure_means_recompute(project, counting):
     folder, images = project
     assert _build(folder, images).exit_code == 0
-    (folder / "site" / "figures" / "b" / "rollout.jpg").unlink()
+    (folder / "site" / "figures" / "b" / "maps.png").unlink()
     assert _build(folder, images).exit_code == 0
     assert counting["images"] == 4
-    assert (folder / "site" / "figures" / "b" / "rollout.jpg").is_file()
+    assert (folder / "site" / "figures" / "b" / "maps.png").is_file()
 
 
 def test_failed_images_are_retried(project, counting):

@@ -250,6 +250,20 @@ def test_a_change_of_scale_redraws_the_figures(photos):
     assert not np.array_equal(before, after)  # the mean map is no longer stretched to its own maximum
 
 
+def test_a_new_opacity_reuses_every_figure_and_reaches_every_map(photos):
+    """The pages lay each map over the model input at the run's opacity: no figure holds it, so a
+    rebuild with another opacity recomputes nothing, and every map on the page gets the new one."""
+    out, _, results = _build(photos, "opacity", alpha=0.5)
+    sprite = map_tile(out, results["images"][0]["figures"], "rollout")
+    _, again, results = _build(photos, "opacity", alpha=0.8)
+    assert again.reused == 2
+    np.testing.assert_array_equal(map_tile(out, results["images"][0]["figures"], "rollout"), sprite)
+    page = (out / results["images"][0]["page"]).read_text(encoding="utf-8")
+    opacities = re.findall(r'src="figures/[^"]+/maps\.png"[^>]*opacity: ([\d.]+)', page)
+    # The comparison grid's three maps, then two in each experiment section.
+    assert opacities == ["0.8"] * 7
+
+
 def test_scales_are_taken_over_the_image_not_the_padding():
     heat = np.array([[50.0, 50.0, 50.0], [1.0, 2.0, 4.0], [8.0, 3.0, 2.0]])  # row 0: a hot padding band
     inside = np.array([[False] * 3, [True] * 3, [True] * 3])
