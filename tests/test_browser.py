@@ -250,15 +250,17 @@ COMPARISON = (
     "var t = document.querySelector('table.comparison');"
     " return [Array.from(t.tHead.rows[0].cells).map(c => c.textContent.trim()),"
     " Array.from(t.tBodies[0].rows).map(r => Array.from(r.cells).map(c => {"
-    "   var i = c.querySelector('img'); if (!i) { return c.tagName === 'TH' ? c.textContent.trim() : null; }"
-    "   return [i.getAttribute('src'), i.complete && i.naturalWidth > 0, Math.round(c.getBoundingClientRect().left)]; }))];"
+    "   var i = c.querySelector('img.sprite'); if (!i) { return c.tagName === 'TH' ? c.textContent.trim() : null; }"
+    "   var box = i.parentNode.getBoundingClientRect(), at = i.getBoundingClientRect();"
+    "   return [i.getAttribute('src'), i.complete && i.naturalWidth > 0, Math.round(c.getBoundingClientRect().left),"
+    "           (at.left - box.left) / box.width]; }))];"
 )
 
 
 def test_comparison_grid_lines_up_each_kind_of_map(targeted_site, browser):
     """Rows: the methods; columns: the main map, attention's max, the second class target, each
-    object; each cell the overlay of that method's map of that kind (as results.json names its
-    figure), loaded, and the cells of one column one above the other."""
+    object; each cell the tile of that method's map of that kind (as results.json names its
+    figure) over the model input, loaded, and the cells of one column one above the other."""
     assert _open(browser, targeted_site / "two.html") == []
     headers, rows = browser.execute_script(COMPARISON)
     assert headers == ["Method", "Main map", "attention/max", "Target 2", "Object 1: a <i>", "Object 2: b"]
@@ -275,8 +277,12 @@ def test_comparison_grid_lines_up_each_kind_of_map(targeted_site, browser):
             if key is None:
                 assert cell is None, (row[0], column)
                 continue
-            src, loaded, left = cell
-            assert src == figures[key] and loaded, (row[0], column)
+            src, loaded, left, shift = cell
+            layout = figures["overlays"]
+            assert src == layout["sprite"] and loaded, (row[0], column)
+            # The sprite is shifted left by the tiles before this map's and its gutter.
+            w, g = layout["tile_width"], layout["gutter"]
+            assert shift == pytest.approx(-(layout["tiles"][key] * (w + 2 * g) + g) / w, abs=1e-3), (row[0], column)
             assert lefts.setdefault(column, left) == left  # one column, one x position
     assert len(lefts) == 5
     # The second class target and the objects are named in their cells.
@@ -285,6 +291,105 @@ def test_comparison_grid_lines_up_each_kind_of_map(targeted_site, browser):
     target = next(m for m in json.loads((targeted_site / "results.json").read_text())["images"][0]["maps"].values()
                   if m["figure"] == "gradcam_t2")["target"]
     assert caption.startswith(f"gradcam/target-2: class {target['class_index']}")
+
+
+@pytest.fixture(scope="module")
+def letterboxed_site(tmp_path_factory):
+    """The sample photo of an espresso (600 x 400) as the offline model sees it: the longest side
+    resized to 224 px, letterbox padding above and below."""
+    from conftest import REPO
+
+    folder = tmp_path_factory.mktemp("letterboxed")
+    shutil.copy(REPO / "images" / "coffee.png", folder / "coffee.png")
+    manifest = write_manifest(folder, [{"path": "coffee.png", "id": "coffee", "title": "Espresso"}],
+                              model={"name": "imgfocus-vits14", "input_size": 224})
+    out = folder / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# Each map's tile as the page draws it: its alt text, opacity and smoothing, its clipping box
+# against the model input under it (px), and the sprite's place and size in units of that box.
+MAP_TILES = (
+    "return Array.from(document.querySelectorAll('.stage .tile.map img')).map(s => {"
+    " var box = s.parentNode.getBoundingClientRect(), r = s.getBoundingClientRect(),"
+    " base = s.parentNode.parentNode.querySelector('img.base').getBoundingClientRect(), style = getComputedStyle(s);"
+    " return [s.getAttribute('alt'), s.getAttribute('src'), style.opacity, style.imageRendering,"
+    " [box.left - base.left, box.top - base.top, box.width - base.width, box.height - base.height],"
+    " [(r.left - box.left) / box.width, (r.top - box.top) / box.height, r.width / box.width, r.height / box.height]]; })"
+)
+
+
+@pytest.mark.offline_model
+def test_each_map_is_drawn_over_the_model_input_and_the_padding_in_greys(letterboxed_site, browser):
+    """Every map on the page is its tile of the map sprite, clipped to a box that covers the model
+    input exactly, at the run's opacity, smoothed; and what the browser draws is the overlay the
+    map makes blended at full size (figures.overlay, from the map in results.json), and greys on
+    the letterbox padding."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from reportgen.site.figures import overlay
+
+    assert _open(browser, letterboxed_site / "coffee.html") == []
+    image = json.loads((letterboxed_site / "results.json").read_text())["images"][0]
+    layout = image["figures"]["overlays"]
+    w, h, g, count = layout["tile_width"], layout["tile_height"], layout["gutter"], len(layout["tiles"])
+    tiles = browser.execute_script(MAP_TILES)
+    # The comparison grid's three maps, then mean and max over heads, then raw attention and rollout.
+    keys = ["cls_mean", "cls_max", "rollout", "cls_mean", "cls_max", "cls_mean", "rollout"]
+    assert [t[0] for t in tiles] == [
+        "attention/mean over Espresso", "attention/max over Espresso", "rollout over Espresso",
+        "CLS attention of the last layer, mean over heads, overlaid on Espresso",
+        "CLS attention of the last layer, maximum over heads, overlaid on Espresso",
+        "Raw last-layer CLS attention, mean over heads, over Espresso", "Attention rollout from the CLS token over Espresso"]
+    for (alt, src, opacity, rendering, box, place), key in zip(tiles, keys):
+        assert src == layout["sprite"] and opacity == "0.5" and rendering == "auto", alt
+        assert box == pytest.approx([0, 0, 0, 0], abs=0.5), alt
+        left = -(layout["tiles"][key] * (w + 2 * g) + g) / w
+        assert place == pytest.approx([left, -g / h, count * (w + 2 * g) / w, (h + 2 * g) / h], abs=1e-4), alt
+
+    # The pixels: the first map of the attention section against the blended overlay.
+    stage = browser.find_elements("css selector", "#exp1-heading ~ .figures .stage")[0]
+    shown = np.asarray(Image.open(io.BytesIO(stage.screenshot_as_png)).convert("RGB"), dtype=np.float64)
+    view = Image.open(letterboxed_site / image["figures"]["input"]).convert("RGB")
+    top = image["scales"]["maps"]["attention/mean"]["top"]
+    blended = overlay(view, np.array(image["attention"]["cls_mean"]), "inferno", 0.5, top=top)
+    expected = np.asarray(blended.resize((shown.shape[1], shown.shape[0]), Image.Resampling.BILINEAR), dtype=np.float64)
+    browser.execute_script("arguments[0].querySelector('.tile img').style.opacity = 0", stage)
+    bare = np.asarray(Image.open(io.BytesIO(stage.screenshot_as_png)).convert("RGB"), dtype=np.float64)
+    weights = np.array(image["content"]["weights"])[:, 0]  # each patch row's share of image
+    rows = np.arange(shown.shape[0]) * len(weights) // shown.shape[0]
+    image_rows, padding_rows = weights[rows] == 1, weights[rows] == 0
+    assert image_rows.sum() > shown.shape[0] / 2 and padding_rows.sum() > shown.shape[0] / 10
+    difference = np.abs(shown - expected)[image_rows].mean()
+    assert difference < 3 and np.abs(bare - expected)[image_rows].mean() > 10 * difference
+    # On the padding, a grey over the input's own (brownish) padding: half its colour, and light.
+    chroma = lambda pixels: (pixels.max(axis=-1) - pixels.min(axis=-1)).mean()  # noqa: E731
+    assert chroma(shown[padding_rows]) < 0.7 * chroma(bare[padding_rows])
+    assert shown[padding_rows].mean() > bare[padding_rows].mean() - 5  # not the dark bottom of the colour map
+
+
+def test_maps_print_over_the_model_input(site, browser):
+    """Printed (as the browser prints: print media, no backgrounds), each map is still its sprite
+    tile over the model input: they are images, not CSS backgrounds."""
+    import base64
+
+    _open(browser, site / "one.html")
+    pdf = base64.b64decode(browser.print_page().encode()) if hasattr(browser, "print_page") else None
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+    try:
+        visible = browser.execute_script(
+            "return Array.from(document.querySelectorAll('.stage .tile.map img')).map(s => {"
+            " var r = s.parentNode.getBoundingClientRect(); return [r.width > 0 && r.height > 0, getComputedStyle(s).display,"
+            " getComputedStyle(s).visibility, s.complete && s.naturalWidth > 0]; })")
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+    assert visible and all(v[0] and v[1] != "none" and v[2:] == ["visible", True] for v in visible), visible
+    assert pdf is None or pdf.startswith(b"%PDF")
 
 
 def test_summary_table_sorts_without_a_server(site, browser):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_MODEL, write_manifest, write_photo
+from conftest import TINY_MODEL, map_tile, write_manifest, write_photo
 from test_gradcam import gradcam_by_hand
 from test_relevance import hand_attention_and_gradients, images, loaded, make_model, relevance_by_hand
 
@@ -91,7 +91,7 @@ def test_a_site_with_object_targets_draws_records_and_caches_a_map_per_object(tm
     for j, label in enumerate(("left", "right"), start=1):
         target = record["maps"][f"gradcam/object-{j}"]["target"]
         assert target["kind"] == "object" and target["object_label"] == label
-        assert (site / record["figures"][f"gradcam_o{j}"]).is_file()
+        assert map_tile(site, record["figures"], f"gradcam_o{j}").size
     assert record["maps"]["gradcam"]["target"]["kind"] == "class"
     page = (site / record["page"]).read_text()
     assert "gradcam/object-2" in page and "Explains the object" in page

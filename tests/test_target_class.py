@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from conftest import TINY_MODEL, write_manifest, write_photo
+from conftest import TINY_MODEL, map_tile, write_manifest, write_photo
 from test_gradcam import gradcam_by_hand
 from test_relevance import hand_attention_and_gradients, images, loaded, make_model, relevance_by_hand
 
@@ -167,7 +167,10 @@ def test_a_site_for_several_classes_draws_and_caches_each_target_s_maps(tmp_path
     record = results["images"][0]
     assert sorted(record["maps"]) == ["gradcam", "gradcam/target-2", "relevance", "relevance/target-2", "rollout"]
     assert [record["maps"][f"relevance{s}"]["target"]["class_index"] for s in ("", "/target-2")] == [281, 282]
-    assert record["figures"]["relevance_t2"].endswith("/relevance-t2.jpg") and (site / record["figures"]["relevance_t2"]).is_file()
+    # One tile per map in the map sprite, in the methods' order, each target's maps after the first's.
+    tiles = record["figures"]["overlays"]["tiles"]
+    assert sorted(tiles, key=tiles.get) == ["rollout", "relevance", "relevance_t2", "gradcam", "gradcam_t2"]
+    assert map_tile(site, record["figures"], "relevance_t2").size
     assert sorted(record["scales"]["maps"]) == sorted(record["maps"])
     page = (site / record["page"]).read_text()
     assert "Explains class 281" in page and "Explains class 282" in page and "relevance/target-2" in page
