@@ -89,7 +89,7 @@ def test_a_method_added_as_a_module_and_a_registration_reaches_every_part_of_the
     assert grid.shape == (4, 4)  # TINY_MODEL: 32 px input, 8 px patches
     p = grid.ravel() / grid.sum()
     assert entry["entropy"]["nats"] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-5)
-    assert map_tile(out, record["figures"], entry["figure"]).shape == (4 * 16, 4 * 16, 3)  # 16 sprite pixels a patch
+    assert map_tile(out, record["figures"], entry["figure"]).shape == (4 * 13, 4 * 13, 3)  # 13 sprite pixels a patch
     assert record["figures"]["explorer"]["first_column"] == 3 + 2  # after 3 heads, the mean, rollout
     page = (out / record["page"]).read_text()
     assert "first-layer attention of the CLS token" in page and 'value="c5"' in page
