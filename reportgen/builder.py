@@ -186,10 +186,8 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
     scale = ScaleSetting.of(manifest.output)
     settings = (manifest.output.cmap, manifest.output.alpha, scale)
     # Entered first, so the figure writer is shut down however this ends (also if the model
-    # cannot be loaded); its thread imports seaborn while the model loads.
+    # cannot be loaded).
     with FigureWriter(staging, options.jobs, options.batch_size) as figures:
-        if any(entry.kind == "multi" for entry in state.todo):
-            figures.preload(_import_seaborn)  # ~1 s of imports (pandas, scipy)
         for outcome in computation.results(state.todo):
             if isinstance(outcome, ImageFailure):
                 state.fail(outcome.entry, outcome.message)
@@ -206,10 +204,6 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
     state.report.model_load_seconds = computation.model_load_seconds
     state.report.warnings.extend(computation.warnings)
     return model_run_record(computation.model_run)
-
-
-def _import_seaborn() -> None:
-    import seaborn  # noqa: F401  (for the similarity heatmaps: pandas and scipy come with it)
 
 
 def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseException, scale: ScaleSetting) -> None:

@@ -1,16 +1,16 @@
-"""Figures: attention overlays, token maps, object boxes, similarity heatmaps.
+"""Figures: attention overlays, token maps, object boxes, perturbation curves, the index's figures.
 
 Overlays are composited with numpy and Pillow (colour-map lookup + alpha blend), which costs a few
 milliseconds; matplotlib/seaborn are used only where axes and labels carry meaning. Photographs
 and overlays on them are JPEG (PNG compression of a photo costs 15-70 ms, JPEG under 1 ms);
-maps with sharp edges (patch grids, token maps, heatmaps) are PNG. Every writer takes plain
+maps with sharp edges (patch grids, token maps) are PNG. The object similarities are HTML tables
+coloured by the page (:mod:`reportgen.site.heat`), not figures. Every writer takes plain
 arrays, with fixed encoder settings and no timestamps, so identical inputs give identical bytes.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
@@ -319,108 +319,6 @@ def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, f
     save_jpeg(draw_boxes(image, boxes)[0], path)
 
 
-#: Longest tick label of the similarity figure; longer labels end with an ellipsis (the tables
-#: beside the figure give them whole).
-TICK_LABEL_CHARS = 32
-
-#: Largest similarity figure, whatever the number of objects (at most
-#: :data:`~reportgen.config.MAX_OBJECTS`, or more from a detector) and the length of their labels:
-#: three panels of at most ``_SimilarityCanvas.MAX_PANEL`` inches and tick labels of at most
-#: :data:`TICK_LABEL_CHARS` characters, at 100 dpi.
-MAX_SIMILARITY_SIZE = (3500, 1400)
-
-
-def _tick_label(label: str) -> str:
-    return label if len(label) <= TICK_LABEL_CHARS else label[: TICK_LABEL_CHARS - 1].rstrip() + "…"
-
-
-class _SimilarityCanvas:
-    """A three-panel seaborn heatmap figure for ``k`` objects, drawn once and then redrawn with
-    each image's values, labels and scales.
-
-    Building a Figure with its axes, ticks and meshes costs about as much as drawing it, and
-    seaborn's tick-overlap check draws the figure a second time; a build draws the same layout for
-    many images, so the figure is kept (per layout) and only its data and texts change. The output
-    is the same bytes as a freshly built figure: nothing in the drawing depends on history.
-    """
-
-    CELL = 0.45  # inches per cell, while a panel fits in MAX_PANEL
-    MAX_PANEL = 10.0  # inches: beyond 22 objects the cells shrink instead of the figure growing
-    PANELS = ("viridis", "viridis", "RdBu_r")
-
-    def __init__(self, k: int, label_chars: int):
-        import seaborn as sns
-        from matplotlib.figure import Figure
-
-        label_width = 0.08 * min(label_chars, TICK_LABEL_CHARS) + 0.3  # inches of tick-label text
-        cell = min(self.CELL, self.MAX_PANEL / max(k, 1))
-        font = min(8.0, cell * 72 * 0.8)  # points: a tick label fits in its cell
-        panel = cell * k
-        bar, gap = 0.12, 0.55  # colour bar width; gap after a panel (room for the bar's labels)
-        width = label_width + 3 * panel + 3 * gap
-        height = panel + label_width + 0.5
-        self.figure = Figure(figsize=(width, height))
-        self.axes, self.meshes, self.bars = [], [], []
-        ticks = np.arange(k) + 0.5
-        bottom = label_width / height
-        for i, cmap in enumerate(self.PANELS):
-            left = label_width + i * (panel + gap)
-            ax = self.figure.add_axes((left / width, bottom, panel / width, panel / height))
-            # Tick labels are set below, not by seaborn, which would draw the figure to test them
-            # for overlap; rows are the same objects in every panel, so only the first names them.
-            sns.heatmap(np.zeros((k, k)), ax=ax, cmap=cmap, square=True, cbar=False, xticklabels=False, yticklabels=False)
-            ax.set_xticks(ticks)
-            ax.set_yticks(ticks if i == 0 else [])
-            ax.tick_params(labelsize=font)
-            mesh = ax.collections[0]
-            cax = self.figure.add_axes(((left + panel + 0.08) / width, bottom, bar / width, panel / height))
-            colourbar = self.figure.colorbar(mesh, cax=cax)
-            colourbar.ax.tick_params(labelsize=7)
-            colourbar.outline.set_visible(False)
-            self.axes.append(ax)
-            self.meshes.append(mesh)
-            self.bars.append(colourbar)
-
-    def draw(self, labels: list[str], panels: list[tuple[str, np.ndarray, float, float]], path: Destination) -> None:
-        for i, (ax, mesh, colourbar, (title, matrix, vmin, vmax)) in enumerate(zip(self.axes, self.meshes, self.bars, panels)):
-            mesh.set_array(np.asarray(matrix, dtype=np.float64).ravel())
-            mesh.set_clim(vmin, vmax)
-            colourbar.set_ticks([vmin, 0.0, vmax], labels=[f"{vmin:.2f}", "0", f"{vmax:.2f}"])
-            ax.set_xticklabels(labels, rotation=90)
-            if i == 0:
-                ax.set_yticklabels(labels, rotation=0)
-            ax.set_title(title, fontsize=9)
-        save_figure(self.figure, path)
-
-
-_similarity_canvases: dict[tuple[int, int], _SimilarityCanvas] = {}
-_similarity_lock = threading.Lock()  # one figure must not be redrawn by two threads at once
-
-
-def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.ndarray, path: Destination) -> None:
-    """Plain, rollout-weighted and difference cosine-similarity heatmaps side by side (seaborn).
-
-    The cells are colour only, with a colour bar per panel: the tables next to the figure hold the
-    values (text in every cell would triple the cost of the figure).
-    """
-    labels = [_tick_label(label).replace("$", r"\$") for label in labels]  # user text: "$5" is a price, not mathtext
-    bound = max(float(np.abs(rollout - plain).max()), 1e-6)
-    panels = [
-        ("plain", plain, -1.0, 1.0),
-        ("rollout-weighted", rollout, -1.0, 1.0),
-        ("rollout − plain", rollout - plain, -bound, bound),
-    ]
-    # Layouts are shared by label length in steps of 4 characters, so a few figures serve a build.
-    key = (len(labels), -(-max(len(label) for label in labels) // 4) * 4)
-    with _similarity_lock:
-        canvas = _similarity_canvases.get(key)
-        if canvas is None:
-            if len(_similarity_canvases) >= 16:
-                _similarity_canvases.pop(next(iter(_similarity_canvases)))
-            canvas = _similarity_canvases[key] = _SimilarityCanvas(*key)
-        canvas.draw(labels, panels, path)
-
-
 #: Raised when a figure drawn from the records changes its look (the index's figure is named by a
 #: hash of its data and this, so a rebuild links the old one only if it would look the same).
 FIGURE_VERSION = 1
@@ -474,7 +372,7 @@ def figure_index(
         prefix: the relative URL of the image's figure folder from the site root.
         methods: the map methods that ran, in order (each map gets an overlay named by its spec).
         layers / heads: layers and heads of the model.
-        objects: how many objects the image has (boxes from 1, similarity heat maps from 2).
+        objects: how many objects the image has (the boxes' figure from 1).
         norms: the explorer ends with a column of token norms per layer.
         targets: how many class (or label-free) targets the methods that explain one have maps for.
         object_targets: how many objects they have maps for.
@@ -521,8 +419,6 @@ def figure_index(
     }
     if objects:
         figures["objects"] = f"{prefix}/objects.jpg"
-    if objects > 1 and "rollout" in methods:
-        figures["similarity"] = f"{prefix}/similarity.png"
     if evaluation:
         figures["evaluation"] = f"{prefix}/evaluation.png"
     return figures
@@ -601,9 +497,6 @@ def write_image_figures(
             fx, fy = result.original.width / result.size[0], result.original.height / result.size[1]
             drawn = [(o.label, (o.box[0] * fx, o.box[1] * fy, o.box[2] * fx, o.box[3] * fy), o.score) for o in objects]
             write_boxes(result.original, drawn, file)
-    if "similarity" in figures:
-        with out("similarity") as file:
-            write_similarity_heatmaps(result.objects.labels, result.objects.plain_similarity, result.objects.rollout_similarity, file)
     if result.evaluation is not None:
         e = result.evaluation
         with out("evaluation") as file:

@@ -20,6 +20,7 @@ import jinja2
 from reportgen import outdir
 from reportgen.methods import CLS_QUERY, PATCH_LAYERS_GRID, QUERIES
 from reportgen.site.comparison import comparison_grid
+from reportgen.site.heat import heat_table
 from reportgen.site.leaderboard import leaderboard
 from reportgen.site.records import plain
 from reportgen.site.scales import ordinal
@@ -62,6 +63,7 @@ def environment() -> jinja2.Environment:
     env.globals["UNDEFINED"] = UNDEFINED
     env.globals["PATCH_LAYERS_GRID"] = PATCH_LAYERS_GRID
     env.globals["comparison_grid"] = comparison_grid
+    env.globals["heat_table"] = heat_table
     env.filters["ordinal"] = ordinal
     return env
 
