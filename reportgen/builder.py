@@ -29,7 +29,14 @@ from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, 
 from reportgen.config import BuildOptions, ImageEntry, Manifest
 from reportgen.errors import ImageError, OutputError, ReportgenError
 from reportgen.model.sources import folder_of
-from reportgen.site.figures import FIGURE_VERSION, layer_entropy_figure, save_figure, write_colourbar
+from reportgen.site.figures import (
+    FIGURE_VERSION,
+    layer_entropy_figure,
+    leaderboard_data,
+    leaderboard_figure,
+    save_figure,
+    write_colourbar,
+)
 from reportgen.site.pages import write_site
 from reportgen.site.records import failure_record, image_record, model_run_record, run_record
 from reportgen.site.scales import ScaleSetting
@@ -223,7 +230,7 @@ def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseE
 
 
 def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | None, state: _BuildState) -> None:
-    """Phase 3: the colour bar, the index's figure, pages, results.json, and the status file last."""
+    """Phase 3: the colour bar, the index's figures, pages, results.json, and the status file last."""
     ordered = [state.records[entry.slug] for entry in manifest.images]
     colourbar = "assets/colourbar.png"
     # It depends only on the colour map, which is in the settings key: a rebuild with the
@@ -231,20 +238,27 @@ def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | N
     if previous is None or not reuse_file(output, staging, colourbar):
         with outdir.open_new(staging, colourbar) as file:
             write_colourbar(manifest.output.cmap, file)
-    # Entropy per layer across the images, drawn from the records (cached or new). Its name holds
-    # a hash of what it shows, so a rebuild that changes none of it links the old one.
-    entropy = None
+    # The index's figures are drawn from the records (cached or new). Each name holds a hash of
+    # what it shows, so a rebuild that changes none of it links the old one (and imports no
+    # plotting library for it).
     drawn = [record.get("layer_entropy") for record in ordered if record.get("layer_entropy")]
-    if drawn:
-        digest = hashlib.sha256(json.dumps([FIGURE_VERSION, drawn], sort_keys=True).encode()).hexdigest()[:10]
-        entropy = f"assets/entropy-by-layer.{digest}.png"  # not in figures/, where image ids name folders
-        if previous is None or not reuse_file(output, staging, entropy):
-            figure = layer_entropy_figure(ordered)
-            with outdir.open_new(staging, entropy) as file:
-                save_figure(figure, file)
+    entropy = _index_figure(output, staging, previous, "entropy-by-layer", drawn, lambda: layer_entropy_figure(ordered)) if drawn else None
+    board = leaderboard_data(ordered)  # None without the evaluation
+    board_figure = _index_figure(output, staging, previous, "leaderboard", board, lambda: leaderboard_figure(board)) if board else None
     write_site(staging, run=run_record(manifest, state.status.model_run, ordered), records=ordered, colourbar=colourbar,
-               layer_entropy=entropy)
+               layer_entropy=entropy, leaderboard_figure=board_figure)
     outdir.write_text(staging, STATUS_FILE, state.status.to_json() + "\n")  # written last
+
+
+def _index_figure(output: Path, staging: Path, previous: Status | None, stem: str, data, draw: Callable) -> str:
+    """The relative path of one of the index's figures, named by a hash of ``data`` (what it
+    shows): linked from the previous site when it has the same, else drawn by ``draw()``."""
+    digest = hashlib.sha256(json.dumps([FIGURE_VERSION, data], sort_keys=True).encode()).hexdigest()[:10]
+    relative = f"assets/{stem}.{digest}.png"  # not in figures/, where image ids name folders
+    if previous is None or not reuse_file(output, staging, relative):
+        with outdir.open_new(staging, relative) as file:
+            save_figure(draw(), file)
+    return relative
 
 
 def check_replaceable(output: Path, manifest: Manifest) -> None:

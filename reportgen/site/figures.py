@@ -360,6 +360,66 @@ def layer_entropy_figure(records: list[dict]):
     return figure
 
 
+#: The leaderboard figure's panels: curve kind and title.
+LEADERBOARD_PANELS = (
+    ("deletion", "Deletion (lower is better)"),
+    ("insertion", "Insertion (higher is better)"),
+)
+
+
+def _mean_and_sd(values) -> tuple[float, float]:
+    """One standard deviation either side of the mean (over the images, as the leaderboard's ±)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean() - values.std()), float(values.mean() + values.std())
+
+
+def leaderboard_data(records: list[dict]) -> dict | None:
+    """What the leaderboard figure draws, from the evaluated image records (fresh and cached
+    alike): per curve kind, each map's area in each image and the random orders' mean area in
+    each image. None when no image was evaluated."""
+    evaluated = [r["evaluation"] for r in records if not r.get("error") and r.get("evaluation")]
+    if not evaluated:
+        return None
+    names = list(evaluated[0]["maps"])  # every image has the same maps, in page order
+    return {
+        "maps": names,
+        "areas": {kind: {name: [e["auc"][name][kind] for e in evaluated] for name in names} for kind, _ in LEADERBOARD_PANELS},
+        "random": {kind: [e["random"][kind]["auc_mean"] for e in evaluated] for kind, _ in LEADERBOARD_PANELS},
+    }
+
+
+def leaderboard_figure(data: dict):
+    """The leaderboard as a seaborn dot plot (:func:`leaderboard_data`'s numbers): a panel per
+    curve, a row per map, its mean area over the images with one standard deviation either side,
+    and the random orders' mean as a dashed line with its standard deviation shaded."""
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    names = data["maps"]
+    rows = [(kind, name, area) for kind, maps in data["areas"].items() for name, areas in maps.items() for area in areas]
+    frame = pd.DataFrame(rows, columns=["curve", "map", "area"])
+    height = 1.45 + 0.32 * len(names)  # inches: titles, axis labels and the legend, then a row per map
+    figure = Figure(figsize=(8.0, height))
+    axes = figure.subplots(1, len(LEADERBOARD_PANELS), sharey=True)
+    for ax, (kind, title) in zip(axes, LEADERBOARD_PANELS):
+        low, high = _mean_and_sd(data["random"][kind])
+        ax.axvspan(low, high, color="0.88", linewidth=0, label="random orders ± 1 s.d.")
+        ax.axvline((low + high) / 2, color="0.45", linestyle="--", linewidth=1.2, label="random orders (mean)")
+        sns.pointplot(data=frame[frame["curve"] == kind], x="area", y="map", order=names, estimator="mean",
+                      errorbar=_mean_and_sd, linestyle="none", marker="o", markersize=5, color="C0",
+                      err_kws={"linewidth": 1.5}, legend=False, ax=ax)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("area under the curve (score / unperturbed)", fontsize=8)
+        ax.set_ylabel("")
+        ax.tick_params(labelsize=8)
+        ax.grid(True, axis="x", linewidth=0.4, color="0.9")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+    figure.subplots_adjust(left=0.19, right=0.98, bottom=0.95 / height, top=1 - 0.3 / height, wspace=0.06)
+    return figure
+
+
 def figure_index(
     prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False, targets: int = 1,
     object_targets: int = 0, evaluation: bool = False, grid: tuple[int, int] | None = None,

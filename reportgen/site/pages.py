@@ -99,6 +99,7 @@ def write_site(
     records: list[dict[str, Any]],
     colourbar: str,
     layer_entropy: str | None = None,
+    leaderboard_figure: str | None = None,
 ) -> None:
     """Render index, one page per image and results.json into ``out`` (which already has figures).
 
@@ -109,6 +110,8 @@ def write_site(
         colourbar: relative path of the colour-bar image.
         layer_entropy: relative path of the index's entropy-per-layer figure (None: no image has
             one, so the index has no such figure).
+        leaderboard_figure: relative path of the index's leaderboard figure (None: no image was
+            evaluated).
     """
     # Every file goes through reportgen.outdir, which refuses anything outside ``out``.
     assets = {
@@ -157,6 +160,7 @@ def write_site(
         lowered=lowered_record,
         layer_entropy=layer_entropy,
         leaderboard=board,
+        leaderboard_figure=leaderboard_figure,
     )
     outdir.write_text(out, "index.html", index_html)
     outdir.write_text(out, "results.json", results_json(results))
