@@ -115,7 +115,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
 
         previous = _plan(manifest, options, output, staging, state)
         if state.todo:
-            state.status.model_run = _compute(manifest, options, staging, state)
+            state.status.model_run = _compute(manifest, options, staging, state, cold=previous is None)
         else:
             state.status.model_run = previous.model_run if previous else None
         _write(manifest, output, staging, previous, state)
@@ -182,9 +182,10 @@ def _plan(manifest: Manifest, options: BuildOptions, output: Path, staging: Path
     return previous
 
 
-def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _BuildState) -> dict:
+def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _BuildState, cold: bool) -> dict:
     """Phase 2: run the model over ``state.todo``, writing each image's figures in the background
-    while the next batch runs. Returns the model-run record."""
+    while the next batch runs (``cold``: there is no previous site to link the index's figures
+    from). Returns the model-run record."""
     # Only now is a model needed: a rebuild with nothing changed never loads (or imports) one.
     from reportgen.compute import Computation
     from reportgen.experiments import ImageFailure
@@ -195,6 +196,11 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
     # Entered first, so the figure writer is shut down however this ends (also if the model
     # cannot be loaded).
     with FigureWriter(staging, options.jobs, options.batch_size) as figures:
+        if cold:
+            # With no previous site the index's figures are drawn, so their libraries are imported
+            # in the figure thread while the model loads. A rebuild imports them only if a figure
+            # it shows has changed; an image's own figures need none.
+            figures.preload(_import_index_figure_libraries)
         for outcome in computation.results(state.todo):
             if isinstance(outcome, ImageFailure):
                 state.fail(outcome.entry, outcome.message)
@@ -211,6 +217,10 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
     state.report.model_load_seconds = computation.model_load_seconds
     state.report.warnings.extend(computation.warnings)
     return model_run_record(computation.model_run)
+
+
+def _import_index_figure_libraries() -> None:
+    import seaborn  # noqa: F401  (about 1 s with pandas, scipy and matplotlib)
 
 
 def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseException, scale: ScaleSetting) -> None:

@@ -87,3 +87,15 @@ def test_box_labels_never_overlap(name):
     if name != "crowded":  # the labels fit by their boxes: the figure is the image's size
         assert canvas.size == (300, 500)
         assert all(y1 <= 500 for _x0, _y0, _x1, y1 in rects)
+
+
+def test_carried_colour_maps_are_matplotlibs_and_others_come_from_matplotlib():
+    from reportgen.colourmaps import LUTS
+
+    levels = np.linspace(0.0, 1.0, 256)
+    assert {"inferno", "viridis", "cividis", "magma_r"} <= set(LUTS)
+    for name in [*LUTS, "RdBu", "gray"]:  # the last two are not carried: read from matplotlib
+        expected = np.round(matplotlib.colormaps[name](levels)[:, :3] * 255)
+        figures.colour_lut.cache_clear()
+        assert np.array_equal(figures.colour_lut(name), expected), name
+    figures.colour_lut.cache_clear()

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from reportgen import outdir
+from reportgen.colourmaps import LUTS
 from reportgen.methods import METHODS, figure_key, method_maps, patch_layers
 from reportgen.site.scales import ScaleSetting, result_scales, tile_tops, to_unit
 
@@ -54,10 +55,15 @@ def save_jpeg(image: Image.Image, path: Destination) -> None:
 
 @lru_cache(maxsize=8)
 def colour_lut(cmap: str) -> np.ndarray:
-    """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map (read-only, shared)."""
-    import matplotlib  # here, not at the top: a rebuild with nothing to draw never imports it
+    """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map (read-only, shared): from
+    :data:`reportgen.colourmaps.LUTS` when it has the map, else from matplotlib."""
+    table = LUTS.get(cmap)
+    if table is not None:
+        lut = np.frombuffer(bytes.fromhex(table), dtype=np.uint8).reshape(256, 3).copy()
+    else:
+        import matplotlib  # only for a map reportgen does not carry: an image's figures need it for nothing else
 
-    lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+        lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
     lut.flags.writeable = False
     return lut
 
