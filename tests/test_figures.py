@@ -90,11 +90,12 @@ def test_box_labels_never_overlap(name):
 
 
 def test_carried_colour_maps_are_matplotlibs_and_others_come_from_matplotlib():
-    from reportgen.colourmaps import LUTS
+    from reportgen.colourmaps import carried
 
     levels = np.linspace(0.0, 1.0, 256)
-    assert {"inferno", "viridis", "cividis", "magma_r"} <= set(LUTS)
-    for name in [*LUTS, "RdBu", "gray"]:  # the last two are not carried: read from matplotlib
+    names = [f"{name}{suffix}" for name in ("viridis", "plasma", "inferno", "magma", "cividis") for suffix in ("", "_r")]
+    assert all(carried(name) for name in names) and not carried("RdBu") and not carried("gray")
+    for name in [*names, "RdBu", "gray"]:  # the last two are not carried: read from matplotlib
         expected = np.round(matplotlib.colormaps[name](levels)[:, :3] * 255)
         figures.colour_lut.cache_clear()
         assert np.array_equal(figures.colour_lut(name), expected), name

@@ -18,8 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from reportgen import outdir
-from reportgen.colourmaps import LUTS
+from reportgen import colourmaps, outdir
 from reportgen.methods import METHODS, figure_key, method_maps, patch_layers
 from reportgen.site.scales import ScaleSetting, result_scales, tile_tops, to_unit
 
@@ -56,10 +55,10 @@ def save_jpeg(image: Image.Image, path: Destination) -> None:
 @lru_cache(maxsize=8)
 def colour_lut(cmap: str) -> np.ndarray:
     """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map (read-only, shared): from
-    :data:`reportgen.colourmaps.LUTS` when it has the map, else from matplotlib."""
-    table = LUTS.get(cmap)
+    :mod:`reportgen.colourmaps` when it carries the map, else from matplotlib."""
+    table = colourmaps.table(cmap)
     if table is not None:
-        lut = np.frombuffer(bytes.fromhex(table), dtype=np.uint8).reshape(256, 3).copy()
+        lut = np.frombuffer(table, dtype=np.uint8).reshape(256, 3).copy()
     else:
         import matplotlib  # only for a map reportgen does not carry: an image's figures need it for nothing else
 
