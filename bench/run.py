@@ -623,21 +623,6 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     line("  build minus load minus net forward", secs(report_cost),
          f"{report_cost / net_forward:.2f} x the net forward (flatters overlap: the figure thread slows the forward)")
 
-    # Ablation, for the README's account of the cold-build target: the same build with the
-    # similarity heatmaps (the largest figure cost) not drawn. Not a supported mode of reportgen.
-    import reportgen.site.figures as figures_mod
-
-    drawn = figures_mod.write_similarity_heatmaps
-    figures_mod.write_similarity_heatmaps = lambda *args, **kwargs: None
-    try:
-        started = time.perf_counter()
-        inprocess_build(manifest, work / "site-ablation", args.batch_size, force=True)
-        without_heatmaps = time.perf_counter() - started
-    finally:
-        figures_mod.write_similarity_heatmaps = drawn
-    line("  (ablation) the same build without the similarity heatmaps", secs(without_heatmaps),
-         f"{without_heatmaps / floor['seconds']:.2f} x the first floor")
-
     print("\n[1b] floor again, now that the build's own forward time is known (best of all passes counts)")
     again = measure_floor(manifest, args.batch_size, args.floor_repeats)
     line(f"forward of {n} images", secs(again["seconds"]),
@@ -716,8 +701,6 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     # figure thread slows down and so would flatter the ratio.
     around = in_cold - load - floor["seconds"]
     line("    report around the model (in-process - load_model - floor)", secs(around), f"{around / floor['seconds']:.2f} x floor")
-    line("    (ablation) cold build in-process without similarity heatmaps", secs(without_heatmaps),
-         f"{without_heatmaps / floor['seconds']:.2f} x floor")
     line("    cpu seconds: floor / cold subprocess / cold in-process",
          f"{floor['cpu']:.1f} / {cold['cpu']:.1f} / {prof.cpu:.1f} s",
          f"cold = {cold['cpu'] / floor['cpu']:.2f} x floor in cpu time")

@@ -29,7 +29,14 @@ from reportgen.cache import STATUS_FILE, Status, image_key, read_status, reuse, 
 from reportgen.config import BuildOptions, ImageEntry, Manifest
 from reportgen.errors import ImageError, OutputError, ReportgenError
 from reportgen.model.sources import folder_of
-from reportgen.site.figures import FIGURE_VERSION, layer_entropy_figure, save_figure, write_colourbar
+from reportgen.site.figures import (
+    FIGURE_VERSION,
+    layer_entropy_figure,
+    leaderboard_data,
+    leaderboard_figure,
+    save_figure,
+    write_colourbar,
+)
 from reportgen.site.pages import write_site
 from reportgen.site.records import failure_record, image_record, model_run_record, run_record
 from reportgen.site.scales import ScaleSetting
@@ -108,7 +115,7 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
 
         previous = _plan(manifest, options, output, staging, state)
         if state.todo:
-            state.status.model_run = _compute(manifest, options, staging, state)
+            state.status.model_run = _compute(manifest, options, staging, state, cold=previous is None)
         else:
             state.status.model_run = previous.model_run if previous else None
         _write(manifest, output, staging, previous, state)
@@ -175,9 +182,10 @@ def _plan(manifest: Manifest, options: BuildOptions, output: Path, staging: Path
     return previous
 
 
-def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _BuildState) -> dict:
+def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _BuildState, cold: bool) -> dict:
     """Phase 2: run the model over ``state.todo``, writing each image's figures in the background
-    while the next batch runs. Returns the model-run record."""
+    while the next batch runs (``cold``: there is no previous site to link the index's figures
+    from). Returns the model-run record."""
     # Only now is a model needed: a rebuild with nothing changed never loads (or imports) one.
     from reportgen.compute import Computation
     from reportgen.experiments import ImageFailure
@@ -186,10 +194,13 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
     scale = ScaleSetting.of(manifest.output)
     settings = (manifest.output.cmap, scale)
     # Entered first, so the figure writer is shut down however this ends (also if the model
-    # cannot be loaded); its thread imports seaborn while the model loads.
+    # cannot be loaded).
     with FigureWriter(staging, options.jobs, options.batch_size) as figures:
-        if any(entry.kind == "multi" for entry in state.todo):
-            figures.preload(_import_seaborn)  # ~1 s of imports (pandas, scipy)
+        if cold:
+            # With no previous site the index's figures are drawn, so their libraries are imported
+            # in the figure thread while the model loads. A rebuild imports them only if a figure
+            # it shows has changed; an image's own figures need none.
+            figures.preload(_import_index_figure_libraries)
         for outcome in computation.results(state.todo):
             if isinstance(outcome, ImageFailure):
                 state.fail(outcome.entry, outcome.message)
@@ -208,8 +219,8 @@ def _compute(manifest: Manifest, options: BuildOptions, staging: Path, state: _B
     return model_run_record(computation.model_run)
 
 
-def _import_seaborn() -> None:
-    import seaborn  # noqa: F401  (for the similarity heatmaps: pandas and scipy come with it)
+def _import_index_figure_libraries() -> None:
+    import seaborn  # noqa: F401  (about 1 s with pandas, scipy and matplotlib)
 
 
 def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseException, scale: ScaleSetting) -> None:
@@ -229,7 +240,7 @@ def _store_result(state: _BuildState, result: ImageResult, written: dict | BaseE
 
 
 def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | None, state: _BuildState) -> None:
-    """Phase 3: the colour bar, the index's figure, pages, results.json, and the status file last."""
+    """Phase 3: the colour bar, the index's figures, pages, results.json, and the status file last."""
     ordered = [state.records[entry.slug] for entry in manifest.images]
     colourbar = "assets/colourbar.png"
     # It depends only on the colour map, which is in the settings key: a rebuild with the
@@ -237,20 +248,27 @@ def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | N
     if previous is None or not reuse_file(output, staging, colourbar):
         with outdir.open_new(staging, colourbar) as file:
             write_colourbar(manifest.output.cmap, file)
-    # Entropy per layer across the images, drawn from the records (cached or new). Its name holds
-    # a hash of what it shows, so a rebuild that changes none of it links the old one.
-    entropy = None
+    # The index's figures are drawn from the records (cached or new). Each name holds a hash of
+    # what it shows, so a rebuild that changes none of it links the old one (and imports no
+    # plotting library for it).
     drawn = [record.get("layer_entropy") for record in ordered if record.get("layer_entropy")]
-    if drawn:
-        digest = hashlib.sha256(json.dumps([FIGURE_VERSION, drawn], sort_keys=True).encode()).hexdigest()[:10]
-        entropy = f"assets/entropy-by-layer.{digest}.png"  # not in figures/, where image ids name folders
-        if previous is None or not reuse_file(output, staging, entropy):
-            figure = layer_entropy_figure(ordered)
-            with outdir.open_new(staging, entropy) as file:
-                save_figure(figure, file)
+    entropy = _index_figure(output, staging, previous, "entropy-by-layer", drawn, lambda: layer_entropy_figure(ordered)) if drawn else None
+    board = leaderboard_data(ordered)  # None without the evaluation
+    board_figure = _index_figure(output, staging, previous, "leaderboard", board, lambda: leaderboard_figure(board)) if board else None
     write_site(staging, run=run_record(manifest, state.status.model_run, ordered), records=ordered, colourbar=colourbar,
-               layer_entropy=entropy)
+               layer_entropy=entropy, leaderboard_figure=board_figure)
     outdir.write_text(staging, STATUS_FILE, state.status.to_json() + "\n")  # written last
+
+
+def _index_figure(output: Path, staging: Path, previous: Status | None, stem: str, data, draw: Callable) -> str:
+    """The relative path of one of the index's figures, named by a hash of ``data`` (what it
+    shows): linked from the previous site when it has the same, else drawn by ``draw()``."""
+    digest = hashlib.sha256(json.dumps([FIGURE_VERSION, data], sort_keys=True).encode()).hexdigest()[:10]
+    relative = f"assets/{stem}.{digest}.png"  # not in figures/, where image ids name folders
+    if previous is None or not reuse_file(output, staging, relative):
+        with outdir.open_new(staging, relative) as file:
+            save_figure(draw(), file)
+    return relative
 
 
 def check_replaceable(output: Path, manifest: Manifest) -> None:

@@ -327,7 +327,7 @@ def prepare_for_rebuilds(manifest: Manifest, device: str, cache: dict) -> float 
         _channels, height, width = loaded.data_config["input_size"]
         ModelRunner(loaded, create_methods(manifest.methods, manifest.attention), chosen, top).run(
             torch.zeros(1, 3, height, width))
-        import seaborn  # noqa: F401  (the similarity heat maps' imports: pandas, scipy)
+        import seaborn  # noqa: F401  (the index's figures: pandas, scipy and matplotlib come with it)
     return seconds
 
 

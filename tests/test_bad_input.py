@@ -274,7 +274,8 @@ def test_object_label_with_dollar_signs_does_not_break_the_build(tmp_path):
     out = tmp_path / "out"
     result = _build(manifest, out)
     _clean_exit(result, 0)
-    assert (out / "figures" / "a" / "similarity.png").is_file()
+    page = (out / "a.html").read_text(encoding="utf-8")
+    assert "costs $5 or $6" in page and "$\\foo{$" in page
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def site(tmp_path_factory):
         [{"path": "one.png", "id": "one", "title": "One <b>bold</b>"},
          {"path": "broken.png", "id": "broken", "title": "Broken"},
          {"path": "two.jpg", "id": "two", "kind": "multi",
-          "objects": [{"label": "a", "box": [0, 0, 30, 30]}, {"label": "b", "box": [20, 4, 60, 34]}]},
+          "objects": [{"label": "a", "box": [0, 0, 30, 30]}, {"label": "b", "box": [20, 4, 60, 34]},
+                      {"label": "c", "box": [44, 0, 64, 20]}]},
          {"path": "three.png", "id": "three", "title": "Three"}],
     )
     out = folder / "site"
@@ -226,6 +227,99 @@ def test_patch_explorer_without_javascript_shows_the_static_panels(site):
         r, c = (int(v) - 1 for v in re.findall(r"\d+", caption))
         style = next(i for i in figure.iter("img") if i.get("class") == "sprite").get("style")
         assert f"left: -{c * 100}%; top: -{(4 + r) * 100}%" in style, caption  # layer 2's block
+
+
+SIMILARITY = (
+    "return Array.from(document.querySelectorAll('table.similarity')).map(t => ({"
+    " caption: t.caption.firstChild.textContent.trim(),"
+    " sort: Array.from(t.tHead.rows[0].cells).map(c => c.getAttribute('aria-sort')),"
+    " rows: Array.from(t.tBodies[0].rows).map(r => Array.from(r.cells).map(c => {"
+    "   var s = getComputedStyle(c); return [c.textContent.trim(), s.backgroundColor, s.color]; }))}));"
+)
+
+
+def _css_rgb(text):
+    return [float(v) for v in re.findall(r"[\d.]+", text)[:3]]
+
+
+def _wcag_contrast(a, b):
+    def luminance(rgb):
+        c = [v / 255 for v in rgb]
+        c = [v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4 for v in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def test_similarity_tables_are_coloured_by_value_and_sort_by_a_column(site, browser):
+    """two.html's three objects: each cell's background shades from white (0) to red (the
+    bound) with its value and its text contrasts at least 4.5:1; clicking a column's header (a
+    button) sorts the rows by it, again reverses them, and Enter on "Object" restores the order."""
+    from selenium.webdriver.common.by import By
+
+    assert _open(browser, site / "two.html") == []
+    record = next(i for i in json.loads((site / "results.json").read_text())["images"] if i["id"] == "two")
+    objects = record["objects"]
+    labels = objects["labels"]
+    tables = browser.execute_script(SIMILARITY)
+    assert [t["caption"] for t in tables] == ["Plain", "Rollout-weighted", "Rollout \u2212 plain"]
+    white, red, blue = [247, 247, 247], [178, 24, 43], [33, 102, 172]
+    for table, matrix, bound in zip(tables, (objects["plain_similarity"], objects["rollout_similarity"], objects["difference"]),
+                                    (1.0, 1.0, max(abs(v) for row in objects["difference"] for v in row))):
+        assert [r[0][0] for r in table["rows"]] == labels
+        for i, row in enumerate(table["rows"]):
+            for j, (text, background, ink) in enumerate(row[1:]):
+                value = matrix[i][j]
+                assert text == f"{value:.3f}"
+                # The scale by hand: halfway to either end is ColorBrewer's lighter shade.
+                t = min(abs(value) / bound, 1.0)
+                far = red if value >= 0 else blue
+                near = [244, 165, 130] if value >= 0 else [146, 197, 222]
+                expected = [w + 2 * t * (n - w) for w, n in zip(white, near)] if t <= 0.5 else \
+                    [n + (2 * t - 1) * (f - n) for n, f in zip(near, far)]
+                assert _css_rgb(background) == pytest.approx(expected, abs=0.6), (table["caption"], i, j)
+                assert _wcag_contrast(_css_rgb(background), _css_rgb(ink)) >= 4.5, (table["caption"], i, j, ink)
+    assert tables[0]["rows"][0][1][2] == "rgb(255, 255, 255)"  # white on the diagonal's dark red
+
+    plain = browser.find_element(By.CSS_SELECTOR, "table.similarity")
+    buttons = plain.find_elements(By.CSS_SELECTOR, "thead th button.sort")
+    assert [b.text for b in buttons] == ["Object", *labels]
+    column = 1  # object "b": rows by their similarity to b
+    by_b = sorted(range(len(labels)), key=lambda i: objects["plain_similarity"][i][column])
+
+    def order():
+        return [r[0][0] for r in browser.execute_script(SIMILARITY)[0]["rows"]]
+
+    buttons[1 + column].click()
+    assert order() == [labels[i] for i in by_b]
+    assert browser.execute_script(SIMILARITY)[0]["sort"] == [None, None, "ascending", None]
+    buttons[1 + column].click()
+    assert order() == [labels[i] for i in reversed(by_b)]
+    assert browser.execute_script(SIMILARITY)[0]["sort"][2] == "descending"
+    # The cells moved with their rows: each still shows its value in its own colour.
+    table = browser.execute_script(SIMILARITY)[0]
+    for row in table["rows"]:
+        i = labels.index(row[0][0])
+        assert [cell[0] for cell in row[1:]] == [f"{v:.3f}" for v in objects["plain_similarity"][i]]
+    # The keyboard: the headers are buttons in the tab order; Enter on "Object" restores the order.
+    buttons[0].send_keys("\ue007")
+    assert order() == labels and browser.switch_to.active_element == buttons[0]
+    assert browser.find_element(By.CSS_SELECTOR, ".sort-hint").is_displayed()
+    assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
+
+
+def test_similarity_tables_without_javascript_are_static_and_coloured(site):
+    """The page as written: plain header cells (the script makes them buttons), the sorting hint
+    hidden, and every cell's colour in its own style, so the table reads the same without it."""
+    page = html5lib.parse((site / "two.html").read_text(), namespaceHTMLElements=False)
+    tables = [t for t in page.iter("table") if "similarity" in (t.get("class") or "")]
+    assert len(tables) == 3
+    for table in tables:
+        assert not list(table.iter("button"))
+        cells = [td for td in table.iter("td")]
+        assert len(cells) == 9 and all(re.fullmatch(r"--heat: rgb\([\d.]+ [\d.]+ [\d.]+\)", td.get("style")) for td in cells)
+    hint = next(s for s in page.iter("span") if s.get("class") == "sort-hint")
+    assert hint.get("hidden") is not None
 
 
 @pytest.fixture(scope="module")

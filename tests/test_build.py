@@ -45,8 +45,11 @@ def test_build_writes_a_complete_consistent_site(two_images, tmp_path):
     assert results["model"]["grid"] == [4, 4] and results["model"]["num_prefix_tokens"] == 1
     assert results["capture"]["layers"] == ["blocks.0.attn", "blocks.1.attn"]
     # Figures exist for each panel, and every local link resolves with nothing external.
-    for name in ("input.jpg", "maps.png", "explorer.png", "tokens.png", "objects.jpg", "similarity.png"):
+    for name in ("input.jpg", "maps.png", "explorer.png", "tokens.png", "objects.jpg"):
         assert (out / "figures" / "street-scene" / name).is_file(), name
+    # The similarities are coloured tables on the page, not a figure.
+    assert not (out / "figures" / "street-scene" / "similarity.png").exists()
+    assert (out / "street-scene.html").read_text().count('<table class="similarity sortable"') == 3
     assert broken_links(out) == []
     # Every number on the pages is the number in results.json.
     checked, problems = disagreements(out)

@@ -148,3 +148,39 @@ def test_unchanged_rebuild_does_not_even_import_torch_or_matplotlib(project):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _modules_after_build(manifest, site) -> list[str]:
+    """A build in a new process: the plotting libraries (and torch) it imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from reportgen.cli import main\n"
+        f"try:\n    main(['build', {str(manifest)!r}, '-o', {str(site)!r}, '--quiet'])\n"
+        "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'seaborn', 'pandas', 'scipy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().replace("'", '"'))
+
+
+def test_a_build_whose_pages_need_no_new_index_figure_imports_no_plotting_library(project):
+    """A moved box recomputes its image (the model runs, its figures and tables are made again)
+    but leaves every layer's entropy as it was, so the index's figure is linked from the previous
+    site: neither matplotlib nor seaborn (nor pandas, scipy) is imported. A changed photo changes
+    that figure, which then imports them."""
+    folder, images = project
+    assert _build(folder, images).exit_code == 0
+    site = folder / "site"
+    before = json.loads((site / "results.json").read_text())["images"][1]
+    images[1]["objects"][0]["box"] = [2, 2, 22, 22]
+    manifest = write_manifest(folder, images)
+    assert _modules_after_build(manifest, site) == ["torch"]
+    after = json.loads((site / "results.json").read_text())["images"][1]
+    assert after["objects"]["objects"][0]["box"] == [2, 2, 22, 22]  # recomputed ...
+    assert after["layer_entropy"] == before["layer_entropy"]  # ... with the same figure on the index
+    assert "rgb(" in (site / after["page"]).read_text()  # its similarity tables coloured all the same
+    write_photo(folder / "img2.png", (56, 32), seed=7)
+    assert {"matplotlib", "seaborn", "torch"} <= set(_modules_after_build(manifest, site))

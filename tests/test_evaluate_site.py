@@ -89,6 +89,7 @@ def test_evaluate_builds_curves_tables_and_a_leaderboard_and_is_cached(photos, t
     assert "Which map reflects what the model uses" in page and "the blurred image" in page
     index = (out / "index.html").read_text()
     assert "Published figures, for orientation" in index and "20.05" in index
+    _check_leaderboard_figure(out, results)
 
     # A rebuild reuses every image, with the same pages; a record whose evaluation was changed is recomputed.
     pages = {name: (out / name).read_text() for name in ("index.html", "cat.html", "street.html")}
@@ -110,6 +111,45 @@ def test_evaluate_builds_curves_tables_and_a_leaderboard_and_is_cached(photos, t
     assert "leaderboard" not in results and "evaluate" not in results["settings"]
     assert all("evaluation" not in r and "evaluation" not in r["figures"] for r in results["images"])
     assert not (out / "figures" / "cat" / "evaluation.png").exists()
+    assert not list((out / "assets").glob("leaderboard.*")) and "leaderboard" not in (out / "index.html").read_text()
+
+
+def _check_leaderboard_figure(out, results):
+    """The index's leaderboard figure: a PNG named by a hash of its data, alt text that names the
+    best map of each curve against the random orders, and, drawn again from the records, a dot per
+    map at its mean area with one standard deviation either side (numpy's, over the images) and the
+    random orders' mean as a vertical line."""
+    import re
+
+    from PIL import Image
+
+    from reportgen.site.figures import leaderboard_data, leaderboard_figure
+
+    index = (out / "index.html").read_text()
+    src, alt = re.search(r'<img src="(assets/leaderboard\.[0-9a-f]{10}\.png)" alt="([^"]*)"', index).groups()
+    with Image.open(out / src) as png:
+        assert png.format == "PNG" and png.width == 800
+    evaluated = [r["evaluation"] for r in results["images"]]
+    names = list(evaluated[0]["maps"])
+    mean = {kind: {n: np.mean([e["auc"][n][kind] for e in evaluated]) for n in names} for kind in ("deletion", "insertion")}
+    sd = {kind: {n: np.std([e["auc"][n][kind] for e in evaluated]) for n in names} for kind in ("deletion", "insertion")}
+    random = {kind: np.mean([e["random"][kind]["auc_mean"] for e in evaluated]) for kind in ("deletion", "insertion")}
+    best_d, best_i = min(names, key=mean["deletion"].get), max(names, key=mean["insertion"].get)
+    assert f"Lowest deletion area: {best_d}, {mean['deletion'][best_d]:.3f} (" in alt
+    assert f"highest insertion area: {best_i}, {mean['insertion'][best_i]:.3f} (" in alt
+    below = "below" if mean["deletion"][best_d] < random["deletion"] else "not below"
+    assert f"({below} the random orders' {random['deletion']:.3f})" in alt
+    figure = leaderboard_figure(leaderboard_data(results["images"]))
+    for ax, kind in zip(figure.axes, ("deletion", "insertion")):
+        bars = {int(line.get_ydata()[0]): list(line.get_xdata()) for line in ax.lines
+                if len(line.get_xdata()) == 2 and line.get_ydata()[0] == line.get_ydata()[1]}
+        for row, name in enumerate(names):
+            np.testing.assert_allclose(bars[row], [mean[kind][name] - sd[kind][name], mean[kind][name] + sd[kind][name]], rtol=1e-9)
+        dots = next(line for line in ax.lines if len(line.get_xdata()) == len(names))
+        np.testing.assert_allclose(dots.get_xdata(), [mean[kind][n] for n in names], rtol=1e-9)
+        verticals = [line for line in ax.lines if list(line.get_ydata()) == [0, 1]]
+        assert [line.get_xdata()[0] for line in verticals] == pytest.approx([random[kind]], rel=1e-9)
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == names  # the panels share the rows
 
 
 def test_boxes_and_the_pointing_game_are_in_model_input_pixels(tmp_path):

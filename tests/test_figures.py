@@ -16,54 +16,6 @@ def _rgb(cmap: str, unit) -> np.ndarray:
     return np.round(matplotlib.colormaps[cmap](levels)[..., :3] * 255)
 
 
-def _similarities(seed: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    plain, rollout = rng.uniform(-1, 1, (2, k, k))
-    plain, rollout = (plain + plain.T) / 2, (rollout + rollout.T) / 2
-    np.fill_diagonal(plain, 1.0)
-    np.fill_diagonal(rollout, 1.0)
-    return plain, rollout
-
-
-@pytest.fixture
-def fresh_canvases(monkeypatch):
-    monkeypatch.setattr(figures, "_similarity_canvases", {})
-    return figures._similarity_canvases
-
-
-def test_heatmaps_drawn_on_a_kept_figure_are_the_bytes_of_a_fresh_one(fresh_canvases, tmp_path):
-    a, b = _similarities(1, 4), _similarities(2, 4)
-    labels_a, labels_b = ["cat", "dog", "car", "sign"], ["tree", "bus", "sun", "cup"]  # one layout
-    figures.write_similarity_heatmaps(labels_a, *a, tmp_path / "a1.png")
-    figures.write_similarity_heatmaps(labels_b, *b, tmp_path / "b1.png")
-    figures.write_similarity_heatmaps(labels_a, *a, tmp_path / "a2.png")
-    assert len(fresh_canvases) == 1  # the second and third drawings reused the first figure
-    fresh_canvases.clear()
-    figures.write_similarity_heatmaps(labels_b, *b, tmp_path / "b2.png")
-    assert (tmp_path / "a1.png").read_bytes() == (tmp_path / "a2.png").read_bytes()
-    assert (tmp_path / "b1.png").read_bytes() == (tmp_path / "b2.png").read_bytes()
-    assert (tmp_path / "a1.png").read_bytes() != (tmp_path / "b1.png").read_bytes()
-
-
-def test_heatmap_cells_have_the_colours_of_their_values(fresh_canvases, tmp_path):
-    k = 3
-    plain, rollout = _similarities(3, k)
-    path = tmp_path / "sim.png"
-    figures.write_similarity_heatmaps(["a", "b", "$5 note"], plain, rollout, path)
-    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    (canvas,) = fresh_canvases.values()
-    bound = np.abs(rollout - plain).max()
-    panels = [(plain, "viridis", -1.0, 1.0), (rollout, "viridis", -1.0, 1.0), (rollout - plain, "RdBu_r", -bound, bound)]
-    for ax, (matrix, cmap, vmin, vmax) in zip(canvas.axes, panels):
-        box = ax.get_window_extent()  # display pixels, origin at the bottom left
-        for i in range(k):
-            for j in range(k):
-                x = int(box.x0 + (j + 0.5) * box.width / k)
-                y = pixels.shape[0] - int(box.y1 - (i + 0.5) * box.height / k)  # row 0 at the top
-                expected = np.round(np.asarray(matplotlib.colormaps[cmap]((matrix[i, j] - vmin) / (vmax - vmin))[:3]) * 255)
-                assert np.abs(pixels[y, x] - expected).max() <= 2, (cmap, i, j)
-
-
 def test_token_map_has_one_pixel_per_token_and_a_line_after_the_prefix(tmp_path):
     rng = np.random.default_rng(0)
     attention = rng.dirichlet(np.ones(5), size=5)  # 1 prefix token + 4 patches
@@ -203,3 +155,16 @@ def test_box_labels_never_overlap(name):
     if name != "crowded":  # the labels fit by their boxes: the figure is the image's size
         assert canvas.size == (300, 500)
         assert all(y1 <= 500 for _x0, _y0, _x1, y1 in rects)
+
+
+def test_carried_colour_maps_are_matplotlibs_and_others_come_from_matplotlib():
+    from reportgen.colourmaps import carried
+
+    levels = np.linspace(0.0, 1.0, 256)
+    names = [f"{name}{suffix}" for name in ("viridis", "plasma", "inferno", "magma", "cividis") for suffix in ("", "_r")]
+    assert all(carried(name) for name in names) and not carried("RdBu") and not carried("gray")
+    for name in [*names, "RdBu", "gray"]:  # the last two are not carried: read from matplotlib
+        expected = np.round(matplotlib.colormaps[name](levels)[:, :3] * 255)
+        figures.colour_lut.cache_clear()
+        assert np.array_equal(figures.colour_lut(name), expected), name
+    figures.colour_lut.cache_clear()

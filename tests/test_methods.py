@@ -112,7 +112,7 @@ def test_a_site_with_one_method_shows_its_maps(tmp_path):
     page = (out / record["page"]).read_text()
     assert "maps-heading" in page and "exp1-heading" not in page
     assert sorted(p.name for p in (out / "figures" / record["slug"]).iterdir()) == [
-        "explorer.png", "input.jpg", "maps.png", "objects.jpg", "original.jpg", "similarity.png", "thumb.jpg"]
+        "explorer.png", "input.jpg", "maps.png", "objects.jpg", "original.jpg", "thumb.jpg"]
 
 
 def test_a_site_with_only_a_method_no_section_shows_has_its_explorer(tmp_path):

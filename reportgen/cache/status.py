@@ -46,7 +46,7 @@ from reportgen.site.scales import ScaleSetting
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 11  # raised whenever what a record holds, or what its numbers mean, changes
+STATUS_FORMAT = 12  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 

@@ -19,7 +19,7 @@ MAX_MANIFEST_BYTES = 10 * 1024 * 1024
 #: is a long sentence (a file-name stem used as the id is bounded by it too).
 MAX_ID_LENGTH = 200
 
-#: Longest object label: labels are tick labels of the similarity figure and rows of its tables.
+#: Longest object label: labels head the rows and columns of the similarity tables.
 MAX_LABEL_LENGTH = 200
 
 #: Longest report or image title.
@@ -35,7 +35,7 @@ MAX_NAME_LENGTH = 200
 #: Longest path written in the manifest (Linux's PATH_MAX).
 MAX_PATH_LENGTH = 4096
 
-#: Most objects (boxes) on one image: the similarity figure and tables grow with its square.
+#: Most objects (boxes) on one image: the similarity tables grow with its square.
 MAX_OBJECTS = 64
 
 #: Largest model.input_size accepted; anything bigger is a typo that would only fail later

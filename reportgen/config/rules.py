@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic_core import PydanticCustomError, core_schema
 
+from reportgen.colourmaps import carried
 from reportgen.config.bounds import MAX_NAME_LENGTH, MAX_PATH_LENGTH
 from reportgen.config.messages import (
     finite,
@@ -456,7 +457,7 @@ class Colormap(_Rule):
 
     def check(self, value: Any, base: Path | None) -> str:
         found = text_problem(value, MAX_NAME_LENGTH, allow_empty=False)
-        if not found and value != "inferno":  # no matplotlib import for the default
+        if not found and not carried(value):  # no matplotlib import for the maps reportgen carries
             known = _colormap_names()
             if known is not None and value not in known:
                 close = difflib.get_close_matches(value, sorted(known), n=3)

@@ -1,18 +1,18 @@
-"""Figures: map sprites, token maps, object boxes, similarity heatmaps.
+"""Figures: map sprites, token maps, object boxes, perturbation curves, the index's figures.
 
 The pages compose every overlay in the browser: each map is a tile of one small PNG per image
 (:func:`write_map_sprite`, colours by a numpy colour-map lookup) laid over the one model-input
 JPEG with its opacity, so no blended photo is encoded per map. :func:`overlay` blends the same
 map into the image for the notebook panels and the export. matplotlib/seaborn are used only where
 axes and labels carry meaning. Photographs are JPEG (PNG compression of a photo costs 15-70 ms,
-JPEG under 1 ms); maps (patch grids, token maps, heatmaps) are PNG. Every writer takes plain
+JPEG under 1 ms); maps (patch grids, token maps) are PNG. The object similarities are HTML tables
+coloured by the page (:mod:`reportgen.site.heat`), not figures. Every writer takes plain
 arrays, with fixed encoder settings and no timestamps, so identical inputs give identical bytes.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from reportgen import outdir
+from reportgen import colourmaps, outdir
 from reportgen.methods import METHODS, figure_key, method_maps, patch_layers
 from reportgen.site.scales import ScaleSetting, result_scales, tile_tops, to_unit
 
@@ -56,10 +56,15 @@ def save_jpeg(image: Image.Image, path: Destination) -> None:
 
 @lru_cache(maxsize=8)
 def colour_lut(cmap: str) -> np.ndarray:
-    """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map (read-only, shared)."""
-    import matplotlib  # here, not at the top: a rebuild with nothing to draw never imports it
+    """``[256, 3]`` uint8 RGB lookup table of a matplotlib colour map (read-only, shared): from
+    :mod:`reportgen.colourmaps` when it carries the map, else from matplotlib."""
+    table = colourmaps.table(cmap)
+    if table is not None:
+        lut = np.frombuffer(table, dtype=np.uint8).reshape(256, 3).copy()
+    else:
+        import matplotlib  # only for a map reportgen does not carry: an image's figures need it for nothing else
 
-    lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+        lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
     lut.flags.writeable = False
     return lut
 
@@ -376,108 +381,6 @@ def write_boxes(image: Image.Image, boxes: list[tuple[str, tuple[float, float, f
     save_jpeg(draw_boxes(image, boxes)[0], path)
 
 
-#: Longest tick label of the similarity figure; longer labels end with an ellipsis (the tables
-#: beside the figure give them whole).
-TICK_LABEL_CHARS = 32
-
-#: Largest similarity figure, whatever the number of objects (at most
-#: :data:`~reportgen.config.MAX_OBJECTS`, or more from a detector) and the length of their labels:
-#: three panels of at most ``_SimilarityCanvas.MAX_PANEL`` inches and tick labels of at most
-#: :data:`TICK_LABEL_CHARS` characters, at 100 dpi.
-MAX_SIMILARITY_SIZE = (3500, 1400)
-
-
-def _tick_label(label: str) -> str:
-    return label if len(label) <= TICK_LABEL_CHARS else label[: TICK_LABEL_CHARS - 1].rstrip() + "…"
-
-
-class _SimilarityCanvas:
-    """A three-panel seaborn heatmap figure for ``k`` objects, drawn once and then redrawn with
-    each image's values, labels and scales.
-
-    Building a Figure with its axes, ticks and meshes costs about as much as drawing it, and
-    seaborn's tick-overlap check draws the figure a second time; a build draws the same layout for
-    many images, so the figure is kept (per layout) and only its data and texts change. The output
-    is the same bytes as a freshly built figure: nothing in the drawing depends on history.
-    """
-
-    CELL = 0.45  # inches per cell, while a panel fits in MAX_PANEL
-    MAX_PANEL = 10.0  # inches: beyond 22 objects the cells shrink instead of the figure growing
-    PANELS = ("viridis", "viridis", "RdBu_r")
-
-    def __init__(self, k: int, label_chars: int):
-        import seaborn as sns
-        from matplotlib.figure import Figure
-
-        label_width = 0.08 * min(label_chars, TICK_LABEL_CHARS) + 0.3  # inches of tick-label text
-        cell = min(self.CELL, self.MAX_PANEL / max(k, 1))
-        font = min(8.0, cell * 72 * 0.8)  # points: a tick label fits in its cell
-        panel = cell * k
-        bar, gap = 0.12, 0.55  # colour bar width; gap after a panel (room for the bar's labels)
-        width = label_width + 3 * panel + 3 * gap
-        height = panel + label_width + 0.5
-        self.figure = Figure(figsize=(width, height))
-        self.axes, self.meshes, self.bars = [], [], []
-        ticks = np.arange(k) + 0.5
-        bottom = label_width / height
-        for i, cmap in enumerate(self.PANELS):
-            left = label_width + i * (panel + gap)
-            ax = self.figure.add_axes((left / width, bottom, panel / width, panel / height))
-            # Tick labels are set below, not by seaborn, which would draw the figure to test them
-            # for overlap; rows are the same objects in every panel, so only the first names them.
-            sns.heatmap(np.zeros((k, k)), ax=ax, cmap=cmap, square=True, cbar=False, xticklabels=False, yticklabels=False)
-            ax.set_xticks(ticks)
-            ax.set_yticks(ticks if i == 0 else [])
-            ax.tick_params(labelsize=font)
-            mesh = ax.collections[0]
-            cax = self.figure.add_axes(((left + panel + 0.08) / width, bottom, bar / width, panel / height))
-            colourbar = self.figure.colorbar(mesh, cax=cax)
-            colourbar.ax.tick_params(labelsize=7)
-            colourbar.outline.set_visible(False)
-            self.axes.append(ax)
-            self.meshes.append(mesh)
-            self.bars.append(colourbar)
-
-    def draw(self, labels: list[str], panels: list[tuple[str, np.ndarray, float, float]], path: Destination) -> None:
-        for i, (ax, mesh, colourbar, (title, matrix, vmin, vmax)) in enumerate(zip(self.axes, self.meshes, self.bars, panels)):
-            mesh.set_array(np.asarray(matrix, dtype=np.float64).ravel())
-            mesh.set_clim(vmin, vmax)
-            colourbar.set_ticks([vmin, 0.0, vmax], labels=[f"{vmin:.2f}", "0", f"{vmax:.2f}"])
-            ax.set_xticklabels(labels, rotation=90)
-            if i == 0:
-                ax.set_yticklabels(labels, rotation=0)
-            ax.set_title(title, fontsize=9)
-        save_figure(self.figure, path)
-
-
-_similarity_canvases: dict[tuple[int, int], _SimilarityCanvas] = {}
-_similarity_lock = threading.Lock()  # one figure must not be redrawn by two threads at once
-
-
-def write_similarity_heatmaps(labels: list[str], plain: np.ndarray, rollout: np.ndarray, path: Destination) -> None:
-    """Plain, rollout-weighted and difference cosine-similarity heatmaps side by side (seaborn).
-
-    The cells are colour only, with a colour bar per panel: the tables next to the figure hold the
-    values (text in every cell would triple the cost of the figure).
-    """
-    labels = [_tick_label(label).replace("$", r"\$") for label in labels]  # user text: "$5" is a price, not mathtext
-    bound = max(float(np.abs(rollout - plain).max()), 1e-6)
-    panels = [
-        ("plain", plain, -1.0, 1.0),
-        ("rollout-weighted", rollout, -1.0, 1.0),
-        ("rollout − plain", rollout - plain, -bound, bound),
-    ]
-    # Layouts are shared by label length in steps of 4 characters, so a few figures serve a build.
-    key = (len(labels), -(-max(len(label) for label in labels) // 4) * 4)
-    with _similarity_lock:
-        canvas = _similarity_canvases.get(key)
-        if canvas is None:
-            if len(_similarity_canvases) >= 16:
-                _similarity_canvases.pop(next(iter(_similarity_canvases)))
-            canvas = _similarity_canvases[key] = _SimilarityCanvas(*key)
-        canvas.draw(labels, panels, path)
-
-
 #: Raised when a figure drawn from the records changes its look (the index's figure is named by a
 #: hash of its data and this, so a rebuild links the old one only if it would look the same).
 FIGURE_VERSION = 1
@@ -519,6 +422,66 @@ def layer_entropy_figure(records: list[dict]):
     return figure
 
 
+#: The leaderboard figure's panels: curve kind and title.
+LEADERBOARD_PANELS = (
+    ("deletion", "Deletion (lower is better)"),
+    ("insertion", "Insertion (higher is better)"),
+)
+
+
+def _mean_and_sd(values) -> tuple[float, float]:
+    """One standard deviation either side of the mean (over the images, as the leaderboard's ±)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean() - values.std()), float(values.mean() + values.std())
+
+
+def leaderboard_data(records: list[dict]) -> dict | None:
+    """What the leaderboard figure draws, from the evaluated image records (fresh and cached
+    alike): per curve kind, each map's area in each image and the random orders' mean area in
+    each image. None when no image was evaluated."""
+    evaluated = [r["evaluation"] for r in records if not r.get("error") and r.get("evaluation")]
+    if not evaluated:
+        return None
+    names = list(evaluated[0]["maps"])  # every image has the same maps, in page order
+    return {
+        "maps": names,
+        "areas": {kind: {name: [e["auc"][name][kind] for e in evaluated] for name in names} for kind, _ in LEADERBOARD_PANELS},
+        "random": {kind: [e["random"][kind]["auc_mean"] for e in evaluated] for kind, _ in LEADERBOARD_PANELS},
+    }
+
+
+def leaderboard_figure(data: dict):
+    """The leaderboard as a seaborn dot plot (:func:`leaderboard_data`'s numbers): a panel per
+    curve, a row per map, its mean area over the images with one standard deviation either side,
+    and the random orders' mean as a dashed line with its standard deviation shaded."""
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    names = data["maps"]
+    rows = [(kind, name, area) for kind, maps in data["areas"].items() for name, areas in maps.items() for area in areas]
+    frame = pd.DataFrame(rows, columns=["curve", "map", "area"])
+    height = 1.45 + 0.32 * len(names)  # inches: titles, axis labels and the legend, then a row per map
+    figure = Figure(figsize=(8.0, height))
+    axes = figure.subplots(1, len(LEADERBOARD_PANELS), sharey=True)
+    for ax, (kind, title) in zip(axes, LEADERBOARD_PANELS):
+        low, high = _mean_and_sd(data["random"][kind])
+        ax.axvspan(low, high, color="0.88", linewidth=0, label="random orders ± 1 s.d.")
+        ax.axvline((low + high) / 2, color="0.45", linestyle="--", linewidth=1.2, label="random orders (mean)")
+        sns.pointplot(data=frame[frame["curve"] == kind], x="area", y="map", order=names, estimator="mean",
+                      errorbar=_mean_and_sd, linestyle="none", marker="o", markersize=5, color="C0",
+                      err_kws={"linewidth": 1.5}, legend=False, ax=ax)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("area under the curve (score / unperturbed)", fontsize=8)
+        ax.set_ylabel("")
+        ax.tick_params(labelsize=8)
+        ax.grid(True, axis="x", linewidth=0.4, color="0.9")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+    figure.subplots_adjust(left=0.19, right=0.98, bottom=0.95 / height, top=1 - 0.3 / height, wspace=0.06)
+    return figure
+
+
 def figure_index(
     prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False, targets: int = 1,
     object_targets: int = 0, evaluation: bool = False, *, grid: tuple[int, int],
@@ -532,7 +495,7 @@ def figure_index(
         methods: the map methods that ran, in order (each map gets a tile of the map sprite,
             :func:`write_map_sprite`, named by its spec's figure stem).
         layers / heads: layers and heads of the model.
-        objects: how many objects the image has (boxes from 1, similarity heat maps from 2).
+        objects: how many objects the image has (the boxes' figure from 1).
         norms: the explorer ends with a column of token norms per layer.
         targets: how many class (or label-free) targets the methods that explain one have maps for.
         object_targets: how many objects they have maps for.
@@ -589,8 +552,6 @@ def figure_index(
     }
     if objects:
         figures["objects"] = f"{prefix}/objects.jpg"
-    if objects > 1 and "rollout" in methods:
-        figures["similarity"] = f"{prefix}/similarity.png"
     if evaluation:
         figures["evaluation"] = f"{prefix}/evaluation.png"
     return figures
@@ -670,9 +631,6 @@ def write_image_figures(
             fx, fy = result.original.width / result.size[0], result.original.height / result.size[1]
             drawn = [(o.label, (o.box[0] * fx, o.box[1] * fy, o.box[2] * fx, o.box[3] * fy), o.score) for o in objects]
             write_boxes(result.original, drawn, file)
-    if "similarity" in figures:
-        with out("similarity") as file:
-            write_similarity_heatmaps(result.objects.labels, result.objects.plain_similarity, result.objects.rollout_similarity, file)
     if result.evaluation is not None:
         e = result.evaluation
         with out("evaluation") as file:

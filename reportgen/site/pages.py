@@ -20,6 +20,7 @@ import jinja2
 from reportgen import outdir
 from reportgen.methods import CLS_QUERY, PATCH_LAYERS_GRID, QUERIES
 from reportgen.site.comparison import comparison_grid
+from reportgen.site.heat import heat_table
 from reportgen.site.leaderboard import leaderboard
 from reportgen.site.records import plain
 from reportgen.site.scales import ordinal
@@ -62,6 +63,7 @@ def environment() -> jinja2.Environment:
     env.globals["UNDEFINED"] = UNDEFINED
     env.globals["PATCH_LAYERS_GRID"] = PATCH_LAYERS_GRID
     env.globals["comparison_grid"] = comparison_grid
+    env.globals["heat_table"] = heat_table
     env.filters["ordinal"] = ordinal
     return env
 
@@ -97,6 +99,7 @@ def write_site(
     records: list[dict[str, Any]],
     colourbar: str,
     layer_entropy: str | None = None,
+    leaderboard_figure: str | None = None,
 ) -> None:
     """Render index, one page per image and results.json into ``out`` (which already has figures).
 
@@ -107,6 +110,8 @@ def write_site(
         colourbar: relative path of the colour-bar image.
         layer_entropy: relative path of the index's entropy-per-layer figure (None: no image has
             one, so the index has no such figure).
+        leaderboard_figure: relative path of the index's leaderboard figure (None: no image was
+            evaluated).
     """
     # Every file goes through reportgen.outdir, which refuses anything outside ``out``.
     assets = {
@@ -155,6 +160,7 @@ def write_site(
         lowered=lowered_record,
         layer_entropy=layer_entropy,
         leaderboard=board,
+        leaderboard_figure=leaderboard_figure,
     )
     outdir.write_text(out, "index.html", index_html)
     outdir.write_text(out, "results.json", results_json(results))

@@ -180,5 +180,7 @@
     Array.prototype.forEach.call(document.querySelectorAll(".explorer"), setUpExplorer);
     Array.prototype.forEach.call(document.querySelectorAll(".patch-explorer"), setUpPatchExplorer);
     Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), setUpSorting);
+    // Sentences about sorting are shown only where the headers sort.
+    Array.prototype.forEach.call(document.querySelectorAll(".sort-hint"), function (hint) { hint.hidden = false; });
   });
 })();
