@@ -43,7 +43,7 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     if isinstance(value, np.ndarray):
-        return plain(value.tolist())
+        return significant_array(value).tolist() if value.dtype.kind == "f" else plain(value.tolist())
     if isinstance(value, (np.floating, float)):
         f = float(value)
         return None if math.isnan(f) or math.isinf(f) else significant(f)
@@ -58,6 +58,40 @@ def significant(value: float) -> float:
     """``value`` rounded to :data:`SIGNIFICANT_DIGITS` significant digits (JSON then writes the
     shortest text that reads back as that float, so the output is deterministic and compact)."""
     return float(f"{value:.{SIGNIFICANT_DIGITS - 1}e}")
+
+
+#: Beyond this power of ten a scale is not exact in float64 (10**22 is the largest that is).
+_EXACT_POWER = 22
+
+
+def significant_array(values: np.ndarray) -> np.ndarray:
+    """:func:`significant` of every element of a float array (NaN and infinities as None, in an
+    object array), without a Python call per element.
+
+    Each value is scaled by a power of ten to 7 digits before the point, rounded to an integer
+    ``n`` and scaled back by dividing (or multiplying) ``n`` by the exact power of ten, so the
+    result is the float nearest the decimal ``n × 10^-k``, as :func:`significant` gives: the two
+    agree except where scaling puts a value within an ulp of a rounding tie (then they differ in
+    the last kept digit). Values whose power of ten is not exact in float64 go through
+    :func:`significant` one by one."""
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    out = np.where(finite, x, 0.0)  # zeros keep their sign, as in the decimal text
+    nonzero = finite & (x != 0)
+    exponent = np.zeros(x.shape, dtype=np.int64)
+    exponent[nonzero] = np.floor(np.log10(np.abs(x[nonzero]))).astype(np.int64)
+    k = SIGNIFICANT_DIGITS - 1 - exponent  # digits after the point
+    exact = nonzero & (np.abs(k) <= _EXACT_POWER)
+    down, up = exact & (k >= 0), exact & (k < 0)
+    out[down] = np.round(x[down] * 10.0 ** k[down]) / 10.0 ** k[down]
+    out[up] = np.round(x[up] / 10.0 ** -k[up]) * 10.0 ** -k[up]
+    for index in zip(*np.nonzero(nonzero & ~exact)):
+        out[index] = significant(float(x[index]))
+    if finite.all():
+        return out
+    result = out.astype(object)
+    result[~finite] = None
+    return result
 
 
 def page_name(slug: str) -> str:
