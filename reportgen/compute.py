@@ -26,7 +26,7 @@ from PIL import Image
 import reportgen
 from reportgen.config import ImageEntry, Manifest, ObjectBox
 from reportgen.errors import ImageError, ModelSettingsError
-from reportgen.experiments import ImageFailure, ImageResult, Objects, explain, first_target_maps, seen_objects
+from reportgen.experiments import ImageFailure, ImageResult, Objects, explain, seen_objects
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
 from reportgen.methods import METHODS, create_methods
 from reportgen.model.adapters import TimmAdapter
@@ -176,11 +176,11 @@ class Computation:
                         lambda p: explain(p.entry, forward, methods, layout, p.geometry, p.original, p.view, p.objects),
                         item, "experiments",
                     )
-                    # The evaluation scores every map with the image's first target's class.
+                    # The evaluation scores the maps that explain no target with the image's first target's class.
                     explained = forward.target.class_index if forward.target is not None else (chosen[0] if chosen else None)
                     done.append((item, result, explained))
                 if perturber is not None:
-                    randomised = _randomised_maps(loaded, methods, chosen, top, done) if sanity else None
+                    randomised = _randomised_maps(loaded, methods, done, explain_objects) if sanity else None
                     done = _evaluated(perturber, done, layout, randomised)
                 for _item, result, _class in done:
                     yield result
@@ -202,23 +202,33 @@ def _internal_error(entry: ImageEntry, err: Exception) -> ImageFailure:
     return ImageFailure(entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
-def _randomised_maps(loaded: LoadedModel, methods: list, chosen: tuple[int, ...], top: int, done: list) -> list | None:
+def _randomised_maps(loaded: LoadedModel, methods: list, done: list, objects: bool) -> list | None:
     """For the batch's images (aligned with ``done``; None for a failure), the maps of each step of
     the cascading randomisation (:mod:`reportgen.model.sanity`): ``[(block index, {map: grid})]``.
-    One pass of the batch per step, on a copy of the model."""
+    Every map explains what it explains on the learnt model: the same classes (not the randomised
+    model's own top predictions) and, with ``objects``, the same objects' boxes. One pass of the
+    batch per step (per set of classes), on a copy of the model."""
+    from reportgen.experiments import maps_for_every_target
     from reportgen.model.sanity import cascade
 
     ok = [index for index, (_item, result, _class) in enumerate(done) if isinstance(result, ImageResult)]
     if not ok:
         return None
-    batch = torch.stack([done[index][0].tensor for index in ok])
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index in ok:
+        explained = (t.class_index for t in done[index][1].targets.values() if t.kind == "class")
+        groups.setdefault(tuple(dict.fromkeys(explained)), []).append(index)
     steps: list[list] = [[] for _ in done]
     layout = loaded.layout
     for block, model in cascade(loaded.model):
-        forwards = ModelRunner(dataclasses.replace(loaded, model=model, adapter=None), methods, chosen, top).run(batch)
-        for index, forward in zip(ok, forwards):
-            maps = {name: grid for method in methods for name, grid in method.maps(forward, layout).maps.items()}
-            steps[index].append((block, maps))
+        randomised = dataclasses.replace(loaded, model=model, adapter=None)
+        for classes, members in groups.items():
+            batch = torch.stack([done[index][0].tensor for index in members])
+            coverages = [done[index][0].coverages for index in members] if objects else None
+            forwards = ModelRunner(randomised, methods, classes, 1).run(batch, coverages)
+            for index, forward in zip(members, forwards):
+                maps = {name: grid for method in methods for name, grid in maps_for_every_target(method, forward, layout).maps.items()}
+                steps[index].append((block, maps))
     return steps
 
 
@@ -232,7 +242,8 @@ def _evaluated(perturber, done: list, layout, randomised: list | None = None) ->
     if not ok:
         return done
     subjects = [
-        Subject(item.tensor, first_target_maps(result), result.content.weights, item.geometry.content_box(), explained)
+        Subject(item.tensor, result.maps, result.content.weights, item.geometry.content_box(), explained,
+                _map_targets(result, item))
         for _index, item, result, explained in ok
     ]
     done = list(done)
@@ -252,6 +263,22 @@ def _evaluated(perturber, done: list, layout, randomised: list | None = None) ->
             log.debug("evaluation of %s failed", result.entry.id, exc_info=err)
             done[index] = (item, _internal_error(result.entry, err), explained)
     return done
+
+
+def _map_targets(result: ImageResult, item: _Prepared) -> dict:
+    """Per map that explains a class or an object, its target for the evaluation (object ``j``'s
+    coverage from the objects the model explained, in the order the maps number them)."""
+    from reportgen.model.perturbation import MapTarget
+
+    targets = {}
+    for name, target in result.targets.items():
+        if target.kind == "class":
+            targets[name] = MapTarget("class", class_index=target.class_index)
+        elif target.kind == "object":
+            label, coverage = item.coverages[int(name.rpartition("/object-")[2]) - 1]
+            assert label == target.object_label, (label, target.object_label)
+            targets[name] = MapTarget("object", object_label=label, coverage=coverage)
+    return targets
 
 
 def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int, ...], int]:
