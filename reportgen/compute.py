@@ -116,7 +116,7 @@ class Computation:
             from reportgen.model.perturbation import Perturber
 
             perturber = Perturber(loaded, evaluate.baseline, evaluate.random_orders)
-        sanity = evaluate.enabled and evaluate.sanity and isinstance(loaded.adapter, TimmAdapter)
+        sanity = evaluate.enabled and bool(evaluate.sanity) and isinstance(loaded.adapter, TimmAdapter)
         if evaluate.enabled and evaluate.sanity and not sanity:
             self.warnings.append(
                 f"evaluate.sanity: the model randomisation check re-initialises timm blocks; {loaded.name} is not a "
@@ -180,7 +180,8 @@ class Computation:
                     explained = forward.target.class_index if forward.target is not None else (chosen[0] if chosen else None)
                     done.append((item, result, explained))
                 if perturber is not None:
-                    randomised = _randomised_maps(loaded, methods, done, explain_objects) if sanity else None
+                    checked = [isinstance(r, ImageResult) and evaluate.checks(r.entry.id) for _item, r, _class in done]
+                    randomised = _randomised_maps(loaded, methods, done, explain_objects, checked) if sanity else None
                     done = _evaluated(perturber, done, layout, randomised)
                 for _item, result, _class in done:
                     yield result
@@ -202,8 +203,9 @@ def _internal_error(entry: ImageEntry, err: Exception) -> ImageFailure:
     return ImageFailure(entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
-def _randomised_maps(loaded: LoadedModel, methods: list, done: list, objects: bool) -> list | None:
-    """For the batch's images (aligned with ``done``; None for a failure), the maps of each step of
+def _randomised_maps(loaded: LoadedModel, methods: list, done: list, objects: bool, checked: list[bool]) -> list | None:
+    """For the batch's images the sanity check is for (``checked``, aligned with ``done``; an empty
+    list for the others), the maps of each step of
     the cascading randomisation (:mod:`reportgen.model.sanity`): ``[(block index, {map: grid})]``.
     Every map explains what it explains on the learnt model: the same classes (not the randomised
     model's own top predictions) and, with ``objects``, the same objects' boxes. One pass of the
@@ -211,7 +213,7 @@ def _randomised_maps(loaded: LoadedModel, methods: list, done: list, objects: bo
     from reportgen.experiments import maps_for_every_target
     from reportgen.model.sanity import cascade
 
-    ok = [index for index, (_item, result, _class) in enumerate(done) if isinstance(result, ImageResult)]
+    ok = [index for index, (_item, result, _class) in enumerate(done) if isinstance(result, ImageResult) and checked[index]]
     if not ok:
         return None
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -256,7 +258,7 @@ def _evaluated(perturber, done: list, layout, randomised: list | None = None) ->
         return done
     for (index, item, result, explained), scored in zip(ok, curves):
         try:
-            checked = sanity(result, randomised[index]) if randomised is not None else None
+            checked = sanity(result, randomised[index]) if randomised is not None and randomised[index] else None
             judged = evaluation(result, scored, perturber.baseline, layout, checked)
             done[index] = (item, dataclasses.replace(result, evaluation=judged), explained)
         except Exception as err:

@@ -73,7 +73,8 @@ def settings_key(manifest: Manifest) -> str:
             "detector": [manifest.detector.name, manifest.detector.threshold],
             "figures": [manifest.output.cmap, manifest.output.alpha, *_scale_key(manifest)],
             # Only when on, so a build without the evaluation keeps its key.
-            **({"evaluate": [manifest.evaluate.baseline, manifest.evaluate.random_orders, manifest.evaluate.sanity]}
+            # Which images get the sanity check is in each image's key.
+            **({"evaluate": [manifest.evaluate.baseline, manifest.evaluate.random_orders]}
                if manifest.evaluate.enabled else {}),
         }
     )
@@ -85,8 +86,9 @@ def _scale_key(manifest: Manifest) -> list:
     return [setting.kind] if setting.used_percentile is None else [setting.kind, setting.used_percentile]
 
 
-def image_key(entry: ImageEntry, global_key: str) -> str:
-    """Key of one image's inputs: its bytes, kind, boxes and page name, under the global key."""
+def image_key(entry: ImageEntry, global_key: str, sanity: bool = False) -> str:
+    """Key of one image's inputs: its bytes, kind, boxes and page name, and whether it gets the
+    sanity check (``evaluate.sanity``), under the global key."""
     return _digest(
         {
             "global": global_key,
@@ -94,6 +96,8 @@ def image_key(entry: ImageEntry, global_key: str) -> str:
             "kind": entry.kind,
             "slug": entry.slug,
             "objects": [[b.label, *b.as_tuple()] for b in entry.objects],
+            # Only when checked, so an image without the check keeps its key.
+            **({"sanity": True} if sanity else {}),
         }
     )
 

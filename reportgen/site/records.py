@@ -201,6 +201,10 @@ def _evaluation_record(e: Evaluation) -> dict[str, Any]:
     })
 
 
+def _sanity_setting(sanity: bool | tuple[str, ...]) -> bool | list[str]:
+    return sanity if isinstance(sanity, bool) else list(sanity)
+
+
 def _random_record(random: dict) -> dict[str, Any]:
     """The random orders of one target: per kind, the mean and spread per step and each order's area."""
     return {
@@ -352,7 +356,9 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "scale": manifest.output.scale,
             "scale_percentile": ScaleSetting.of(manifest.output).used_percentile,
             # Only when on, so a build without the evaluation keeps its results.json.
-            **({"evaluate": {"baseline": manifest.evaluate.baseline, "random_orders": manifest.evaluate.random_orders}}
+            **({"evaluate": {"baseline": manifest.evaluate.baseline, "random_orders": manifest.evaluate.random_orders,
+                             # true (every image) or the ids of the images checked; left out when off
+                             **({"sanity": _sanity_setting(manifest.evaluate.sanity)} if manifest.evaluate.sanity else {})}}
                if manifest.evaluate.enabled else {}),
         },
         # The fixed rules behind the token-norm and concentration statistics.
