@@ -226,6 +226,11 @@ def test_the_sanity_check_re_initialises_the_blocks_from_the_top_down(tmp_path):
     assert sanity["flagged"] == {name: sanity["spearman"][name][-1] > 0.5 for name in sanity["spearman"]}
     page = (out / "a.html").read_text()
     assert "Does each map depend on what the model learnt?" in page
+    # The figure, and the flagged maps named (or none), in page order.
+    assert record["figures"]["sanity"] == "figures/a/sanity.png" and (out / "figures/a/sanity.png").is_file()
+    flagged = [name for name in record["evaluation"]["maps"] if sanity["flagged"][name]]
+    expected = f"still above 0.5 with every block re-initialised: {', '.join(flagged)}." if flagged else "No map is flagged"
+    assert expected in page
     board = results["leaderboard"]
     assert board["sanity_images"] == 1
     assert [m["sanity_flagged"] for m in board["maps"]] == [int(sanity["flagged"][m["name"]]) for m in board["maps"]]

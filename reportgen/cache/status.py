@@ -374,7 +374,7 @@ def _check_record(
         _check_evaluation(record.evaluation, map_names, len(entry.objects) + count)
     figures = figure_index(
         f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained,
-        evaluate, grid=(rows, cols),
+        evaluate, grid=(rows, cols), sanity=record.evaluation is not None and record.evaluation.sanity is not None,
     )
     if record.figures != figures:
         raise ValueError("figures are not the ones made for this image")
