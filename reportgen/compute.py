@@ -29,7 +29,6 @@ from reportgen.errors import ImageError, ModelSettingsError
 from reportgen.experiments import ImageFailure, ImageResult, Objects, explain, seen_objects
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
 from reportgen.methods import METHODS, create_methods
-from reportgen.model.adapters import TimmAdapter
 from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel, load_model
 from reportgen.model.runner import ModelRunner
@@ -116,11 +115,11 @@ class Computation:
             from reportgen.model.perturbation import Perturber
 
             perturber = Perturber(loaded, evaluate.baseline, evaluate.random_orders)
-        sanity = evaluate.enabled and bool(evaluate.sanity) and isinstance(loaded.adapter, TimmAdapter)
+        sanity = evaluate.enabled and bool(evaluate.sanity) and bool(loaded.adapter.blocks())
         if evaluate.enabled and evaluate.sanity and not sanity:
             self.warnings.append(
-                f"evaluate.sanity: the model randomisation check re-initialises timm blocks; {loaded.name} is not a "
-                "timm model, so it is left out."
+                f"evaluate.sanity: the model randomisation check re-initialises the model's blocks; reportgen cannot "
+                f"re-initialise those of {loaded.name}, so it is left out."
             )
         self.model_run = ModelRun(loaded, None, _versions())
         layout = loaded.layout
@@ -209,7 +208,7 @@ def _randomised_maps(loaded: LoadedModel, methods: list, done: list, objects: bo
     the cascading randomisation (:mod:`reportgen.model.sanity`): ``[(block index, {map: grid})]``.
     Every map explains what it explains on the learnt model: the same classes (not the randomised
     model's own top predictions) and, with ``objects``, the same objects' boxes. One pass of the
-    batch per step (per set of classes), on a copy of the model."""
+    batch per step (per set of classes), the model's blocks re-initialised in place and restored after."""
     from reportgen.experiments import maps_for_every_target
     from reportgen.model.sanity import cascade
 
@@ -222,15 +221,15 @@ def _randomised_maps(loaded: LoadedModel, methods: list, done: list, objects: bo
         groups.setdefault(tuple(dict.fromkeys(explained)), []).append(index)
     steps: list[list] = [[] for _ in done]
     layout = loaded.layout
-    for block, model in cascade(loaded.model):
-        randomised = dataclasses.replace(loaded, model=model, adapter=None)
-        for classes, members in groups.items():
-            batch = torch.stack([done[index][0].tensor for index in members])
-            coverages = [done[index][0].coverages for index in members] if objects else None
-            forwards = ModelRunner(randomised, methods, classes, 1).run(batch, coverages)
-            for index, forward in zip(members, forwards):
-                maps = {name: grid for method in methods for name, grid in maps_for_every_target(method, forward, layout).maps.items()}
-                steps[index].append((block, maps))
+    with cascade(loaded.adapter) as blocks:  # the user's weights come back on leaving, also on an error
+        for block in blocks:
+            for classes, members in groups.items():
+                batch = torch.stack([done[index][0].tensor for index in members])
+                coverages = [done[index][0].coverages for index in members] if objects else None
+                forwards = ModelRunner(loaded, methods, classes, 1).run(batch, coverages)
+                for index, forward in zip(members, forwards):
+                    maps = {name: grid for method in methods for name, grid in maps_for_every_target(method, forward, layout).maps.items()}
+                    steps[index].append((block, maps))
     return steps
 
 

@@ -215,13 +215,14 @@ def test_the_sanity_check_re_initialises_the_blocks_from_the_top_down(tmp_path):
 
     attentions, _ = hand_attention(loaded.model, x)
     original = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
-    for step, (index, model) in enumerate(cascade(loaded.model)):
-        assert index == sanity["blocks"][step] - 1
-        attentions, _ = hand_attention(model, x)
-        now = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
-        for name in ("attention/mean", "rollout"):
-            expected = spearmanr(values(original[name].reshape(weights.shape)), values(now[name].reshape(weights.shape)))[0]
-            assert sanity["spearman"][name][step] == pytest.approx(expected, abs=1e-5)
+    with cascade(loaded.adapter) as steps:
+        for step, index in enumerate(steps):
+            assert index == sanity["blocks"][step] - 1
+            attentions, _ = hand_attention(loaded.model, x)
+            now = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
+            for name in ("attention/mean", "rollout"):
+                expected = spearmanr(values(original[name].reshape(weights.shape)), values(now[name].reshape(weights.shape)))[0]
+                assert sanity["spearman"][name][step] == pytest.approx(expected, abs=1e-5)
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
     assert sanity["flagged"] == {name: sanity["spearman"][name][-1] > 0.5 for name in sanity["spearman"]}
     page = (out / "a.html").read_text()
