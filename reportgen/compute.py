@@ -286,7 +286,7 @@ def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int
     """The rules a setting can only be checked by once the model is loaded. Returns the indices of
     the classes the gradient methods explain (``attention.target_classes``; empty for each image's
     top predictions, and when nothing explains a target) and how many top predictions to
-    explain without them. The evaluation scores each image's first target.
+    explain without them. The evaluation scores the maps that explain no target with each image's first target.
 
     Raises:
         ModelSettingsError: naming the setting, its value and what the model allows.

@@ -412,6 +412,8 @@ def test_the_sanity_figure_shows_on_the_pages_that_ran_it(evaluated_site, browse
     """The page of the checked image shows its sanity figure (loaded, as results.json names it)
     and names the flagged maps; the other image's page has neither."""
     records = {r["id"]: r for r in json.loads((evaluated_site / "results.json").read_text())["images"]}
+    for page in sorted(evaluated_site.glob("*.html")):
+        html5lib.HTMLParser(strict=True).parse(page.read_bytes())  # raises on any parse error
     assert _open(browser, evaluated_site / "one.html") == []
     src, loaded, width, text = browser.execute_script(SANITY)
     assert src == records["one"]["figures"]["sanity"] and loaded and width > 300
