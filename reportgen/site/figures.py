@@ -672,12 +672,12 @@ def write_sanity(blocks: tuple[int, ...], spearman: dict[str, np.ndarray], path:
         # NaN (a constant map) leaves a gap, not a made-up value.
         ax.plot(steps, np.asarray(values, dtype=np.float64), color=colours[i % len(colours)], linewidth=1.5, marker="o",
                 markersize=3, label=name)
-    ax.set_xticks(steps, [f"{step}\n(block {block})" for step, block in zip(steps, blocks)])
-    ax.set_xlabel("blocks re-initialised, from the top", fontsize=8)
+    ax.set_xticks(steps, [str(step) for step in steps])
+    ax.set_xlabel(f"blocks re-initialised, from the top (block {blocks[0]} first, block {blocks[-1]} last)", fontsize=8)
     ax.set_ylabel("Spearman ρ with the original", fontsize=8)
     ax.set_ylim(-1.05, 1.05)
     ax.tick_params(labelsize=7)
     ax.grid(True, linewidth=0.4, color="0.9")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    figure.subplots_adjust(left=0.1, right=0.72, bottom=0.24, top=0.95)
+    figure.subplots_adjust(left=0.1, right=0.72, bottom=0.17, top=0.95)
     save_figure(figure, path)
