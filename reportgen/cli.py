@@ -205,8 +205,6 @@ def build(manifest: Path, output: Path | None, device: str, batch_size: int, job
                    "gradients (the images are embedded at their own pixels).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="The file to write (default: the image's id as a file name, with the format's suffix).")
-@click.option("--sanity-image", "sanity_image", multiple=True, metavar="ID",
-              help="With --evaluate: run the sanity check on the image with this id only (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="From a manifest: where the model runs.")
 def export(source: Path, image: str, format_: str, dpi: int, output: Path | None, device: str) -> None:
     """Write one image's panels as a print-ready figure: the model input and every map with a
