@@ -453,7 +453,7 @@ def leaderboard_figure(data: dict):
 
 def figure_index(
     prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False, targets: int = 1,
-    object_targets: int = 0, evaluation: bool = False, grid: tuple[int, int] | None = None,
+    object_targets: int = 0, evaluation: bool = False, grid: tuple[int, int] | None = None, sanity: bool = False,
 ) -> dict:
     """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
     the explorer sprite's layout. The only place figure file names are made (the build cache
@@ -468,6 +468,7 @@ def figure_index(
         targets: how many class (or label-free) targets the methods that explain one have maps for.
         object_targets: how many objects they have maps for.
         evaluation: the image's maps were evaluated (the perturbation curves' figure).
+        sanity: the sanity check ran on the image (its figure).
         grid: the model's patch grid (rows, cols): with ``attention``, the patch explorer's
             sprite (:func:`write_patch_sprite`) holds its last ``patch_layers(layers, grid)`` layers.
     """
@@ -512,6 +513,8 @@ def figure_index(
         figures["objects"] = f"{prefix}/objects.jpg"
     if evaluation:
         figures["evaluation"] = f"{prefix}/evaluation.png"
+    if evaluation and sanity:
+        figures["sanity"] = f"{prefix}/sanity.png"
     return figures
 
 
@@ -552,6 +555,7 @@ def write_image_figures(
     figures = figure_index(
         prefix, tuple(outputs), stack.shape[0], heads, len(objects), norms is not None, result.target_count,
         result.object_target_count, result.evaluation is not None, grid=stack.shape[2:],
+        sanity=result.evaluation is not None and result.evaluation.sanity is not None,
     )
 
     def out(name: str) -> BinaryIO:
@@ -592,6 +596,9 @@ def write_image_figures(
         e = result.evaluation
         with out("evaluation") as file:
             write_curves(e.curves.fractions, e.curves.maps, {kind: (r.mean, r.std) for kind, r in e.random.items()}, file)
+        if e.sanity is not None:
+            with out("sanity") as file:
+                write_sanity(e.sanity.blocks, e.sanity.spearman, file)
     return figures
 
 
@@ -628,4 +635,33 @@ def write_curves(
     axes[0].set_ylabel("score / unperturbed", fontsize=8)
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     figure.subplots_adjust(left=0.07, right=0.8, bottom=0.18, top=0.88, wspace=0.08)
+    save_figure(figure, path)
+
+
+def write_sanity(blocks: tuple[int, ...], spearman: dict[str, np.ndarray], path: Destination) -> None:
+    """The cascading randomisation of one image: each map's Spearman ρ with its original after each
+    step (x: how many blocks are re-initialised, from the top; the step's block named), one line
+    per map, with the threshold above which a map is flagged."""
+    from matplotlib.figure import Figure
+
+    from reportgen.methods.evaluation import SANITY_THRESHOLD
+
+    figure = Figure(figsize=(6.4, 3.0))
+    ax = figure.subplots()
+    steps = np.arange(1, len(blocks) + 1)
+    colours = [f"C{i}" for i in range(10)]
+    ax.axhline(SANITY_THRESHOLD, color="0.45", linestyle="--", linewidth=1.0, label=f"flagged above {SANITY_THRESHOLD:g}")
+    ax.axhline(0.0, color="0.8", linewidth=0.8)
+    for i, (name, values) in enumerate(spearman.items()):
+        # NaN (a constant map) leaves a gap, not a made-up value.
+        ax.plot(steps, np.asarray(values, dtype=np.float64), color=colours[i % len(colours)], linewidth=1.5, marker="o",
+                markersize=3, label=name)
+    ax.set_xticks(steps, [str(step) for step in steps])
+    ax.set_xlabel(f"blocks re-initialised, from the top (block {blocks[0]} first, block {blocks[-1]} last)", fontsize=8)
+    ax.set_ylabel("Spearman ρ with the original", fontsize=8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, linewidth=0.4, color="0.9")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    figure.subplots_adjust(left=0.1, right=0.72, bottom=0.17, top=0.95)
     save_figure(figure, path)

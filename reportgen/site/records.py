@@ -212,11 +212,14 @@ def _evaluation_record(e: Evaluation) -> dict[str, Any]:
         "curves": plain(curves.maps),  # {map: {deletion, negative, insertion: [steps + 1]}}
         "auc": plain(e.auc),
         "beats_random": {name: {kind: e.beats_random(name, kind) for kind in kinds} for name, kinds in e.auc.items()},
-        "random": {
-            kind: {"mean": plain(r.mean), "std": plain(r.std), "aucs": plain(r.aucs), "auc_mean": plain(r.auc_mean),
-                   "auc_std": plain(r.auc_std)}
-            for kind, r in e.random.items()
-        },
+        "random": _random_record(e.random),  # scored with the image's target, targets[0]
+        # Every target some map is scored with (the image's first), and each map's index among them.
+        "targets": [
+            {"kind": t.kind, "description": t.description, "label": t.label, "class_index": t.class_index,
+             "object_label": t.object_label, "reference_score": plain(t.reference), "random": _random_record(random)}
+            for t, random in zip(curves.targets, e.randoms)
+        ],
+        "scored_with": dict(curves.scored_with),
         "localisation": [
             {"label": b.label, "input_box": plain(b.input_box), "area_share": plain(b.area_share), "hit": dict(b.hit),
              "mass": plain(b.mass)}
@@ -230,6 +233,19 @@ def _evaluation_record(e: Evaluation) -> dict[str, Any]:
             "threshold": SANITY_THRESHOLD,
         },
     })
+
+
+def _sanity_setting(sanity: bool | tuple[str, ...]) -> bool | list[str]:
+    return sanity if isinstance(sanity, bool) else list(sanity)
+
+
+def _random_record(random: dict) -> dict[str, Any]:
+    """The random orders of one target: per kind, the mean and spread per step and each order's area."""
+    return {
+        kind: {"mean": plain(r.mean), "std": plain(r.std), "aucs": plain(r.aucs), "auc_mean": plain(r.auc_mean),
+               "auc_std": plain(r.auc_std)}
+        for kind, r in random.items()
+    }
 
 
 def _sorted_keys(value: Any) -> Any:
@@ -374,7 +390,9 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "scale": manifest.output.scale,
             "scale_percentile": ScaleSetting.of(manifest.output).used_percentile,
             # Only when on, so a build without the evaluation keeps its results.json.
-            **({"evaluate": {"baseline": manifest.evaluate.baseline, "random_orders": manifest.evaluate.random_orders}}
+            **({"evaluate": {"baseline": manifest.evaluate.baseline, "random_orders": manifest.evaluate.random_orders,
+                             # true (every image) or the ids of the images checked; left out when off
+                             **({"sanity": _sanity_setting(manifest.evaluate.sanity)} if manifest.evaluate.sanity else {})}}
                if manifest.evaluate.enabled else {}),
         },
         # The fixed rules behind the token-norm and concentration statistics.
