@@ -164,7 +164,7 @@ def _plan(manifest: Manifest, options: BuildOptions, output: Path, staging: Path
     previous = None if options.force else read_status(output, state.status.settings_key, state.report.warnings)
     for entry in manifest.images:
         try:
-            state.keys[entry.slug] = image_key(entry, state.status.settings_key)
+            state.keys[entry.slug] = image_key(entry, state.status.settings_key, manifest.evaluate.checks(entry.id))
         except OSError as err:
             state.fail(entry, f"{entry.path.name}: could not be read ({err.strerror or err})")
             state.advance()

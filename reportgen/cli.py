@@ -47,6 +47,7 @@ _SETTING_OPTIONS = {
     "evaluate_baseline": ("evaluate", "baseline"),
     "random_orders": ("evaluate", "random_orders"),
     "sanity": ("evaluate", "sanity"),
+    "sanity_image": ("evaluate", "sanity"),  # after --sanity: a problem with the ids names this option
     "methods": ("methods", None),
 }
 
@@ -63,6 +64,10 @@ def _overrides(**options) -> dict:
             value = not value
         if option == "weights":
             value = Path(value).resolve()
+        if option == "sanity_image":
+            if options.get("sanity"):
+                raise click.UsageError("give --sanity (every image) or --sanity-image (the images named), not both")
+            value = list(value)
         if option == "target_classes":
             value = value[0] if len(value) == 1 else list(value)
         if option == "methods":
@@ -143,6 +148,8 @@ def main() -> None:
 @click.option("--sanity", is_flag=True, default=None,
               help="With --evaluate: re-initialise the model's blocks from the top down and report how much each "
                    "map changes (one more pass of every image per block).")
+@click.option("--sanity-image", "sanity_image", multiple=True, metavar="ID",
+              help="With --evaluate: run the sanity check on the image with this id only (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
 @click.option("--jobs", type=int, default=1, show_default=True,

@@ -26,10 +26,9 @@ from PIL import Image
 import reportgen
 from reportgen.config import ImageEntry, Manifest, ObjectBox
 from reportgen.errors import ImageError, ModelSettingsError
-from reportgen.experiments import ImageFailure, ImageResult, Objects, explain, first_target_maps, seen_objects
+from reportgen.experiments import ImageFailure, ImageResult, Objects, explain, seen_objects
 from reportgen.imaging import Geometry, open_image, preprocess, source_size
 from reportgen.methods import METHODS, create_methods
-from reportgen.model.adapters import TimmAdapter
 from reportgen.model.capture import CaptureInfo
 from reportgen.model.loading import LoadedModel, load_model
 from reportgen.model.runner import ModelRunner
@@ -116,11 +115,11 @@ class Computation:
             from reportgen.model.perturbation import Perturber
 
             perturber = Perturber(loaded, evaluate.baseline, evaluate.random_orders)
-        sanity = evaluate.enabled and evaluate.sanity and isinstance(loaded.adapter, TimmAdapter)
+        sanity = evaluate.enabled and bool(evaluate.sanity) and bool(loaded.adapter.blocks())
         if evaluate.enabled and evaluate.sanity and not sanity:
             self.warnings.append(
-                f"evaluate.sanity: the model randomisation check re-initialises timm blocks; {loaded.name} is not a "
-                "timm model, so it is left out."
+                f"evaluate.sanity: the model randomisation check re-initialises the model's blocks; reportgen cannot "
+                f"re-initialise those of {loaded.name}, so it is left out."
             )
         self.model_run = ModelRun(loaded, None, _versions())
         layout = loaded.layout
@@ -176,11 +175,12 @@ class Computation:
                         lambda p: explain(p.entry, forward, methods, layout, p.geometry, p.original, p.view, p.objects),
                         item, "experiments",
                     )
-                    # The evaluation scores every map with the image's first target's class.
+                    # The evaluation scores the maps that explain no target with the image's first target's class.
                     explained = forward.target.class_index if forward.target is not None else (chosen[0] if chosen else None)
                     done.append((item, result, explained))
                 if perturber is not None:
-                    randomised = _randomised_maps(loaded, methods, chosen, top, done) if sanity else None
+                    checked = [isinstance(r, ImageResult) and evaluate.checks(r.entry.id) for _item, r, _class in done]
+                    randomised = _randomised_maps(loaded, methods, done, explain_objects, checked) if sanity else None
                     done = _evaluated(perturber, done, layout, randomised)
                 for _item, result, _class in done:
                     yield result
@@ -202,23 +202,34 @@ def _internal_error(entry: ImageEntry, err: Exception) -> ImageFailure:
     return ImageFailure(entry, f"internal error in reportgen ({type(err).__name__}: {err})")
 
 
-def _randomised_maps(loaded: LoadedModel, methods: list, chosen: tuple[int, ...], top: int, done: list) -> list | None:
-    """For the batch's images (aligned with ``done``; None for a failure), the maps of each step of
+def _randomised_maps(loaded: LoadedModel, methods: list, done: list, objects: bool, checked: list[bool]) -> list | None:
+    """For the batch's images the sanity check is for (``checked``, aligned with ``done``; an empty
+    list for the others), the maps of each step of
     the cascading randomisation (:mod:`reportgen.model.sanity`): ``[(block index, {map: grid})]``.
-    One pass of the batch per step, on a copy of the model."""
+    Every map explains what it explains on the learnt model: the same classes (not the randomised
+    model's own top predictions) and, with ``objects``, the same objects' boxes. One pass of the
+    batch per step (per set of classes), the model's blocks re-initialised in place and restored after."""
+    from reportgen.experiments import maps_for_every_target
     from reportgen.model.sanity import cascade
 
-    ok = [index for index, (_item, result, _class) in enumerate(done) if isinstance(result, ImageResult)]
+    ok = [index for index, (_item, result, _class) in enumerate(done) if isinstance(result, ImageResult) and checked[index]]
     if not ok:
         return None
-    batch = torch.stack([done[index][0].tensor for index in ok])
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index in ok:
+        explained = (t.class_index for t in done[index][1].targets.values() if t.kind == "class")
+        groups.setdefault(tuple(dict.fromkeys(explained)), []).append(index)
     steps: list[list] = [[] for _ in done]
     layout = loaded.layout
-    for block, model in cascade(loaded.model):
-        forwards = ModelRunner(dataclasses.replace(loaded, model=model, adapter=None), methods, chosen, top).run(batch)
-        for index, forward in zip(ok, forwards):
-            maps = {name: grid for method in methods for name, grid in method.maps(forward, layout).maps.items()}
-            steps[index].append((block, maps))
+    with cascade(loaded.adapter) as blocks:  # the user's weights come back on leaving, also on an error
+        for block in blocks:
+            for classes, members in groups.items():
+                batch = torch.stack([done[index][0].tensor for index in members])
+                coverages = [done[index][0].coverages for index in members] if objects else None
+                forwards = ModelRunner(loaded, methods, classes, 1).run(batch, coverages)
+                for index, forward in zip(members, forwards):
+                    maps = {name: grid for method in methods for name, grid in maps_for_every_target(method, forward, layout).maps.items()}
+                    steps[index].append((block, maps))
     return steps
 
 
@@ -232,7 +243,8 @@ def _evaluated(perturber, done: list, layout, randomised: list | None = None) ->
     if not ok:
         return done
     subjects = [
-        Subject(item.tensor, first_target_maps(result), result.content.weights, item.geometry.content_box(), explained)
+        Subject(item.tensor, result.maps, result.content.weights, item.geometry.content_box(), explained,
+                _map_targets(result, item))
         for _index, item, result, explained in ok
     ]
     done = list(done)
@@ -245,7 +257,7 @@ def _evaluated(perturber, done: list, layout, randomised: list | None = None) ->
         return done
     for (index, item, result, explained), scored in zip(ok, curves):
         try:
-            checked = sanity(result, randomised[index]) if randomised is not None else None
+            checked = sanity(result, randomised[index]) if randomised is not None and randomised[index] else None
             judged = evaluation(result, scored, perturber.baseline, layout, checked)
             done[index] = (item, dataclasses.replace(result, evaluation=judged), explained)
         except Exception as err:
@@ -254,11 +266,27 @@ def _evaluated(perturber, done: list, layout, randomised: list | None = None) ->
     return done
 
 
+def _map_targets(result: ImageResult, item: _Prepared) -> dict:
+    """Per map that explains a class or an object, its target for the evaluation (object ``j``'s
+    coverage from the objects the model explained, in the order the maps number them)."""
+    from reportgen.model.perturbation import MapTarget
+
+    targets = {}
+    for name, target in result.targets.items():
+        if target.kind == "class":
+            targets[name] = MapTarget("class", class_index=target.class_index)
+        elif target.kind == "object":
+            label, coverage = item.coverages[int(name.rpartition("/object-")[2]) - 1]
+            assert label == target.object_label, (label, target.object_label)
+            targets[name] = MapTarget("object", object_label=label, coverage=coverage)
+    return targets
+
+
 def check_fits_model(settings: Manifest, loaded: LoadedModel) -> tuple[tuple[int, ...], int]:
     """The rules a setting can only be checked by once the model is loaded. Returns the indices of
     the classes the gradient methods explain (``attention.target_classes``; empty for each image's
     top predictions, and when nothing explains a target) and how many top predictions to
-    explain without them. The evaluation scores each image's first target.
+    explain without them. The evaluation scores the maps that explain no target with each image's first target.
 
     Raises:
         ModelSettingsError: naming the setting, its value and what the model allows.

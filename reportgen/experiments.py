@@ -31,7 +31,7 @@ from PIL import Image
 
 from reportgen.config import ImageEntry, ObjectBox
 from reportgen.imaging import Geometry
-from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, METHODS, sectioned_methods
+from reportgen.methods import DOMINANT_RATIO, DOMINANT_SHARE, sectioned_methods
 from reportgen.methods.base import ForwardPass, MapMethod, MethodMaps, Prediction, Target, TokenLayout
 from reportgen.methods.evaluation import SANITY_THRESHOLD, CURVE_KINDS, Curves, mass_in_box, pointing_hit
 from reportgen.methods.embeddings import (
@@ -444,10 +444,11 @@ class Evaluation:
 
     Attributes:
         baseline: what replaced a removed patch (``mean``, ``blur``, ``zero``).
-        curves: the perturbation curves the model scored.
+        curves: the perturbation curves the model scored (each map with its own target).
         auc: per map name, per kind of curve, the area under it.
-        random: per kind of curve, the random orders' :class:`RandomBaseline` (``negative`` has
-            the deletion curves: a reversed random order is as random).
+        randoms: per target of ``curves.targets`` (the image's first), per kind of curve, the
+            random orders' :class:`RandomBaseline` scored with it (``negative`` has the deletion
+            curves: a reversed random order is as random).
         localisation: per box of the image, how each map localises it.
         agreement: every pair of maps, in page order.
         sanity: the model-randomisation check (with ``evaluate.sanity``), else None.
@@ -456,16 +457,22 @@ class Evaluation:
     baseline: str
     curves: Curves
     auc: dict[str, dict[str, float]]
-    random: dict[str, RandomBaseline]
+    randoms: tuple[dict[str, RandomBaseline], ...]
     localisation: tuple[BoxLocalisation, ...]
     agreement: tuple[Agreement, ...]
     sanity: Sanity | None = None
 
+    @property
+    def random(self) -> dict[str, RandomBaseline]:
+        """The random orders scored with the image's target."""
+        return self.randoms[0]
+
     def beats_random(self, name: str, kind: str) -> bool:
-        """Whether map ``name``'s curve ``kind`` is better than the random orders' mean."""
+        """Whether map ``name``'s curve ``kind`` is better than the mean of the random orders
+        scored with the map's own target."""
         from reportgen.methods.evaluation import beats_random
 
-        return beats_random(kind, self.auc[name][kind], self.random[kind].auc_mean)
+        return beats_random(kind, self.auc[name][kind], self.randoms[self.curves.scored_with[name]][kind].auc_mean)
 
 
 @dataclass(frozen=True)
@@ -631,17 +638,20 @@ def maps_for_every_target(method: MapMethod, forward: ForwardPass, layout: Token
 def evaluation(
     result: ImageResult, curves: Curves, baseline: str, layout: TokenLayout, checked: Sanity | None = None
 ) -> Evaluation:
-    """The :class:`Evaluation` of one image from its maps (those of each method's first target:
-    :func:`first_target_maps`), the curves the model scored and (if run) the sanity check."""
-    maps, content = first_target_maps(result), result.content
-    random = {}
-    for kind in CURVE_KINDS:
-        rows = curves.random["deletion" if kind == "negative" else kind]
-        random[kind] = RandomBaseline(
-            mean=rows.mean(axis=0) if len(rows) else np.full(len(curves.fractions), np.nan),
-            std=rows.std(axis=0) if len(rows) else np.full(len(curves.fractions), np.nan),
-            aucs=curves.random_aucs(kind),
-        )
+    """The :class:`Evaluation` of one image from its maps (every map, each scored with its own
+    target), the curves the model scored and (if run) the sanity check."""
+    maps, content = result.maps, result.content
+    randoms = []
+    for target in range(len(curves.targets)):
+        random = {}
+        for kind in CURVE_KINDS:
+            rows = curves.targets[target].random["deletion" if kind == "negative" else kind]
+            random[kind] = RandomBaseline(
+                mean=rows.mean(axis=0) if len(rows) else np.full(len(curves.fractions), np.nan),
+                std=rows.std(axis=0) if len(rows) else np.full(len(curves.fractions), np.nan),
+                aucs=curves.random_aucs(kind, target),
+            )
+        randoms.append(random)
     names = list(maps)
     agreement = tuple(
         Agreement(a, b, spearman(content.values(maps[a]), content.values(maps[b])),
@@ -664,17 +674,11 @@ def evaluation(
         baseline=baseline,
         curves=curves,
         auc={name: {kind: curves.auc(name, kind) for kind in CURVE_KINDS} for name in curves.maps},
-        random=random,
+        randoms=tuple(randoms),
         localisation=tuple(localisation),
         agreement=agreement,
         sanity=checked,
     )
-
-
-def first_target_maps(result: ImageResult) -> dict[str, np.ndarray]:
-    """The maps of each method's first target (the evaluation scores only the image's first
-    target), by name, in page order."""
-    return {name: output.maps[name] for method, output in result.methods.items() for name, _stem in METHODS[method].maps}
 
 
 def _input_boxes(result: ImageResult) -> list[tuple[str, tuple[float, float, float, float]]]:

@@ -582,3 +582,43 @@ def test_exported_svg_opens_in_chromium(site, browser, tmp_path):
     assert errors == [] and browser.execute_script(BROKEN_IMAGES) == []
     width = browser.execute_script("return document.images[0].naturalWidth")
     assert width == pytest.approx(float(re.search(r'width="([\d.]+)pt"', svg.read_text()).group(1)) * 4 / 3, abs=1)
+
+
+@pytest.fixture(scope="module")
+def evaluated_site(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("evaluated")
+    write_photo(folder / "one.png", (48, 40), seed=4)
+    write_photo(folder / "two.png", (40, 48), seed=5)
+    manifest = write_manifest(folder, [{"path": "one.png", "id": "one"}, {"path": "two.png", "id": "two"}],
+                              evaluate={"random_orders": 1, "sanity": ["one"]})
+    out = folder / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+SANITY = """
+const section = document.getElementById('evaluation-heading').parentElement;
+const heading = Array.from(section.querySelectorAll('h3')).find(h => h.textContent.startsWith('Does each map'));
+if (!heading) return null;
+const figure = section.querySelector('figure img[src$="sanity.png"]');
+const text = heading.nextElementSibling.nextElementSibling.textContent;
+return [figure.getAttribute('src'), figure.complete && figure.naturalWidth > 0, figure.getBoundingClientRect().width, text];
+"""
+
+
+def test_the_sanity_figure_shows_on_the_pages_that_ran_it(evaluated_site, browser):
+    """The page of the checked image shows its sanity figure (loaded, as results.json names it)
+    and names the flagged maps; the other image's page has neither."""
+    records = {r["id"]: r for r in json.loads((evaluated_site / "results.json").read_text())["images"]}
+    for page in sorted(evaluated_site.glob("*.html")):
+        html5lib.HTMLParser(strict=True).parse(page.read_bytes())  # raises on any parse error
+    assert _open(browser, evaluated_site / "one.html") == []
+    src, loaded, width, text = browser.execute_script(SANITY)
+    assert src == records["one"]["figures"]["sanity"] and loaded and width > 300
+    sanity = records["one"]["evaluation"]["sanity"]
+    flagged = [name for name in records["one"]["evaluation"]["maps"] if sanity["flagged"][name]]
+    assert text == (f"Flagged, still above 0.5 with every block re-initialised: {', '.join(flagged)}." if flagged
+                    else "No map is flagged: each falls to 0.5 or below once every block is re-initialised.")
+    assert _open(browser, evaluated_site / "two.html") == []
+    assert browser.execute_script(SANITY) is None and "sanity" not in records["two"]["figures"]

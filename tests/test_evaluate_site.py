@@ -255,18 +255,63 @@ def test_the_sanity_check_re_initialises_the_blocks_from_the_top_down(tmp_path):
 
     attentions, _ = hand_attention(loaded.model, x)
     original = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
-    for step, (index, model) in enumerate(cascade(loaded.model)):
-        assert index == sanity["blocks"][step] - 1
-        attentions, _ = hand_attention(model, x)
-        now = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
-        for name in ("attention/mean", "rollout"):
-            expected = spearmanr(values(original[name].reshape(weights.shape)), values(now[name].reshape(weights.shape)))[0]
-            assert sanity["spearman"][name][step] == pytest.approx(expected, abs=1e-5)
+    with cascade(loaded.adapter) as steps:
+        for step, index in enumerate(steps):
+            assert index == sanity["blocks"][step] - 1
+            attentions, _ = hand_attention(loaded.model, x)
+            now = {"attention/mean": attentions[-1][0, :, 0, 1:].double().mean(0).numpy(), "rollout": hand_rollout(attentions)}
+            for name in ("attention/mean", "rollout"):
+                expected = spearmanr(values(original[name].reshape(weights.shape)), values(now[name].reshape(weights.shape)))[0]
+                assert sanity["spearman"][name][step] == pytest.approx(expected, abs=1e-5)
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
     assert sanity["flagged"] == {name: sanity["spearman"][name][-1] > 0.5 for name in sanity["spearman"]}
     page = (out / "a.html").read_text()
     assert "Does each map depend on what the model learnt?" in page
+    # The figure, and the flagged maps named (or none), in page order.
+    assert record["figures"]["sanity"] == "figures/a/sanity.png" and (out / "figures/a/sanity.png").is_file()
+    flagged = [name for name in record["evaluation"]["maps"] if sanity["flagged"][name]]
+    expected = f"still above 0.5 with every block re-initialised: {', '.join(flagged)}." if flagged else "No map is flagged"
+    assert expected in page
     board = results["leaderboard"]
     assert board["sanity_images"] == 1
     assert [m["sanity_flagged"] for m in board["maps"]] == [int(sanity["flagged"][m["name"]]) for m in board["maps"]]
     assert disagreements(out)[1] == []
+
+
+def test_the_sanity_check_for_chosen_images_in_the_manifest_and_on_the_command_line(tmp_path):
+    write_photo(tmp_path / "a.png", (48, 40), seed=6)
+    write_photo(tmp_path / "b.png", (40, 48), seed=7)
+    images = [{"path": "a.png"}, {"path": "b.png", "id": "bee"}]
+    manifest = write_manifest(tmp_path, images, evaluate={"random_orders": 1, "sanity": ["bee"]})
+    assert load_manifest(manifest).evaluate.sanity == ("bee",)
+    out = tmp_path / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["evaluate"]["sanity"] == ["bee"]
+    a, b = results["images"]
+    assert a["evaluation"]["sanity"] is None and b["evaluation"]["sanity"]["blocks"] == [2, 1]
+    assert "Does each map depend" not in (out / "a.html").read_text() and "Does each map depend" in (out / "bee.html").read_text()
+    assert results["leaderboard"]["sanity_images"] == 1
+
+    # The command line chooses through the same settings; only the images whose choice changed are recomputed.
+    plain = write_manifest(tmp_path, images, evaluate={"random_orders": 1})
+    result = CliRunner().invoke(main, ["build", str(plain), "-o", str(out), "--sanity-image", "bee"])
+    assert result.exit_code == 0 and "2 unchanged" in result.output, result.output
+    result = CliRunner().invoke(main, ["build", str(plain), "-o", str(out), "--sanity-image", "a", "--sanity-image", "bee"])
+    assert result.exit_code == 0 and "1 unchanged" in result.output, result.output
+    assert all(r["evaluation"]["sanity"] is not None for r in json.loads((out / "results.json").read_text())["images"])
+    assert disagreements(out)[1] == []
+
+    # Unknown ids: the manifest's key and entry, the option on the command line.
+    with pytest.raises(ManifestError) as err:
+        load_manifest(write_manifest(tmp_path, images, evaluate={"sanity": ["bee", "cat"]}))
+    assert "manifest.yaml" in str(err.value) and "evaluate.sanity[1]: no image has the id 'cat'" in str(err.value)
+    assert "'a', 'bee'" in str(err.value)
+    with pytest.raises(ManifestError, match="evaluate.sanity: expected true, false or a list of image ids, got 'yes'"):
+        load_manifest(write_manifest(tmp_path, images, evaluate={"sanity": "yes"}))
+    plain = write_manifest(tmp_path, images, evaluate={"random_orders": 1})
+    bad = _build(plain, out, "--sanity-image", "cat")
+    assert bad.exit_code == 2 and "--sanity-image" in bad.output and "no image has the id 'cat'" in bad.output
+    both = _build(plain, out, "--sanity", "--sanity-image", "a")
+    assert both.exit_code == 2 and "not both" in both.output

@@ -18,7 +18,7 @@ from reportgen.methods.evaluation import (
 )
 from reportgen.model.adapters import ModelAdapter
 from reportgen.model.loading import LoadedModel
-from reportgen.model.perturbation import Perturber, Subject, forward_count
+from reportgen.model.perturbation import MapTarget, Perturber, Subject, forward_count
 
 GRID = (4, 6)
 PATCH = (8, 8)
@@ -103,11 +103,13 @@ class OnePatchModel(torch.nn.Module):
         self.weight = torch.randn(classes, 3 * PATCH[0] * PATCH[1], generator=generator) if classes else None
 
     def forward_features(self, x):
-        r, c = self.row * PATCH[0], self.col * PATCH[1]
-        return x[:, :, r : r + PATCH[0], c : c + PATCH[1]].reshape(len(x), 1, -1)
+        """One token per patch, row by row: its pixels."""
+        rows, cols = GRID
+        patches = x.reshape(len(x), 3, rows, PATCH[0], cols, PATCH[1]).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(len(x), rows * cols, -1)
 
     def forward_head(self, features, pre_logits=False):
-        pooled = features[:, 0]
+        pooled = features[:, self.row * GRID[1] + self.col]
         return pooled if pre_logits else pooled @ self.weight.T
 
 
@@ -270,3 +272,82 @@ def test_a_batch_gives_the_same_curves_as_each_image_alone():
         for kind in ("deletion", "negative", "insertion"):
             assert curves.maps["m"][kind] == pytest.approx(alone.maps["m"][kind], rel=1e-6)
         assert curves.random["insertion"] == pytest.approx(alone.random["insertion"], rel=1e-6)
+
+
+def _deleted(x, grid, count, colour):
+    """``x`` with the ``count`` patches of largest ``grid`` value (ties by index) filled with ``colour``."""
+    t = x.clone()
+    for flat in [int(i) for i in np.argsort(-grid.ravel(), kind="stable")][:count]:
+        r, c = divmod(flat, GRID[1])
+        t[:, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] = colour[:, None, None]
+    return t
+
+
+def test_a_further_class_s_map_is_scored_with_that_class_not_the_top_1():
+    """A ``target-k`` map's curves are the probability of its own class k, worked out here on
+    inputs made from the removal order; the image's other maps keep the top-1 class; each target
+    has its own random orders."""
+    model = OnePatchModel(1, 2, classes=5)
+    x = image(4)
+    grid = np.random.default_rng(6).uniform(size=GRID)
+
+    def probability(t):
+        return torch.softmax(model.forward_head(model.forward_features(t[None]))[0].double(), dim=0)
+
+    ranked = torch.argsort(probability(x), descending=True).tolist()
+    top, k = ranked[0], ranked[3]  # an unlikely class: its probability moves unlike the top-1's
+    maps = {"m": grid, "m/target-2": grid}
+    subject = Subject(x, maps, np.ones(GRID), (0.0, 0.0, 48.0, 32.0), targets={"m/target-2": MapTarget("class", class_index=k)})
+    (curves,) = Perturber(loaded(model), baseline="mean", random_orders=2).curves([subject])
+    colour = x.mean(dim=(1, 2))
+    for name, cls in (("m", top), ("m/target-2", k)):
+        expected = [float(probability(_deleted(x, grid, n, colour))[cls] / probability(x)[cls]) for n in step_counts(24)]
+        expected[0] = 1.0
+        assert curves.maps[name]["deletion"] == pytest.approx(np.array(expected), rel=1e-5)
+        target = curves.targets[curves.scored_with[name]]
+        assert target.kind == "class" and target.class_index == cls
+        assert target.reference == pytest.approx(float(probability(x)[cls]), rel=1e-5)
+    assert curves.scored_with == {"m": 0, "m/target-2": 1}
+    assert not np.allclose(curves.maps["m"]["deletion"], curves.maps["m/target-2"]["deletion"])
+    assert not np.allclose(curves.targets[0].random["deletion"], curves.targets[1].random["deletion"])
+    # The random orders of class k are its probability on the same inputs: the end points agree.
+    assert curves.targets[1].random["deletion"][:, -1] == pytest.approx(curves.maps["m/target-2"]["deletion"][-1])
+    assert curves.forwards == forward_count(2, 2)  # further targets cost no forward pass
+
+
+def test_an_object_s_map_is_scored_with_the_cosine_to_the_object_s_embedding():
+    """An ``object-j`` map's curves: the cosine of the pooled embedding with the object's
+    embedding (the unperturbed input's patch tokens averaged with the box's coverage), over its
+    value on the unperturbed input, worked out here; in a headless model the other maps keep the
+    label-free score."""
+    model = OnePatchModel(2, 1)
+    x = image(5)
+    coverage = np.zeros(GRID)
+    coverage[1:3, 0:2] = 1.0
+    coverage[1:3, 2] = 0.5
+    grid = np.random.default_rng(8).uniform(size=GRID)
+    subject = Subject(x, {"m": grid, "m/object-1": grid}, np.ones(GRID), (0.0, 0.0, 48.0, 32.0),
+                      targets={"m/object-1": MapTarget("object", object_label="cup", coverage=coverage)})
+    (curves,) = Perturber(loaded(model), baseline="mean", random_orders=1).curves([subject])
+    tokens = model.forward_features(x[None])[0].double()
+    weights = torch.tensor(coverage.ravel() / coverage.sum())
+    obj = weights @ tokens
+
+    def cosine(t):
+        e = model.forward_head(model.forward_features(t[None]), pre_logits=True)[0].double()
+        return float(e @ obj / (e.norm() * obj.norm()))
+
+    def label_free(t):
+        e = model.forward_head(model.forward_features(t[None]), pre_logits=True)[0].double()
+        e0 = model.forward_head(model.forward_features(x[None]), pre_logits=True)[0].double()
+        return float(e @ e0 / (e0 @ e0))
+
+    colour = x.mean(dim=(1, 2))
+    for name, score in (("m/object-1", cosine), ("m", label_free)):
+        expected = [score(_deleted(x, grid, n, colour)) / score(x) for n in step_counts(24)]
+        assert curves.maps[name]["deletion"] == pytest.approx(np.array(expected), rel=1e-5)
+    assert not np.allclose(curves.maps["m"]["deletion"], curves.maps["m/object-1"]["deletion"])
+    target = curves.targets[curves.scored_with["m/object-1"]]
+    assert (target.kind, target.object_label, target.label) == ("object", "cup", "object 'cup'")
+    assert target.reference == pytest.approx(cosine(x), rel=1e-5)
+    assert curves.targets[0].kind == "label-free" and curves.scored_with["m"] == 0

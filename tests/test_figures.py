@@ -168,3 +168,25 @@ def test_carried_colour_maps_are_matplotlibs_and_others_come_from_matplotlib():
         figures.colour_lut.cache_clear()
         assert np.array_equal(figures.colour_lut(name), expected), name
     figures.colour_lut.cache_clear()
+
+
+def test_patch_sprite_is_an_indexed_png_with_padding_in_greys(tmp_path):
+    # A 2 x 2 grid, one layer: query (r, c)'s tile holds its row of keys; the right column of
+    # patches is letterbox padding.
+    attention = np.array([[[0.0, 1.0, 2.0, 3.0], [4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 8.0]]])
+    padding = np.array([[False, True], [False, True]])
+    path = tmp_path / "patches.png"
+    figures.write_patch_sprite(attention, (2, 2), "viridis", path, padding)
+    image = Image.open(path)
+    assert image.mode == "P"
+    rgb = np.asarray(image.convert("RGB")).astype(int)
+    lut = np.round(matplotlib.colormaps["viridis"](np.linspace(0.0, 1.0, 256))[:, :3] * 255)
+    for query in range(4):
+        tile = rgb[(query // 2) * 2 : (query // 2) * 2 + 2, (query % 2) * 2 : (query % 2) * 2 + 2].reshape(4, 3)
+        unit = attention[0, query] / attention[0, query].max()
+        for key in (0, 2):  # image patches: the colour map, in 128 levels (one step is 2 of 256)
+            assert np.abs(tile[key] - lut[int(round(unit[key] * 255))]).max() <= 6, (query, key)
+        for key in (1, 3):  # padding: grey, brighter for a larger value
+            assert tile[key][0] == tile[key][1] == tile[key][2], (query, key)
+        if unit[1] != unit[3]:
+            assert (tile[1][0] < tile[3][0]) == (unit[1] < unit[3])

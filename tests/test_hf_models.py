@@ -413,3 +413,81 @@ def test_a_model_folder_is_watched_and_never_inside_the_output(tmp_path, saved):
     (tmp_path / "site" / MARKER).touch()  # a site reportgen made, which a rebuild would replace
     with pytest.raises(ReportgenError, match="holds this build's own input"):
         check_replaceable(tmp_path / "site", manifest)
+
+
+def _replayed_draws(layers, seed=0):
+    """The weights the sanity check gives each layer, drawn here in its documented order: layers
+    from the last, each parameter in order; matrices from normal(0, 0.02) of one generator, biases
+    0, every other parameter 1."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = {}
+    for index in reversed(range(len(layers))):
+        for name, p in layers[index].named_parameters():
+            if p.ndim >= 2:
+                draws[(index, name)] = torch.empty(p.shape).normal_(0.0, 0.02, generator=generator)
+            else:
+                draws[(index, name)] = torch.zeros(p.shape) if name.endswith("bias") else torch.ones(p.shape)
+    return draws
+
+
+@pytest.mark.parametrize("key", ["vit", "dinov2"])
+def test_the_sanity_check_re_initialises_the_encoder_layers_top_down_and_restores_them(saved, key):
+    from reportgen.model.sanity import cascade
+
+    loaded = load_model(ModelSettings(name=str(saved[key])), "cpu")
+    layers = [module for _name, module in loaded.adapter.arch.layers]
+    assert loaded.adapter.blocks() == tuple(layers)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    draws = _replayed_draws(layers)
+    seen = []
+    with cascade(loaded.adapter) as steps:
+        for index in steps:
+            seen.append(index)
+            for i, layer in enumerate(layers):
+                for name, p in layer.named_parameters():
+                    if i >= index:  # re-initialised: this step's layer and every one above it
+                        assert torch.equal(p.detach(), draws[(i, name)]), (i, name)
+                    else:
+                        assert torch.equal(p.detach(), before[f"{loaded.adapter.arch.layers[i][0]}.{name}"]), (i, name)
+    assert seen == [1, 0]
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+    # An error inside the check still gives the weights back, bit for bit.
+    with pytest.raises(RuntimeError, match="stop"):
+        with cascade(loaded.adapter) as steps:
+            next(iter(steps))
+            raise RuntimeError("stop")
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_a_transformers_model_gets_the_sanity_check_in_a_build(tmp_path, saved):
+    """The build's rank correlations of the last layer's attention against the attention captured
+    here, step by step, from the re-initialised model (scipy's Spearman over the image's patches)."""
+    from scipy.stats import spearmanr
+
+    from reportgen.model.sanity import cascade
+
+    write_photo(tmp_path / "cat.png", (48, 40), seed=1)
+    manifest = write_manifest(tmp_path, [{"path": "cat.png"}], model={"name": str(saved["vit"])},
+                              methods=["attention", "rollout", "gradcam"], evaluate={"random_orders": 1, "sanity": True})
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(tmp_path / "site")])
+    assert result.exit_code == 0 and "left out" not in result.output, result.output
+    (record,) = json.loads((tmp_path / "site" / "results.json").read_text())["images"]
+    sanity = record["evaluation"]["sanity"]
+    assert sanity["blocks"] == [2, 1] and sorted(sanity["spearman"]) == ["attention/max", "attention/mean", "gradcam", "rollout"]
+    loaded = load_model(ModelSettings(name=str(saved["vit"])), "cpu")
+    x = preprocess(Image.open(tmp_path / "cat.png").convert("RGB"), loaded.data_config)[0][None]
+    inside = np.array(record["content"]["weights"]).ravel() > 0
+
+    def last_mean():
+        got = {}
+        with HFAttentionCapture(loaded.model, loaded.adapter.arch, lambda i, a: got.__setitem__(i, a.clone())) as capture, \
+                torch.inference_mode():
+            capture.begin()
+            loaded.adapter.forward_features(x)
+        return got[max(got)][0, :, 0, 1:].double().mean(0).numpy()[inside]
+
+    original = last_mean()
+    with cascade(loaded.adapter) as steps:
+        for step, _index in enumerate(steps):
+            expected = spearmanr(original, last_mean())[0]
+            assert sanity["spearman"]["attention/mean"][step] == pytest.approx(expected, abs=1e-5)

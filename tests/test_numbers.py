@@ -328,3 +328,21 @@ def test_detector_boxes_on_a_downscaled_image_are_scaled_back(tmp_path):
     assert [b.as_tuple() for b in found] == [
         pytest.approx((0, 0, 5000, 300)), pytest.approx((2500, 0, 5000, 150))]
     assert [b.score for b in found] == [0.9, 0.8]
+
+
+def test_float_arrays_are_rounded_to_significant_digits_as_single_values_are():
+    from reportgen.site.records import plain
+
+    rng = np.random.default_rng(3)
+    # Every decade a float64 holds, float32 values as the model gives them, and edge cases.
+    values = np.concatenate([
+        rng.standard_normal(20000) * 10.0 ** rng.integers(-300, 300, 20000),
+        rng.random(20000).astype(np.float32).astype(np.float64),
+        [0.0, -0.0, 5e-324, 1e-310, 1.7e308, 0.5, 1.0, 123456749.99999999, 0.12345675, 2.5e-8],
+    ])
+    expected = [float(f"{v:.6e}") for v in values]  # 7 significant digits, by the decimal text
+    assert plain(values) == expected
+    assert json.dumps(plain(values)) == json.dumps(expected)  # the same text: -0.0 stays -0.0
+    assert plain(values.reshape(2, -1)) == [expected[: len(values) // 2], expected[len(values) // 2 :]]
+    assert plain(np.array([1.5, np.nan, -np.inf])) == [1.5, None, None]
+    assert plain(np.array([3, 4])) == [3, 4] and isinstance(plain(np.array([3]))[0], int)

@@ -180,14 +180,40 @@ def test_object_targets_without_a_gradient_method_are_said_to_do_nothing(tmp_pat
     assert "none of them runs in this build, so they have no effect" in result.output
 
 
-def test_an_evaluated_site_with_further_targets_scores_the_first_target_s_maps_and_is_reused(tmp_path):
-    args = ("--object-targets", "--target-classes", "top-2", "--evaluate", "--random-orders", "1")
+def test_an_evaluated_site_scores_each_map_with_its_own_target_and_is_reused(tmp_path):
+    from sitecheck import disagreements
+
+    args = ("--object-targets", "--target-classes", "top-2", "--evaluate", "--random-orders", "1", "--sanity")
     result = _build(tmp_path, *args)
     assert result.exit_code == 0, result.output
     site = tmp_path / "site"
     record = json.loads((site / "results.json").read_text())["images"][0]
     assert "gradcam/target-2" in record["maps"] and "gradcam/object-1" in record["maps"]
-    assert record["evaluation"]["maps"] == ["attention/mean", "attention/max", "gradcam"]
+    e = record["evaluation"]
+    names = ["attention/mean", "attention/max", "gradcam", "gradcam/target-2", "gradcam/object-1", "gradcam/object-2"]
+    assert e["maps"] == names and sorted(e["auc"]) == sorted(names) and sorted(e["sanity"]["spearman"]) == sorted(names)
+    first, second = record["predictions"][0], record["predictions"][1]
+    for name, kind in (("attention/mean", "class"), ("gradcam", "class"), ("gradcam/target-2", "class"),
+                       ("gradcam/object-1", "object"), ("gradcam/object-2", "object")):
+        target = e["targets"][e["scored_with"][name]]
+        assert target["kind"] == kind
+        if name == "gradcam/target-2":  # the second class, scored with its softmax probability
+            assert target["class_index"] == second["index"] != first["index"]
+            assert target["reference_score"] == pytest.approx(second["probability"], rel=1e-4)
+        elif kind == "class":  # the image's target: the top-1 class
+            assert e["scored_with"][name] == 0 and target["class_index"] == first["index"]
+            assert target["reference_score"] == pytest.approx(first["probability"], rel=1e-4)
+        else:  # the cosine the map explains, on the unperturbed input
+            explained = record["maps"][name]["target"]
+            assert target["object_label"] == explained["object_label"]
+            assert target["reference_score"] == pytest.approx(explained["score"], rel=1e-4, abs=1e-6)
+        random = target["random"]["deletion"]["auc_mean"]
+        auc = e["auc"][name]["deletion"]
+        assert e["beats_random"][name]["deletion"] == (auc < random)
+    assert len(e["targets"]) == 4 and e["targets"][0]["random"] == e["random"]
+    page = (site / "a.html").read_text()
+    assert "Scored with" in page and "object &#39;left&#39;" in page
+    assert disagreements(site)[1] == []
     again = CliRunner().invoke(main, ["build", str(tmp_path / "manifest.yaml"), "-o", str(site), *args])
     assert again.exit_code == 0 and "recomputed" not in again.output, again.output
     assert json.loads((site / "results.json").read_text())["images"][0] == record

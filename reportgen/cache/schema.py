@@ -223,6 +223,16 @@ class _RandomBaseline(_Schema):
     auc_std: Number
 
 
+class _ScoredTarget(_Schema):
+    kind: Literal["class", "label-free", "object"]
+    description: Text
+    label: Text
+    class_index: Annotated[int, Field(ge=0)] | None
+    object_label: Text | None
+    reference_score: Number
+    random: Annotated[dict[Text, _RandomBaseline], Field(max_length=8)]
+
+
 class _Localisation(_Schema):
     label: Text
     input_box: Box
@@ -260,6 +270,8 @@ class Evaluation(_Schema):
     auc: Annotated[dict[Text, Annotated[dict[Text, Number], Field(max_length=8)]], Field(max_length=MAX_LIST)]
     beats_random: Annotated[dict[Text, Annotated[dict[Text, bool], Field(max_length=8)]], Field(max_length=MAX_LIST)]
     random: Annotated[dict[Text, _RandomBaseline], Field(max_length=8)]
+    targets: Annotated[list[_ScoredTarget], Field(min_length=1, max_length=MAX_LIST)]
+    scored_with: Annotated[dict[Text, Annotated[int, Field(ge=0)]], Field(max_length=MAX_LIST)]
     localisation: Annotated[list[_Localisation], Field(max_length=2 * MAX_OBJECTS)]
     agreement: Annotated[list[_Agreement], Field(max_length=MAX_LIST * MAX_LIST)]
     sanity: _Sanity | None

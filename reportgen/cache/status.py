@@ -46,7 +46,7 @@ from reportgen.site.scales import ScaleSetting
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".reportgen-status.json"
-STATUS_FORMAT = 12  # raised whenever what a record holds, or what its numbers mean, changes
+STATUS_FORMAT = 13  # raised whenever what a record holds, or what its numbers mean, changes
 
 
 
@@ -74,7 +74,8 @@ def settings_key(manifest: Manifest) -> str:
             # Not the overlays' opacity: the pages apply it, no figure holds it.
             "figures": [manifest.output.cmap, *_scale_key(manifest)],
             # Only when on, so a build without the evaluation keeps its key.
-            **({"evaluate": [manifest.evaluate.baseline, manifest.evaluate.random_orders, manifest.evaluate.sanity]}
+            # Which images get the sanity check is in each image's key.
+            **({"evaluate": [manifest.evaluate.baseline, manifest.evaluate.random_orders]}
                if manifest.evaluate.enabled else {}),
         }
     )
@@ -86,8 +87,9 @@ def _scale_key(manifest: Manifest) -> list:
     return [setting.kind] if setting.used_percentile is None else [setting.kind, setting.used_percentile]
 
 
-def image_key(entry: ImageEntry, global_key: str) -> str:
-    """Key of one image's inputs: its bytes, kind, boxes and page name, under the global key."""
+def image_key(entry: ImageEntry, global_key: str, sanity: bool = False) -> str:
+    """Key of one image's inputs: its bytes, kind, boxes and page name, and whether it gets the
+    sanity check (``evaluate.sanity``), under the global key."""
     return _digest(
         {
             "global": global_key,
@@ -95,6 +97,8 @@ def image_key(entry: ImageEntry, global_key: str) -> str:
             "kind": entry.kind,
             "slug": entry.slug,
             "objects": [[b.label, *b.as_tuple()] for b in entry.objects],
+            # Only when checked, so an image without the check keeps its key.
+            **({"sanity": True} if sanity else {}),
         }
     )
 
@@ -368,12 +372,10 @@ def _check_record(
     if (record.evaluation is not None) != evaluate:
         raise ValueError("evaluation does not match the settings")
     if record.evaluation is not None:
-        # Only each method's first target's maps are evaluated.
-        first_maps = sorted(m for name in methods for m, _ in METHODS[name].maps)
-        _check_evaluation(record.evaluation, first_maps, len(entry.objects) + count)
+        _check_evaluation(record.evaluation, map_names, len(entry.objects) + count)
     figures = figure_index(
         f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained,
-        evaluate, grid=(rows, cols),
+        evaluate, grid=(rows, cols), sanity=record.evaluation is not None and record.evaluation.sanity is not None,
     )
     if record.figures != figures:
         raise ValueError("figures are not the ones made for this image")
@@ -393,10 +395,15 @@ def _check_evaluation(e: Evaluation, map_names: list[str], boxes: int) -> None:
             raise ValueError(f"evaluation.{section} does not name the methods' maps and the curves")
     if any(len(curve) != points for kinds in e.curves.values() for curve in kinds.values()):
         raise ValueError("evaluation.curves do not have one score per step")
-    if sorted(e.random) != sorted(CURVE_KINDS) or any(
-        len(r.mean) != points or len(r.std) != points or len(r.aucs) != e.random_orders for r in e.random.values()
-    ):
-        raise ValueError("evaluation.random does not match the curves and the random orders")
+    for random in (e.random, *(t.random for t in e.targets)):
+        if sorted(random) != sorted(CURVE_KINDS) or any(
+            len(r.mean) != points or len(r.std) != points or len(r.aucs) != e.random_orders for r in random.values()
+        ):
+            raise ValueError("evaluation.random does not match the curves and the random orders")
+    if sorted(e.scored_with) != map_names or any(index >= len(e.targets) for index in e.scored_with.values()):
+        raise ValueError("evaluation.scored_with does not give each map one of evaluation.targets")
+    if e.targets[0].random != e.random or e.targets[0].description != e.target:
+        raise ValueError("evaluation.targets does not start with the image's target")
     if len(e.localisation) > boxes or any(sorted(b.hit) != map_names or sorted(b.mass) != map_names for b in e.localisation):
         raise ValueError("evaluation.localisation does not match the boxes and the maps")
     if any(a.a not in map_names or a.b not in map_names for a in e.agreement) or len(e.agreement) != len(map_names) * (len(map_names) - 1) // 2:

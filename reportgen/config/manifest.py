@@ -48,6 +48,7 @@ from reportgen.config.schema import (
     MethodNames,
     ModelSettings,
     OutputSettings,
+    unknown_image_ids,
 )
 from reportgen.config.slugs import unique_slugs
 from reportgen.errors import ManifestError
@@ -167,7 +168,12 @@ class Manifest:
         Example:
             >>> m.with_overrides(model={"name": "vit_small_patch16_224"}, detector={"threshold": 0.5})
         """
-        return dataclasses.replace(self, **_overridden(self, changes))
+        result = _overridden(self, changes)
+        evaluate = result.get("evaluate")
+        unknown = unknown_image_ids(evaluate.sanity, [entry.id for entry in self.images]) if evaluate is not None else []
+        if unknown:
+            raise SettingsError("evaluate", [("sanity", message) for _index, message in unknown])
+        return dataclasses.replace(self, **result)
 
 
 def check_overrides(**changes: Any) -> dict[str, Any]:

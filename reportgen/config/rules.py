@@ -114,6 +114,31 @@ class Flag(_Rule):
 
 
 @dataclass(frozen=True)
+class FlagOrIds(_Rule):
+    """true, false, or a list of image ids (each non-blank text of at most ``limit`` characters,
+    each once): a tuple of them. Whether the ids name images is a rule across the manifest
+    (:func:`reportgen.config.schema.unknown_image_ids`)."""
+
+    plain = True
+    limit: int = 200
+
+    def check(self, value: Any, base: Path | None) -> bool | tuple[str, ...]:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not value:
+            raise problem(f"expected true, false or a list of image ids, got {show(value)}")
+        for index, one in enumerate(value):
+            found = text_problem(one, self.limit, allow_empty=False)
+            if found:
+                raise problem(f"entry {index + 1}: {found}")
+            if one in value[:index]:
+                raise problem(f"entry {index + 1}: the id {show(one)} is listed twice")
+        return tuple(value)
+
+
+@dataclass(frozen=True)
 class OneOf(_Rule):
     """One of a fixed set of words."""
 

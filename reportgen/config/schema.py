@@ -33,6 +33,7 @@ from reportgen.config.bounds import (
 )
 from reportgen.config.messages import file_stem_id, image_id, problem, problems, show, with_problems
 from reportgen.config.rules import (
+    FlagOrIds,
     HF_PREFIX,
     Box,
     ClassChoices,
@@ -215,8 +216,9 @@ class EvaluateSettings(_Section):
             mean colour (over the image, padding excluded), the image blurred, or black.
         random_orders: how many seeded random orders the random baseline averages over, at most
             :data:`MAX_RANDOM_ORDERS`.
-        sanity: also run the cascading model-randomisation check (one more pass of every image
-            per block of the model).
+        sanity: also run the cascading model-randomisation check (one more pass of an image per
+            block of the model): true for every image, or the ids of the images to check (ids of
+            the manifest's images: :func:`unknown_image_ids`).
     """
 
     SHAPE: ClassVar[str] = "true, false or a mapping"
@@ -224,7 +226,11 @@ class EvaluateSettings(_Section):
     enabled: Annotated[bool, Flag()] = False
     baseline: Annotated[str, OneOf(PERTURBATION_BASELINES)] = "mean"
     random_orders: Annotated[int, Count(most=MAX_RANDOM_ORDERS)] = 5
-    sanity: Annotated[bool, Flag()] = False
+    sanity: Annotated[bool | tuple[str, ...], FlagOrIds(MAX_ID_LENGTH)] = False
+
+    def checks(self, image_id: str) -> bool:
+        """Whether the image ``image_id`` gets the sanity check (with the evaluation on)."""
+        return self.enabled and (self.sanity is True or (isinstance(self.sanity, tuple) and image_id in self.sanity))
 
     @model_validator(mode="before")
     @classmethod
@@ -335,7 +341,7 @@ class ManifestDocument(_Section):
             document = handler(data)
         except ValidationError as err:
             error, document = err, None
-        found = _conflicting_titles(data) + _duplicate_ids(data)
+        found = _conflicting_titles(data) + _duplicate_ids(data) + _unknown_sanity_ids(data)
         merged = with_problems(error, found, data, order=[f.name for f in dataclasses.fields(cls)])
         if merged is not None:
             raise merged
@@ -366,3 +372,22 @@ def _duplicate_ids(data: Any) -> list[tuple[tuple, str]]:
         hint = " (taken from the file name; give the entries different 'id's)" if derived or other_derived else ""
         found.append((("images", index, "id"), f"duplicate id {show(known)}, also used by images[{other}]{hint}"))
     return found
+
+
+def unknown_image_ids(chosen: Any, known: list[str]) -> list[tuple[int, str]]:
+    """Of the image ids ``chosen`` (``evaluate.sanity``'s list; anything else chooses none), those
+    no image of the manifest has (``known``): ``(index, message)``."""
+    if not isinstance(chosen, (list, tuple)):
+        return []
+    listed = ", ".join(show(one) for one in known[:10]) + (", ..." if len(known) > 10 else "")
+    return [(index, f"no image has the id {show(one)} (the manifest's ids: {listed})")
+            for index, one in enumerate(chosen) if isinstance(one, str) and one not in known]
+
+
+def _unknown_sanity_ids(data: Any) -> list[tuple[tuple, str]]:
+    evaluate = data.get("evaluate") if isinstance(data, Mapping) else None
+    entries = data.get("images") if isinstance(data, Mapping) else None
+    if not isinstance(evaluate, Mapping) or not isinstance(entries, list):
+        return []
+    known = [found for found, _derived in map(image_id, entries) if found is not None]
+    return [(("evaluate", "sanity", index), message) for index, message in unknown_image_ids(evaluate.get("sanity"), known)]

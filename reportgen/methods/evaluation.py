@@ -138,35 +138,76 @@ def mass_in_box(grid: np.ndarray, content: np.ndarray, coverage: np.ndarray) -> 
 
 
 @dataclass(frozen=True)
+class ScoredTarget:
+    """What some of an image's curves are scored with.
+
+    Attributes:
+        kind: ``class`` (a classifier's softmax probability), ``label-free`` (a headless model's
+            embedding against the unperturbed input's) or ``object`` (the image embedding's cosine
+            similarity with an object's, as the object's maps explain).
+        description: what it is, in words.
+        label: a short name for tables ("class 3 (tabby)", "object 'car'", "label-free").
+        reference: its value on the unperturbed input (what the scores are divided by).
+        random: ``deletion`` and ``insertion``, ``[R, S + 1]``: the scores of each random order.
+        class_index: the class (``class`` only).
+        object_label: the object's label (``object`` only).
+    """
+
+    kind: str
+    description: str
+    label: str
+    reference: float
+    random: dict[str, np.ndarray]
+    class_index: int | None = None
+    object_label: str | None = None
+
+
+@dataclass(frozen=True)
 class Curves:
     """One image's perturbation curves, as the model scored them.
 
-    Every score is the image's target on the perturbed input divided by its value on the
-    unperturbed input (so step 0 of deletion is 1).
+    Every score is a target on the perturbed input divided by its value on the unperturbed input
+    (so step 0 of deletion is 1). Each map is scored with its own target: the class of a
+    ``{map}/target-k`` map, the object of a ``{map}/object-j`` map, the image's target (the first)
+    for every other map.
 
     Attributes:
         fractions: ``[S + 1]`` the fraction of the content patches removed (inserted) after each step.
         maps: per map name, per kind of :data:`CURVE_KINDS`, ``[S + 1]`` scores.
-        random: ``deletion`` and ``insertion``, ``[R, S + 1]``: the scores of each random order.
-        target: what was scored, in words.
-        reference: the target's value on the unperturbed input (what the scores are divided by).
+        targets: every target some curve is scored with; the image's first.
+        scored_with: per map name, its target's index in :attr:`targets`.
         forwards: the forward passes it took (perturbed inputs and the unperturbed one).
     """
 
     fractions: np.ndarray
     maps: dict[str, dict[str, np.ndarray]]
-    random: dict[str, np.ndarray]
-    target: str
-    reference: float
+    targets: tuple[ScoredTarget, ...]
+    scored_with: dict[str, int]
     forwards: int
+
+    @property
+    def random(self) -> dict[str, np.ndarray]:
+        """The random orders' curves scored with the image's target."""
+        return self.targets[0].random
+
+    @property
+    def target(self) -> str:
+        """The image's target, in words."""
+        return self.targets[0].description
+
+    @property
+    def reference(self) -> float:
+        """The image's target on the unperturbed input."""
+        return self.targets[0].reference
 
     def auc(self, name: str, kind: str) -> float:
         """The area under map ``name``'s curve ``kind``."""
         return curve_auc(self.fractions, self.maps[name][kind])
 
-    def random_aucs(self, kind: str) -> np.ndarray:
-        """``[R]`` the area under each random order's curve (``negative``: the deletion curves)."""
-        curves = self.random["deletion" if kind == "negative" else kind]
+    def random_aucs(self, kind: str, target: int = 0) -> np.ndarray:
+        """``[R]`` the area under each random order's curve (``negative``: the deletion curves),
+        scored with target ``target``."""
+        curves = self.targets[target].random["deletion" if kind == "negative" else kind]
         return np.array([curve_auc(self.fractions, curve) for curve in curves])
 
 

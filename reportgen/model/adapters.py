@@ -33,6 +33,8 @@ What an adapter must provide (every abstract member of :class:`ModelAdapter`):
   on the graph when grad mode is on) and :meth:`~ModelAdapter.forward_head` (those tokens ->
   logits, or the pooled embedding with ``pre_logits=True``), :attr:`~ModelAdapter.num_classes`
   (0 for a headless backbone) and :meth:`~ModelAdapter.class_names`.
+- For the sanity check (optional): :meth:`~ModelAdapter.blocks`, the transformer blocks it
+  re-initialises, first first (none by default: the check is then left out).
 
 The runner enters the capture contexts, calls ``begin()``, runs :meth:`forward_features` once,
 then ``check_complete()``, which must raise :class:`~reportgen.errors.CaptureError` if any layer
@@ -191,6 +193,13 @@ class ModelAdapter(ABC):
     def class_names(self) -> Callable[[int], str] | None:
         """A function from class index to name, or None when the classes have no names."""
 
+    # The sanity check.
+    def blocks(self) -> tuple[torch.nn.Module, ...]:
+        """The model's transformer blocks (encoder layers), first first, each holding its own
+        weights: what the cascading model-randomisation check (:mod:`reportgen.model.sanity`)
+        re-initialises. Empty for a model whose blocks reportgen cannot re-initialise."""
+        return ()
+
 
 class TimmAdapter(ModelAdapter):
     """A timm Vision Transformer (``VisionTransformer``, ``Eva``, ``Beit``,
@@ -283,6 +292,9 @@ class TimmAdapter(ModelAdapter):
 
         subset = infer_imagenet_subset(self.module)
         return ImageNetInfo(subset).index_to_description if subset is not None else None
+
+    def blocks(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(getattr(self.module, "blocks", ()))
 
 
 def adapter_for(model: torch.nn.Module | ModelAdapter) -> ModelAdapter:

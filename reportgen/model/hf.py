@@ -174,6 +174,9 @@ class HFAdapter(ModelAdapter):
     def class_names(self) -> Callable[[int], str] | None:
         return class_names(self.module, self.arch.num_classes)
 
+    def blocks(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(module for _name, module in self.arch.layers)
+
 
 def load_hf(settings: ModelSettings) -> tuple[torch.nn.Module, HFAdapter, dict]:
     """The model ``settings`` names, its adapter, and the rest of a

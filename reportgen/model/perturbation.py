@@ -7,12 +7,19 @@ a batch together. A removed patch's pixels that hold image are replaced by the b
 image's mean colour over the image, the image blurred, or black); the pixels of letterbox padding
 are never changed, so padding neither hides nor leaks anything.
 
-The score is the image's target on the perturbed input, divided by its value on the unperturbed
-input: for a classifier, the softmax probability of the target class (the class the gradient
-methods explain when they ran, else the class chosen with ``attention.target_classes`` (the first), else the
-top-1 class of the unperturbed input); for a headless model, the label-free target of Crabbe &
-van der Schaar (2022), the inner product of the pooled embedding with that of the unperturbed
-input (divided by its squared norm). The insertion curves start from the image blurred with a
+Each map is scored with what it explains, divided by its value on the unperturbed input. A
+``{map}/target-k`` map (a further class of ``attention.target_classes``) is scored with the softmax
+probability of its class; a ``{map}/object-j`` map with the cosine similarity of the pooled image
+embedding with object ``j``'s embedding, the final patch tokens of the unperturbed input averaged
+with the box's patch coverage as weights (held fixed, as the map's target holds it); every other
+map (attention and rollout explain no target, and the gradient methods' first maps) with the
+image's target: for a classifier, the softmax probability of the target class (the class the
+gradient methods explain when they ran, else the class chosen with ``attention.target_classes``
+(the first), else the top-1 class of the unperturbed input); for a headless model, the label-free
+target of Crabbe & van der Schaar (2022), the inner product of the pooled embedding with that of
+the unperturbed input (divided by its squared norm). One forward pass of a perturbed input gives
+every target of its image, so further targets cost no forward pass; the random orders are scored
+with each of them too. The insertion curves start from the image blurred with a
 Gaussian of sigma 5 input pixels (RISE's substrate: 11-pixel kernel, sigma 5), taken over the
 image only (a normalised convolution), so padding does not bleed into it.
 
@@ -23,7 +30,7 @@ draw dropout masks).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +40,7 @@ from reportgen.methods.evaluation import (
     RANDOM_SEED,
     STEPS,
     Curves,
+    ScoredTarget,
     content_patches,
     random_orders,
     removal_masks,
@@ -50,6 +58,24 @@ CHUNK = 32
 
 
 @dataclass(frozen=True)
+class MapTarget:
+    """What a map explains when it is not the image's target.
+
+    Attributes:
+        kind: ``class`` (a further class's probability) or ``object`` (the cosine similarity with
+            an object's embedding).
+        class_index: the class (``class`` only).
+        object_label: the object's label (``object`` only).
+        coverage: ``[rows, cols]`` each patch's fraction inside the object's box (``object`` only).
+    """
+
+    kind: str
+    class_index: int | None = None
+    object_label: str | None = None
+    coverage: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
 class Subject:
     """One image to evaluate.
 
@@ -58,8 +84,10 @@ class Subject:
         maps: per map name, ``[rows, cols]`` the map.
         content: ``[rows, cols]`` each patch's image fraction (0: padding).
         content_box: ``(x0, y0, x1, y1)`` the part of the input that is image, in input pixels.
-        target_class: the class whose probability is scored (a classifier), or None for the
-            top-1 class of the unperturbed input (ignored for a headless model).
+        target_class: the image's target class, whose probability scores every map not in
+            ``targets`` (a classifier), or None for the top-1 class of the unperturbed input
+            (ignored for a headless model).
+        targets: per map name, its own target, for the maps that explain another class or an object.
     """
 
     tensor: torch.Tensor
@@ -67,6 +95,23 @@ class Subject:
     content: np.ndarray
     content_box: tuple[float, float, float, float]
     target_class: int | None = None
+    targets: dict[str, MapTarget] = field(default_factory=dict)
+
+
+#: Target kinds as codes, for scoring a chunk of inputs at once.
+_CLASS, _LABEL_FREE_KIND, _OBJECT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _Aim:
+    """One target of one image, resolved against the unperturbed input."""
+
+    kind: str
+    description: str
+    label: str
+    class_index: int | None = None
+    object_label: str | None = None
+    reference: torch.Tensor | None = None  # [D] the embedding a label-free or object score compares with
 
 
 @dataclass(frozen=True)
@@ -181,71 +226,137 @@ class Perturber:
         jobs, plans = self._jobs(subjects)
         with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(self.loaded.device)):
             originals = torch.stack([s.tensor for s in subjects]).to(self.loaded.device)
-            reference = self._head(adapter.forward_features(originals))  # [B, classes] or [B, C]
-            if self.classifier:
-                probabilities = reference.softmax(dim=-1)
-                classes = torch.tensor(
-                    [s.target_class if s.target_class is not None else int(p.argmax()) for s, p in zip(subjects, probabilities)],
-                    device=reference.device,
-                )
-                references = probabilities.gather(1, classes[:, None])[:, 0]
-                describe = [self._class_description(int(c)) for c in classes.tolist()]
-            else:
-                classes = None
-                references = (reference * reference).sum(dim=-1)
-                describe = [_LABEL_FREE] * len(subjects)
-            scores = torch.empty(len(jobs), dtype=torch.float64)
-            owners = torch.tensor([i for i, _, _ in jobs], device=reference.device)
+            features = adapter.forward_features(originals)
+            aims, scored_with = self._aims(subjects, features)
+            kinds, classes, vectors = self._aim_tensors(aims, features.device)
+            owners = torch.arange(len(subjects), device=features.device)
+            references = self._scores(features, owners, kinds, classes, vectors)  # [B, M]
+            scores = torch.empty((len(jobs), kinds.shape[1]), dtype=torch.float64)
+            owners = torch.tensor([i for i, _, _ in jobs], device=features.device)
             for start, batch in zip(range(0, len(jobs), self.chunk), self._chunks(subjects, jobs)):
                 owner = owners[start : start + len(batch)]
-                out = self._head(adapter.forward_features(batch.to(self.loaded.device)))
-                if self.classifier:
-                    value = out.softmax(dim=-1).gather(1, classes[owner][:, None])[:, 0]
-                else:
-                    value = (out * reference[owner]).sum(dim=-1)
+                value = self._scores(adapter.forward_features(batch.to(self.loaded.device)), owner, kinds, classes, vectors)
                 scores[start : start + len(batch)] = (value / references[owner]).double().cpu()
-        return self._assemble(subjects, jobs, plans, scores.numpy(), references.double().cpu().numpy(), describe)
+        return self._assemble(subjects, jobs, plans, scores.numpy(), references.double().cpu().numpy(), aims, scored_with)
 
-    def _head(self, features: torch.Tensor) -> torch.Tensor:
+    def _aims(self, subjects: Sequence[Subject], features: torch.Tensor) -> tuple[list[list[_Aim]], list[dict[str, int]]]:
+        """Per subject, every target its curves are scored with (the image's first) and, per map,
+        its target's index among them."""
         adapter = self.loaded.adapter
         if self.classifier:
-            return adapter.forward_head(features).float()
-        return adapter.forward_head(features, pre_logits=True).float()
+            top = adapter.forward_head(features).float().argmax(dim=-1).tolist()
+        embeddings = adapter.forward_head(features, pre_logits=True).float()
+        patches = features[:, self.loaded.num_prefix_tokens :].float()
+        aims, scored_with = [], []
+        for b, subject in enumerate(subjects):
+            if self.classifier:
+                first = self._class_aim(subject.target_class if subject.target_class is not None else top[b])
+            else:
+                first = _Aim("label-free", _LABEL_FREE, "label-free", reference=embeddings[b])
+            own, keys, which = [first], {_key(first): 0}, {}
+            for name in subject.maps:
+                target = subject.targets.get(name)
+                if target is None:
+                    which[name] = 0
+                    continue
+                if target.kind == "class":
+                    aim = self._class_aim(target.class_index)
+                else:
+                    if patches.shape[-1] != embeddings.shape[-1]:
+                        raise ValueError("the object scores compare the embedding with token averages of another width")
+                    weights = torch.as_tensor(np.ravel(target.coverage) / np.sum(target.coverage), dtype=patches.dtype,
+                                              device=patches.device)
+                    label = target.object_label
+                    aim = _Aim("object", _OBJECT_SCORE.format(label=label), f"object {label!r}", object_label=label,
+                               reference=weights @ patches[b])
+                key = _key(aim)
+                if key not in keys:
+                    keys[key] = len(own)
+                    own.append(aim)
+                which[name] = keys[key]
+            aims.append(own)
+            scored_with.append(which)
+        return aims, scored_with
 
-    def _class_description(self, index: int) -> str:
+    def _class_aim(self, index: int) -> _Aim:
         from reportgen.model.targets import Targets
 
         name = Targets(self.loaded.adapter).name(index)
-        return f"the softmax probability of class {index}" + (f" ({name})" if name else "")
+        label = f"class {index}" + (f" ({name})" if name else "")
+        return _Aim("class", f"the softmax probability of {label}", label, class_index=index)
 
-    def _assemble(self, subjects, jobs, plans, scores, references, describe) -> list[Curves]:
+    def _aim_tensors(self, aims: list[list[_Aim]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, M]`` each target's kind code (-1 past an image's last), ``[B, M]`` its class and
+        ``[B, M, D]`` the embedding it compares with (M the most targets of an image)."""
+        width = max(len(own) for own in aims)
+        depth = next((a.reference.shape[-1] for own in aims for a in own if a.reference is not None), 1)
+        kinds = torch.full((len(aims), width), -1, dtype=torch.long)
+        classes = torch.zeros((len(aims), width), dtype=torch.long)
+        vectors = torch.zeros((len(aims), width, depth), dtype=torch.float32, device=device)
+        codes = {"class": _CLASS, "label-free": _LABEL_FREE_KIND, "object": _OBJECT}
+        for b, own in enumerate(aims):
+            for m, aim in enumerate(own):
+                kinds[b, m] = codes[aim.kind]
+                if aim.class_index is not None:
+                    classes[b, m] = aim.class_index
+                if aim.reference is not None:
+                    vectors[b, m] = aim.reference
+        return kinds.to(device), classes.to(device), vectors
+
+    def _scores(self, features: torch.Tensor, owner: torch.Tensor, kinds, classes, vectors) -> torch.Tensor:
+        """``[n, M]`` every target of each input's image (``owner``) on its final tokens
+        ``features`` (1 past an image's last target, so the division is harmless)."""
+        adapter = self.loaded.adapter
+        kind = kinds[owner]
+        values = torch.ones(kind.shape, dtype=torch.float32, device=features.device)
+        if self.classifier and bool((kind == _CLASS).any()):
+            probabilities = adapter.forward_head(features).float().softmax(dim=-1)
+            values = torch.where(kind == _CLASS, probabilities.gather(1, classes[owner]), values)
+        if bool(((kind == _LABEL_FREE_KIND) | (kind == _OBJECT)).any()):
+            embedding = adapter.forward_head(features, pre_logits=True).float()[:, None, :]  # [n, 1, D]
+            reference = vectors[owner]  # [n, M, D]
+            values = torch.where(kind == _LABEL_FREE_KIND, (embedding * reference).sum(dim=-1), values)
+            cosine = torch.nn.functional.cosine_similarity(embedding, reference, dim=-1)
+            values = torch.where(kind == _OBJECT, cosine, values)
+        return values
+
+    def _assemble(self, subjects, jobs, plans, scores, references, aims, scored_with) -> list[Curves]:
         results = []
         position = 0
         inner = self.steps - 1
         for index, (subject, curves) in enumerate(zip(subjects, plans)):
-            removed, blurred = scores[position], scores[position + 1]
+            removed, blurred = scores[position], scores[position + 1]  # [M]: every target's
             position += 2
             maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in subject.maps}
-            random: dict[str, list[np.ndarray]] = {"deletion": [], "insertion": []}
+            own = aims[index]
+            random: list[dict[str, list[np.ndarray]]] = [{"deletion": [], "insertion": []} for _ in own]
             for curve in curves:
-                middle = scores[position : position + inner]
+                middle = scores[position : position + inner]  # [inner, M]
                 position += inner
                 if curve.kind == "insertion":
-                    values = np.concatenate([[blurred], middle, [1.0]])
+                    values = np.concatenate([blurred[None], middle, np.ones((1, middle.shape[1]))])
                 else:
-                    values = np.concatenate([[1.0], middle, [removed]])
+                    values = np.concatenate([np.ones((1, middle.shape[1])), middle, removed[None]])
                 if curve.name:
-                    maps[curve.name][curve.kind] = values
+                    maps[curve.name][curve.kind] = values[:, scored_with[index][curve.name]]
                 else:
-                    random[curve.kind].append(values)
+                    for t, rows in enumerate(random):
+                        rows[curve.kind].append(values[:, t])
             k = len(content_patches(subject.content))
+            targets = tuple(
+                ScoredTarget(
+                    kind=aim.kind, description=aim.description, label=aim.label, reference=float(references[index, t]),
+                    random={kind: np.array(rows).reshape(len(rows), self.steps + 1) for kind, rows in random[t].items()},
+                    class_index=aim.class_index, object_label=aim.object_label,
+                )
+                for t, aim in enumerate(own)
+            )
             results.append(
                 Curves(
                     fractions=step_counts(k, self.steps) / k,
                     maps=maps,
-                    random={kind: np.array(rows).reshape(len(rows), self.steps + 1) for kind, rows in random.items()},
-                    target=describe[index],
-                    reference=float(references[index]),
+                    targets=targets,
+                    scored_with=dict(scored_with[index]),
                     forwards=2 + inner * len(curves) + 1,  # + the unperturbed input
                 )
             )
@@ -253,9 +364,21 @@ class Perturber:
         return results
 
 
+def _key(aim: _Aim) -> tuple:
+    """What makes two targets the same: the class, or the object (its label and box)."""
+    if aim.kind == "object":
+        return aim.kind, aim.object_label, tuple(aim.reference.tolist())
+    return aim.kind, aim.class_index
+
+
 _LABEL_FREE = (
     "the label-free target (Crabbe & van der Schaar 2022): the inner product of the pooled embedding with "
     "that of the unperturbed input"
+)
+
+_OBJECT_SCORE = (
+    "the cosine similarity of the pooled image embedding with the embedding of the object {label!r} on the "
+    "unperturbed input (its final patch tokens averaged with the box's patch coverage as weights)"
 )
 
 

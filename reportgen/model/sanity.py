@@ -3,18 +3,23 @@ Maps"), cascading: the blocks are re-initialised from the top down, one more at 
 maps are made again from the randomised model. A map that barely changes does not depend on what
 the model learnt.
 
-The check runs on a copy of the model (the user's is never touched) re-initialised as timm
+The blocks are those the model's adapter names (:meth:`~reportgen.model.adapters.ModelAdapter.blocks`:
+timm's ``blocks``, a transformers model's encoder layers), re-initialised in place as timm
 initialises a ViT: matrices drawn from normal(0, 0.02), biases zero, every other parameter (norm
 scales, layer scales) one; from a generator of its own with a fixed seed, so the global RNG is
-untouched and every build draws the same weights.
+untouched and every build draws the same weights. On leaving :func:`cascade` (also on an error) every
+parameter of the blocks gets its own values back, bit for bit: no copy of the whole model is made,
+and the user's weights are as they were.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+from reportgen.model.adapters import ModelAdapter
 
 #: The seed of the re-initialised weights.
 SANITY_SEED = 0
@@ -36,11 +41,30 @@ def reinitialise(block: torch.nn.Module, generator: torch.Generator) -> None:
             parameter.fill_(1.0)
 
 
-def cascade(model: torch.nn.Module, seed: int = SANITY_SEED) -> Iterator[tuple[int, torch.nn.Module]]:
-    """``(block index, model)`` after each step: a copy of ``model`` with blocks ``index`` to the
-    last re-initialised (the same copy, one more block each step; last block first)."""
+@contextmanager
+def cascade(adapter: ModelAdapter, seed: int = SANITY_SEED) -> Iterator[Iterator[int]]:
+    """Within the ``with`` block, the steps of the cascade: iterating gives each block index, last
+    block first, once that block (and every block after it) is re-initialised in the adapter's
+    model. On exit the blocks' parameters are restored exactly.
+
+    Raises:
+        ValueError: the adapter names no blocks to re-initialise.
+    """
+    blocks = adapter.blocks()
+    if not blocks:
+        raise ValueError(f"reportgen cannot re-initialise the blocks of a {adapter.library} model of this kind")
+    saved = [[p.detach().clone() for p in block.parameters()] for block in blocks]
     generator = torch.Generator().manual_seed(seed)
-    randomised = copy.deepcopy(model)
-    for index in reversed(range(len(randomised.blocks))):
-        reinitialise(randomised.blocks[index], generator)
-        yield index, randomised
+
+    def steps() -> Iterator[int]:
+        for index in reversed(range(len(blocks))):
+            reinitialise(blocks[index], generator)
+            yield index
+
+    try:
+        yield steps()
+    finally:
+        with torch.no_grad():
+            for block, values in zip(blocks, saved):
+                for parameter, value in zip(block.parameters(), values):
+                    parameter.copy_(value)

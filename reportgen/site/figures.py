@@ -248,11 +248,37 @@ def write_patch_sprite(attention: np.ndarray, grid: tuple[int, int], cmap: str, 
     rows, cols = grid
     count = attention.shape[0]
     tiles = np.asarray(attention, dtype=np.float64).reshape(count, rows, cols, rows, cols)  # [L', qr, qc, kr, kc]
-    colours = colourise(to_unit(tiles, tiles.max(axis=(3, 4), keepdims=True)), cmap)
-    if padding is not None and padding.any():
-        colours = grey_out(colours, np.broadcast_to(padding, colours.shape[:-1]))
-    sheet = colours.transpose(0, 1, 3, 2, 4, 5).reshape(count * rows * rows, cols * cols, 3)
-    save_png(Image.fromarray(np.ascontiguousarray(sheet), "RGB"), path)
+    unit = to_unit(tiles, tiles.max(axis=(3, 4), keepdims=True))
+    keys_padded = np.broadcast_to(padding, unit.shape) if padding is not None and padding.any() else None
+    sheet = indexed_colours(unit, cmap, keys_padded).transpose(0, 1, 3, 2, 4).reshape(count * rows * rows, cols * cols)
+    save_png(indexed_image(sheet, cmap, keys_padded is not None), path)
+
+
+def _levels(padded: bool) -> int:
+    # A sheet with padding gives half its palette to the greys of the padding.
+    return 128 if padded else 256
+
+
+def indexed_colours(unit: np.ndarray, cmap: str, padding: np.ndarray | None = None) -> np.ndarray:
+    """Palette indices (uint8) of values in [0, 1] for :func:`indexed_image`: the colour map in
+    256 levels, or, with ``padding`` (True where a pixel is letterbox padding), in 128 levels with
+    the padding's pixels in the greys of :func:`grey_out` at indices 128-255. An indexed PNG holds
+    a third of the RGB bytes, so it encodes in about a third of the time."""
+    levels = _levels(padding is not None)
+    index = np.clip((unit * (levels - 1)).round(), 0, levels - 1).astype(np.uint8)
+    if padding is not None:
+        index[padding] += levels
+    return index
+
+
+def indexed_image(index: np.ndarray, cmap: str, padded: bool) -> Image.Image:
+    """A palette image of :func:`indexed_colours`' indices (``padded``: as made with padding)."""
+    levels = _levels(padded)
+    lut = colour_lut(cmap)[np.round(np.linspace(0, 255, levels)).astype(int)]
+    palette = np.concatenate([lut, grey_out(lut, np.ones(levels, dtype=bool))]) if padded else lut
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.astype(np.uint8).tobytes())
+    return image
 
 
 def shrink(image: Image.Image, side: int) -> Image.Image:
@@ -484,7 +510,7 @@ def leaderboard_figure(data: dict):
 
 def figure_index(
     prefix: str, methods: tuple[str, ...], layers: int, heads: int, objects: int, norms: bool = False, targets: int = 1,
-    object_targets: int = 0, evaluation: bool = False, *, grid: tuple[int, int],
+    object_targets: int = 0, evaluation: bool = False, sanity: bool = False, *, grid: tuple[int, int],
 ) -> dict:
     """The ``figures`` entry of an image's record: the relative path of each figure it gets, and
     the explorer sprite's layout. The only place figure file names are made (the build cache
@@ -500,6 +526,7 @@ def figure_index(
         targets: how many class (or label-free) targets the methods that explain one have maps for.
         object_targets: how many objects they have maps for.
         evaluation: the image's maps were evaluated (the perturbation curves' figure).
+        sanity: the sanity check ran on the image (its figure).
         grid: the model's patch grid (rows, cols): with ``attention``, the patch explorer's
             sprite (:func:`write_patch_sprite`) holds its last ``patch_layers(layers, grid)`` layers.
             The map sprite's tiles are laid out for it too.
@@ -554,6 +581,8 @@ def figure_index(
         figures["objects"] = f"{prefix}/objects.jpg"
     if evaluation:
         figures["evaluation"] = f"{prefix}/evaluation.png"
+    if evaluation and sanity:
+        figures["sanity"] = f"{prefix}/sanity.png"
     return figures
 
 
@@ -594,6 +623,7 @@ def write_image_figures(
     figures = figure_index(
         prefix, tuple(outputs), stack.shape[0], heads, len(objects), norms is not None, result.target_count,
         result.object_target_count, result.evaluation is not None, grid=stack.shape[2:],
+        sanity=result.evaluation is not None and result.evaluation.sanity is not None,
     )
 
     def out(name: str) -> BinaryIO:
@@ -635,6 +665,9 @@ def write_image_figures(
         e = result.evaluation
         with out("evaluation") as file:
             write_curves(e.curves.fractions, e.curves.maps, {kind: (r.mean, r.std) for kind, r in e.random.items()}, file)
+        if e.sanity is not None:
+            with out("sanity") as file:
+                write_sanity(e.sanity.blocks, e.sanity.spearman, file)
     return figures
 
 
@@ -671,4 +704,33 @@ def write_curves(
     axes[0].set_ylabel("score / unperturbed", fontsize=8)
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     figure.subplots_adjust(left=0.07, right=0.8, bottom=0.18, top=0.88, wspace=0.08)
+    save_figure(figure, path)
+
+
+def write_sanity(blocks: tuple[int, ...], spearman: dict[str, np.ndarray], path: Destination) -> None:
+    """The cascading randomisation of one image: each map's Spearman ρ with its original after each
+    step (x: how many blocks are re-initialised, from the top; the step's block named), one line
+    per map, with the threshold above which a map is flagged."""
+    from matplotlib.figure import Figure
+
+    from reportgen.methods.evaluation import SANITY_THRESHOLD
+
+    figure = Figure(figsize=(6.4, 3.0))
+    ax = figure.subplots()
+    steps = np.arange(1, len(blocks) + 1)
+    colours = [f"C{i}" for i in range(10)]
+    ax.axhline(SANITY_THRESHOLD, color="0.45", linestyle="--", linewidth=1.0, label=f"flagged above {SANITY_THRESHOLD:g}")
+    ax.axhline(0.0, color="0.8", linewidth=0.8)
+    for i, (name, values) in enumerate(spearman.items()):
+        # NaN (a constant map) leaves a gap, not a made-up value.
+        ax.plot(steps, np.asarray(values, dtype=np.float64), color=colours[i % len(colours)], linewidth=1.5, marker="o",
+                markersize=3, label=name)
+    ax.set_xticks(steps, [str(step) for step in steps])
+    ax.set_xlabel(f"blocks re-initialised, from the top (block {blocks[0]} first, block {blocks[-1]} last)", fontsize=8)
+    ax.set_ylabel("Spearman ρ with the original", fontsize=8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, linewidth=0.4, color="0.9")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    figure.subplots_adjust(left=0.1, right=0.72, bottom=0.17, top=0.95)
     save_figure(figure, path)

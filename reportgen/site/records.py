@@ -43,7 +43,7 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     if isinstance(value, np.ndarray):
-        return plain(value.tolist())
+        return significant_array(value).tolist() if value.dtype.kind == "f" else plain(value.tolist())
     if isinstance(value, (np.floating, float)):
         f = float(value)
         return None if math.isnan(f) or math.isinf(f) else significant(f)
@@ -58,6 +58,40 @@ def significant(value: float) -> float:
     """``value`` rounded to :data:`SIGNIFICANT_DIGITS` significant digits (JSON then writes the
     shortest text that reads back as that float, so the output is deterministic and compact)."""
     return float(f"{value:.{SIGNIFICANT_DIGITS - 1}e}")
+
+
+#: Beyond this power of ten a scale is not exact in float64 (10**22 is the largest that is).
+_EXACT_POWER = 22
+
+
+def significant_array(values: np.ndarray) -> np.ndarray:
+    """:func:`significant` of every element of a float array (NaN and infinities as None, in an
+    object array), without a Python call per element.
+
+    Each value is scaled by a power of ten to 7 digits before the point, rounded to an integer
+    ``n`` and scaled back by dividing (or multiplying) ``n`` by the exact power of ten, so the
+    result is the float nearest the decimal ``n × 10^-k``, as :func:`significant` gives: the two
+    agree except where scaling puts a value within an ulp of a rounding tie (then they differ in
+    the last kept digit). Values whose power of ten is not exact in float64 go through
+    :func:`significant` one by one."""
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    out = np.where(finite, x, 0.0)  # zeros keep their sign, as in the decimal text
+    nonzero = finite & (x != 0)
+    exponent = np.zeros(x.shape, dtype=np.int64)
+    exponent[nonzero] = np.floor(np.log10(np.abs(x[nonzero]))).astype(np.int64)
+    k = SIGNIFICANT_DIGITS - 1 - exponent  # digits after the point
+    exact = nonzero & (np.abs(k) <= _EXACT_POWER)
+    down, up = exact & (k >= 0), exact & (k < 0)
+    out[down] = np.round(x[down] * 10.0 ** k[down]) / 10.0 ** k[down]
+    out[up] = np.round(x[up] / 10.0 ** -k[up]) * 10.0 ** -k[up]
+    for index in zip(*np.nonzero(nonzero & ~exact)):
+        out[index] = significant(float(x[index]))
+    if finite.all():
+        return out
+    result = out.astype(object)
+    result[~finite] = None
+    return result
 
 
 def page_name(slug: str) -> str:
@@ -178,11 +212,14 @@ def _evaluation_record(e: Evaluation) -> dict[str, Any]:
         "curves": plain(curves.maps),  # {map: {deletion, negative, insertion: [steps + 1]}}
         "auc": plain(e.auc),
         "beats_random": {name: {kind: e.beats_random(name, kind) for kind in kinds} for name, kinds in e.auc.items()},
-        "random": {
-            kind: {"mean": plain(r.mean), "std": plain(r.std), "aucs": plain(r.aucs), "auc_mean": plain(r.auc_mean),
-                   "auc_std": plain(r.auc_std)}
-            for kind, r in e.random.items()
-        },
+        "random": _random_record(e.random),  # scored with the image's target, targets[0]
+        # Every target some map is scored with (the image's first), and each map's index among them.
+        "targets": [
+            {"kind": t.kind, "description": t.description, "label": t.label, "class_index": t.class_index,
+             "object_label": t.object_label, "reference_score": plain(t.reference), "random": _random_record(random)}
+            for t, random in zip(curves.targets, e.randoms)
+        ],
+        "scored_with": dict(curves.scored_with),
         "localisation": [
             {"label": b.label, "input_box": plain(b.input_box), "area_share": plain(b.area_share), "hit": dict(b.hit),
              "mass": plain(b.mass)}
@@ -196,6 +233,19 @@ def _evaluation_record(e: Evaluation) -> dict[str, Any]:
             "threshold": SANITY_THRESHOLD,
         },
     })
+
+
+def _sanity_setting(sanity: bool | tuple[str, ...]) -> bool | list[str]:
+    return sanity if isinstance(sanity, bool) else list(sanity)
+
+
+def _random_record(random: dict) -> dict[str, Any]:
+    """The random orders of one target: per kind, the mean and spread per step and each order's area."""
+    return {
+        kind: {"mean": plain(r.mean), "std": plain(r.std), "aucs": plain(r.aucs), "auc_mean": plain(r.auc_mean),
+               "auc_std": plain(r.auc_std)}
+        for kind, r in random.items()
+    }
 
 
 def _sorted_keys(value: Any) -> Any:
@@ -340,7 +390,9 @@ def run_record(manifest: Manifest, model_run: dict | None, records: list[dict]) 
             "scale": manifest.output.scale,
             "scale_percentile": ScaleSetting.of(manifest.output).used_percentile,
             # Only when on, so a build without the evaluation keeps its results.json.
-            **({"evaluate": {"baseline": manifest.evaluate.baseline, "random_orders": manifest.evaluate.random_orders}}
+            **({"evaluate": {"baseline": manifest.evaluate.baseline, "random_orders": manifest.evaluate.random_orders,
+                             # true (every image) or the ids of the images checked; left out when off
+                             **({"sanity": _sanity_setting(manifest.evaluate.sanity)} if manifest.evaluate.sanity else {})}}
                if manifest.evaluate.enabled else {}),
         },
         # The fixed rules behind the token-norm and concentration statistics.
