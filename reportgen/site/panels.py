@@ -38,8 +38,8 @@ def panel_figure(
 ) -> Figure:
     """The model input, then every map of every method over it, in one row.
 
-    Each map is blended over the model input exactly as the site's overlays are (on the colour
-    scale ``scale`` gives it, letterbox padding in greys); its title names the map, what it
+    Each map is blended over the model input at full size (:func:`overlay`: on the colour scale
+    ``scale`` gives it, letterbox padding in greys), as the site's pages compose it; its title names the map, what it
     explains (a class or an object, for the gradient methods), its normalised entropy over the
     image's patches (undefined for an all-zero map) and its colour scale.
     """
