@@ -231,7 +231,7 @@ def test_a_percentile_site_names_each_maps_percentile(photos):
     assert scale["kind"] == "percentile" and scale["top"] == pytest.approx(top, abs=2e-6)
     assert scale["above"] == int((grid > scale["top"]).sum()) == 2
     text = _text(out / image["page"])
-    assert f"Rollout. Colour from 0 to its 90th percentile, {top:.4f} (2 patches above it, shown at the top colour)." in text
+    assert f"rollout. Colour from 0 to its 90th percentile, {top:.4f} (2 patches above it, shown at the top colour)." in text
     checked, problems = disagreements(out)
     assert problems == [] and checked > 50
 
@@ -260,8 +260,8 @@ def test_a_new_opacity_reuses_every_figure_and_reaches_every_map(photos):
     np.testing.assert_array_equal(map_tile(out, results["images"][0]["figures"], "rollout"), sprite)
     page = (out / results["images"][0]["page"]).read_text(encoding="utf-8")
     opacities = re.findall(r'src="figures/[^"]+/maps\.png"[^>]*opacity: ([\d.]+)', page)
-    # The comparison grid's three maps, then two in each experiment section.
-    assert opacities == ["0.8"] * 7
+    # The comparison grid's three maps: the page draws each map once.
+    assert opacities == ["0.8"] * 3
 
 
 def test_scales_are_taken_over_the_image_not_the_padding():
