@@ -61,6 +61,12 @@ def _bilinear(grid: np.ndarray, k: int) -> np.ndarray:
     return top * (1 - fy[:, None]) + bottom * fy[:, None]
 
 
+def test_map_tiles_have_at_least_three_pixels_per_patch():
+    # Odd, so that a pixel lies on each patch centre; never 1, where the browser would blend the
+    # colours of neighbouring patches instead of colouring interpolated values.
+    assert [figures.map_tile_scale((n, n)) for n in (3, 14, 16, 24, 25, 37)] == [17, 3, 3, 3, 3, 3]
+
+
 def test_map_sprite_holds_each_map_on_its_own_scale_with_gutters(tmp_path):
     rows, cols = 3, 4
     rng = np.random.default_rng(5)

@@ -5,6 +5,7 @@ computation, and a site that draws, records and caches one map per object and me
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -217,3 +218,25 @@ def test_an_evaluated_site_scores_each_map_with_its_own_target_and_is_reused(tmp
     again = CliRunner().invoke(main, ["build", str(tmp_path / "manifest.yaml"), "-o", str(site), *args])
     assert again.exit_code == 0 and "recomputed" not in again.output, again.output
     assert json.loads((site / "results.json").read_text())["images"][0] == record
+
+
+@pytest.mark.parametrize("multi_first", [True, False])
+def test_an_evaluated_site_pools_each_map_over_the_images_that_have_it(tmp_path, multi_first):
+    # One image with two objects and one without any: the object maps exist for the first only,
+    # and the index (its table and its figure) pools each map over the images that have it.
+    write_photo(tmp_path / "a.png", size=(64, 48))
+    write_photo(tmp_path / "b.png", size=(48, 48), seed=2)
+    multi = {"path": "a.png", "id": "a", "kind": "multi", "objects": [
+        {"label": "left", "box": [0, 0, 30, 48]}, {"label": "right", "box": [34, 10, 64, 40]}]}
+    single = {"path": "b.png", "id": "b"}
+    images = [multi, single] if multi_first else [single, multi]
+    manifest = write_manifest(tmp_path, images, model=TINY_MODEL, methods=["attention", "gradcam"])
+    out = tmp_path / "site"
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet", "--object-targets",
+                                       "--evaluate", "--random-orders", "1"])
+    assert result.exit_code == 0, result.output
+    board = {m["name"]: m for m in json.loads((out / "results.json").read_text())["leaderboard"]["maps"]}
+    assert board["gradcam/object-1"]["images"] == 1 and board["gradcam"]["images"] == 2
+    index = (out / "index.html").read_text()
+    figure = next(iter(re.findall(r'src="(assets/leaderboard\.[0-9a-f]+\.png)"', index)))
+    assert (out / figure).stat().st_size > 0

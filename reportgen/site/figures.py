@@ -150,8 +150,10 @@ MAP_TILE_GUTTER = 2
 
 def map_tile_scale(grid: tuple[int, int]) -> int:
     """Sprite pixels per patch of a map tile over a patch ``grid`` (rows, cols): the odd number
-    nearest to :data:`MAP_TILE_SIDE` over the longer side (1 from about 32 patches on)."""
-    return 2 * math.floor(MAP_TILE_SIDE / max(grid) / 2) + 1
+    nearest to :data:`MAP_TILE_SIDE` over the longer side, and at least 3: with one pixel per
+    patch the browser would blend the colours of neighbouring patches, not colour the
+    interpolated values (a 37 x 37 grid at 518 px gets 111-pixel tiles)."""
+    return max(3, 2 * math.floor(MAP_TILE_SIDE / max(grid) / 2) + 1)
 
 
 def map_sprite(
@@ -468,10 +470,12 @@ def leaderboard_data(records: list[dict]) -> dict | None:
     evaluated = [r["evaluation"] for r in records if not r.get("error") and r.get("evaluation")]
     if not evaluated:
         return None
-    names = list(evaluated[0]["maps"])  # every image has the same maps, in page order
+    # An image without objects has no object maps: each map over the images that have it.
+    names = list(dict.fromkeys(name for e in evaluated for name in e["maps"]))
     return {
         "maps": names,
-        "areas": {kind: {name: [e["auc"][name][kind] for e in evaluated] for name in names} for kind, _ in LEADERBOARD_PANELS},
+        "areas": {kind: {name: [e["auc"][name][kind] for e in evaluated if name in e["auc"]] for name in names}
+                  for kind, _ in LEADERBOARD_PANELS},
         "random": {kind: [e["random"][kind]["auc_mean"] for e in evaluated] for kind, _ in LEADERBOARD_PANELS},
     }
 
