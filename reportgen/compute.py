@@ -180,7 +180,14 @@ class Computation:
                     done.append((item, result, explained))
                 if perturber is not None:
                     checked = [isinstance(r, ImageResult) and evaluate.checks(r.entry.id) for _item, r, _class in done]
-                    randomised = _randomised_maps(loaded, methods, done, explain_objects, checked) if sanity else None
+                    randomised = None
+                    if sanity:
+                        try:
+                            randomised = _randomised_maps(loaded, methods, done, explain_objects, checked)
+                        except Exception as err:  # a bug must cost the checked images, not the whole site
+                            log.debug("sanity check failed", exc_info=err)
+                            done = [(item, _internal_error(r.entry, err), c) if checked[i] else (item, r, c)
+                                    for i, (item, r, c) in enumerate(done)]
                     done = _evaluated(perturber, done, layout, randomised)
                 for _item, result, _class in done:
                     yield result
@@ -242,13 +249,13 @@ def _evaluated(perturber, done: list, layout, randomised: list | None = None) ->
     ok = [(index, item, result, explained) for index, (item, result, explained) in enumerate(done) if isinstance(result, ImageResult)]
     if not ok:
         return done
-    subjects = [
-        Subject(item.tensor, result.maps, result.content.weights, item.geometry.content_box(), explained,
-                _map_targets(result, item))
-        for _index, item, result, explained in ok
-    ]
     done = list(done)
     try:
+        subjects = [
+            Subject(item.tensor, result.maps, result.content.weights, item.geometry.content_box(), explained,
+                    _map_targets(result, item))
+            for _index, item, result, explained in ok
+        ]
         curves = perturber.curves(subjects)
     except Exception as err:  # a bug must cost this batch's images, not the whole site
         log.debug("evaluation failed", exc_info=err)

@@ -315,3 +315,22 @@ def test_the_sanity_check_for_chosen_images_in_the_manifest_and_on_the_command_l
     assert bad.exit_code == 2 and "--sanity-image" in bad.output and "no image has the id 'cat'" in bad.output
     both = _build(plain, out, "--sanity", "--sanity-image", "a")
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_a_failing_sanity_check_costs_the_checked_image_not_the_site(photos, tmp_path, monkeypatch):
+    import contextlib
+
+    import reportgen.model.sanity as sanity
+
+    @contextlib.contextmanager
+    def broken(adapter):
+        raise RuntimeError("re-initialisation failed")
+        yield
+
+    monkeypatch.setattr(sanity, "cascade", broken)  # a bug in the check, injected; the model is real
+    out = tmp_path / "site"
+    result = _build(photos, out, "--evaluate", "--random-orders", "1", "--sanity-image", "street")
+    assert "re-initialisation failed" in result.output
+    records = {r["id"]: r for r in json.loads((out / "results.json").read_text())["images"]}
+    assert "re-initialisation failed" in records["street"]["error"]
+    assert records["cat"]["evaluation"]["sanity"] is None and records["cat"]["evaluation"]["auc"]

@@ -339,6 +339,9 @@ def test_float_arrays_are_rounded_to_significant_digits_as_single_values_are():
         rng.standard_normal(20000) * 10.0 ** rng.integers(-300, 300, 20000),
         rng.random(20000).astype(np.float32).astype(np.float64),
         [0.0, -0.0, 5e-324, 1e-310, 1.7e308, 0.5, 1.0, 123456749.99999999, 0.12345675, 2.5e-8],
+        # Within a hair of a rounding tie in the 7th digit, where scaling could round the other way.
+        np.nextafter(np.array([1.2345675, 0.0012345685, 98765.435, 3.1415925e-5] * 2),
+                     np.repeat([-np.inf, np.inf], 4)),
     ])
     expected = [float(f"{v:.6e}") for v in values]  # 7 significant digits, by the decimal text
     assert plain(values) == expected

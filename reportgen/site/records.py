@@ -70,9 +70,9 @@ def significant_array(values: np.ndarray) -> np.ndarray:
 
     Each value is scaled by a power of ten to 7 digits before the point, rounded to an integer
     ``n`` and scaled back by dividing (or multiplying) ``n`` by the exact power of ten, so the
-    result is the float nearest the decimal ``n × 10^-k``, as :func:`significant` gives: the two
-    agree except where scaling puts a value within an ulp of a rounding tie (then they differ in
-    the last kept digit). Values whose power of ten is not exact in float64 go through
+    result is the float nearest the decimal ``n × 10^-k``, as :func:`significant` gives. Scaling
+    rounds, so a value whose scaled form lies within a hair of a rounding tie could round the
+    other way: such values, and those whose power of ten is not exact in float64, go through
     :func:`significant` one by one."""
     x = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(x)
@@ -83,9 +83,13 @@ def significant_array(values: np.ndarray) -> np.ndarray:
     k = SIGNIFICANT_DIGITS - 1 - exponent  # digits after the point
     exact = nonzero & (np.abs(k) <= _EXACT_POWER)
     down, up = exact & (k >= 0), exact & (k < 0)
-    out[down] = np.round(x[down] * 10.0 ** k[down]) / 10.0 ** k[down]
-    out[up] = np.round(x[up] / 10.0 ** -k[up]) * 10.0 ** -k[up]
-    for index in zip(*np.nonzero(nonzero & ~exact)):
+    scaled = np.zeros_like(x)
+    scaled[down] = x[down] * 10.0 ** k[down]
+    scaled[up] = x[up] / 10.0 ** -k[up]
+    out[down] = np.round(scaled[down]) / 10.0 ** k[down]
+    out[up] = np.round(scaled[up]) * 10.0 ** -k[up]
+    near_tie = exact & (np.abs(np.abs(scaled - np.floor(scaled)) - 0.5) < 1e-6)
+    for index in zip(*np.nonzero((nonzero & ~exact) | near_tie)):
         out[index] = significant(float(x[index]))
     if finite.all():
         return out
