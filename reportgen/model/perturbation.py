@@ -48,6 +48,7 @@ from reportgen.methods.evaluation import (
     step_counts,
 )
 from reportgen.model.loading import LoadedModel
+from reportgen.model.targets import check_object_width, coverage_weights
 
 #: RISE's blur for the insertion substrate: an 11-pixel Gaussian kernel of sigma 5 (input pixels).
 BLUR_KERNEL = 11
@@ -262,10 +263,8 @@ class Perturber:
                 if target.kind == "class":
                     aim = self._class_aim(target.class_index)
                 else:
-                    if patches.shape[-1] != embeddings.shape[-1]:
-                        raise ValueError("the object scores compare the embedding with token averages of another width")
-                    weights = torch.as_tensor(np.ravel(target.coverage) / np.sum(target.coverage), dtype=patches.dtype,
-                                              device=patches.device)
+                    check_object_width(embeddings.shape[-1], patches.shape[-1])
+                    weights = coverage_weights(target.coverage).to(dtype=patches.dtype, device=patches.device)
                     label = target.object_label
                     aim = _Aim("object", _OBJECT_SCORE.format(label=label), f"object {label!r}", object_label=label,
                                reference=weights @ patches[b])

@@ -149,16 +149,12 @@ class Targets:
         object :class:`Target` s."""
         embedding = self.adapter.forward_head(features, pre_logits=True)  # [B, D]
         patches = features[:, num_prefix_tokens:].detach()  # [B, P, C]: the objects are held fixed
-        if embedding.shape[-1] != patches.shape[-1]:
-            raise CaptureError(
-                f"object targets compare the image embedding with token averages, but the model's embedding has "
-                f"{embedding.shape[-1]} features and its tokens {patches.shape[-1]}"
-            )
+        check_object_width(embedding.shape[-1], patches.shape[-1])
         count = max((len(image) for image in objects), default=0)
         weights = torch.zeros(len(objects), count, patches.shape[1], dtype=patches.dtype)
         for b, image in enumerate(objects):
             for j, (_label, coverage) in enumerate(image):
-                weights[b, j] = torch.from_numpy(np.ravel(coverage) / np.sum(coverage))
+                weights[b, j] = coverage_weights(coverage)
         pooled = weights.to(patches.device) @ patches  # [B, J, C]
         score = torch.nn.functional.cosine_similarity(embedding[:, None, :], pooled, dim=-1)  # [B, J]
         values = score.detach().float().cpu()
@@ -179,3 +175,19 @@ class Targets:
             return "a class chosen (attention.target_classes)"
         return "the top-1 prediction" if k == 0 else f"the top-{k + 1} prediction"
 
+
+def coverage_weights(coverage: np.ndarray) -> torch.Tensor:
+    """An object's weight on each patch in its embedding (float64, ``[P]``): the box's patch
+    coverage, summing to 1. The object target and its evaluation pool the final patch tokens
+    with these weights."""
+    return torch.from_numpy(np.ravel(coverage) / np.sum(coverage))
+
+
+def check_object_width(embedding_width: int, token_width: int) -> None:
+    """Raise :class:`CaptureError` unless the image embedding and the patch tokens, whose
+    averages the object targets compare it with, have the same width."""
+    if embedding_width != token_width:
+        raise CaptureError(
+            f"object targets compare the image embedding with token averages, but the model's embedding has "
+            f"{embedding_width} features and its tokens {token_width}"
+        )
