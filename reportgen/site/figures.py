@@ -675,6 +675,12 @@ def write_image_figures(
     return figures
 
 
+def _line_style(index: int) -> dict:
+    """Colour and dash of the ``index``-th map's line: matplotlib's ten colours, then the same
+    colours dashed, dotted, ... so that no two of up to 40 maps look alike."""
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":", "-.")[index // 10 % 4]}
+
+
 #: The panels of the curves' figure: curve kind, title, x-axis label.
 CURVE_PANELS = (
     ("deletion", "Deletion (most relevant first)", "fraction of patches removed"),
@@ -693,13 +699,12 @@ def write_curves(
 
     figure = Figure(figsize=(9.0, 2.8))
     axes = figure.subplots(1, len(CURVE_PANELS), sharey=True)
-    colours = [f"C{i}" for i in range(10)]
     for ax, (kind, title, xlabel) in zip(axes, CURVE_PANELS):
         mean, std = random[kind]
         ax.fill_between(fractions, mean - std, mean + std, color="0.8", linewidth=0, label="random ± 1 s.d.")
         ax.plot(fractions, mean, color="0.45", linestyle="--", linewidth=1.2, label="random (mean)")
         for i, (name, curves) in enumerate(maps.items()):
-            ax.plot(fractions, curves[kind], color=colours[i % len(colours)], linewidth=1.5, marker="o", markersize=2.5, label=name)
+            ax.plot(fractions, curves[kind], **_line_style(i), linewidth=1.5, marker="o", markersize=2.5, label=name)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_xlim(0.0, 1.0)
@@ -722,12 +727,11 @@ def write_sanity(blocks: tuple[int, ...], spearman: dict[str, np.ndarray], path:
     figure = Figure(figsize=(6.4, 3.0))
     ax = figure.subplots()
     steps = np.arange(1, len(blocks) + 1)
-    colours = [f"C{i}" for i in range(10)]
     ax.axhline(SANITY_THRESHOLD, color="0.45", linestyle="--", linewidth=1.0, label=f"flagged above {SANITY_THRESHOLD:g}")
     ax.axhline(0.0, color="0.8", linewidth=0.8)
     for i, (name, values) in enumerate(spearman.items()):
         # NaN (a constant map) leaves a gap, not a made-up value.
-        ax.plot(steps, np.asarray(values, dtype=np.float64), color=colours[i % len(colours)], linewidth=1.5, marker="o",
+        ax.plot(steps, np.asarray(values, dtype=np.float64), **_line_style(i), linewidth=1.5, marker="o",
                 markersize=3, label=name)
     ax.set_xticks(steps, [str(step) for step in steps])
     ax.set_xlabel(f"blocks re-initialised, from the top (block {blocks[0]} first, block {blocks[-1]} last)", fontsize=8)
