@@ -65,8 +65,8 @@ def heat_table(matrix: Sequence[Sequence[float | None]], bound: float | None = N
             the table (at least :data:`MIN_BOUND`).
 
     Returns:
-        ``{"bound", "cells": rows of {"fill": CSS colour or None, "light": white text}, "gradient":
-        the scale's CSS colour stops from -bound to bound, for a legend}``.
+        ``{"bound", "cells": rows of {"fill": CSS colour or None, "light": white text}, "stops": the
+        scale's colours and their positions in percent from -bound to bound, for a legend}``.
     """
     if bound is None:
         bound = max([abs(v) for row in matrix for v in row if v is not None], default=0.0)
@@ -81,5 +81,5 @@ def heat_table(matrix: Sequence[Sequence[float | None]], bound: float | None = N
             fill = scale_colour(float(value) / bound)
             out.append({"fill": _css(fill), "light": contrast(fill, WHITE) > contrast(fill, BLACK)})
         cells.append(out)
-    stops = ", ".join(f"{_css(colour)} {(x + 1) * 50:g}%" for x, colour in ANCHORS)
-    return {"bound": bound, "cells": cells, "gradient": f"linear-gradient(to right, {stops})"}
+    stops = [{"colour": _css(colour), "percent": (x + 1) * 50} for x, colour in ANCHORS]
+    return {"bound": bound, "cells": cells, "stops": stops}
