@@ -8,8 +8,8 @@ timm's ``blocks``, a transformers model's encoder layers), re-initialised in pla
 initialises a ViT: matrices drawn from normal(0, 0.02), biases zero, every other parameter (norm
 scales, layer scales) one; from a generator of its own with a fixed seed, so the global RNG is
 untouched and every build draws the same weights. On leaving :func:`cascade` (also on an error) every
-parameter of the blocks gets its own values back, bit for bit: no copy of the whole model is made,
-and the user's weights are as they were.
+parameter of the blocks gets its own values back, bit for bit, from a copy of the blocks' weights
+(most of a ViT's), so the user's weights are as they were.
 """
 
 from __future__ import annotations
