@@ -102,3 +102,24 @@ def test_the_readme_example_runs(monkeypatch):
     result = namespace["result"]
     assert result.maps["rollout"].shape == (16, 16)
     assert result.objects.labels == ["cat head"]
+
+
+def test_the_sanity_check_leaves_the_kept_model_as_it_found_it(tmp_path):
+    from reportgen.model.loading import load_model
+
+    photo = write_photo(tmp_path / "a.png")
+    explainer = Explainer(TINY_MODEL["name"], methods=["attention", "gradcam"], evaluate=True, random_orders=1,
+                          sanity=True, **TINY)
+    rng_before, grad_before = torch.get_rng_state(), torch.is_grad_enabled()
+    result = explainer.explain(photo).result
+    assert result.evaluation is not None and result.evaluation.sanity is not None  # the check ran
+    (loaded,) = explainer._kept.values()
+    fresh = load_model(explainer.settings.model, "cpu")  # the same seeded random weights
+    for (name, kept), (_, original) in zip(loaded.model.state_dict().items(), fresh.model.state_dict().items()):
+        assert torch.equal(kept, original), name
+    fused = [(n, m.__dict__.get("fused_attn")) for n, m in loaded.model.named_modules() if hasattr(m, "qkv")]
+    assert fused == [(n, m.__dict__.get("fused_attn")) for n, m in fresh.model.named_modules() if hasattr(m, "qkv")]
+    assert fused
+    assert all(p.grad is None and p.requires_grad for p in loaded.model.parameters())
+    assert not loaded.model.training
+    assert torch.equal(torch.get_rng_state(), rng_before) and torch.is_grad_enabled() == grad_before
