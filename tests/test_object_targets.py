@@ -219,6 +219,24 @@ def test_an_evaluated_site_scores_each_map_with_its_own_target_and_is_reused(tmp
     assert again.exit_code == 0 and "recomputed" not in again.output, again.output
     assert json.loads((site / "results.json").read_text())["images"][0] == record
 
+    # A cached evaluation that contradicts itself is recomputed, not shown.
+    from reportgen.cache import STATUS_FILE
+
+    original = (site / STATUS_FILE).read_text()
+    tamperings = (
+        lambda e: e["sanity"]["flagged"].__setitem__("gradcam", not e["sanity"]["flagged"]["gradcam"]),
+        lambda e: e["sanity"].__setitem__("blocks", e["sanity"]["blocks"][::-1]),
+        lambda e: e["scored_with"].__setitem__("gradcam/object-1", 0),  # an object map scored with a class
+        lambda e: e["targets"][0].__setitem__("reference_score", 0.5),
+    )
+    for tamper in tamperings:
+        status = json.loads(original)
+        (entry,) = status["entries"].values()
+        tamper(entry["record"]["evaluation"])
+        (site / STATUS_FILE).write_text(json.dumps(status))
+        again = CliRunner().invoke(main, ["build", str(tmp_path / "manifest.yaml"), "-o", str(site), *args])
+        assert again.exit_code == 0 and "recomputed" in again.output, again.output
+
 
 @pytest.mark.parametrize("multi_first", [True, False])
 def test_an_evaluated_site_pools_each_map_over_the_images_that_have_it(tmp_path, multi_first):

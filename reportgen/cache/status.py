@@ -372,7 +372,7 @@ def _check_record(
     if (record.evaluation is not None) != evaluate:
         raise ValueError("evaluation does not match the settings")
     if record.evaluation is not None:
-        _check_evaluation(record.evaluation, map_names, len(entry.objects) + count)
+        _check_evaluation(record.evaluation, map_names, len(entry.objects) + count, len(run.capture.layers))
     figures = figure_index(
         f"figures/{entry.slug}", methods, len(run.capture.layers), heads, count, record.norms is not None, targets, explained,
         evaluate, grid=(rows, cols), sanity=record.evaluation is not None and record.evaluation.sanity is not None,
@@ -382,7 +382,7 @@ def _check_record(
     return figures
 
 
-def _check_evaluation(e: Evaluation, map_names: list[str], boxes: int) -> None:
+def _check_evaluation(e: Evaluation, map_names: list[str], boxes: int, depth: int) -> None:
     """The evaluation's maps are the methods' maps, and every curve has one score per step."""
     points = e.steps + 1
     if sorted(e.maps) != map_names:
@@ -402,17 +402,24 @@ def _check_evaluation(e: Evaluation, map_names: list[str], boxes: int) -> None:
             raise ValueError("evaluation.random does not match the curves and the random orders")
     if sorted(e.scored_with) != map_names or any(index >= len(e.targets) for index in e.scored_with.values()):
         raise ValueError("evaluation.scored_with does not give each map one of evaluation.targets")
-    if e.targets[0].random != e.random or e.targets[0].description != e.target:
+    if e.targets[0].random != e.random or e.targets[0].description != e.target or e.targets[0].reference_score != e.reference_score:
         raise ValueError("evaluation.targets does not start with the image's target")
+    for name, index in e.scored_with.items():
+        kind = e.targets[index].kind
+        if ("/object-" in name) != (kind == "object") or ("/target-" in name and kind != "class"):
+            raise ValueError(f"evaluation.scored_with gives the map {name!r} a target of kind {kind!r}")
     if len(e.localisation) > boxes or any(sorted(b.hit) != map_names or sorted(b.mass) != map_names for b in e.localisation):
         raise ValueError("evaluation.localisation does not match the boxes and the maps")
     if any(a.a not in map_names or a.b not in map_names for a in e.agreement) or len(e.agreement) != len(map_names) * (len(map_names) - 1) // 2:
         raise ValueError("evaluation.agreement is not every pair of the maps")
     if e.sanity is not None and (
         sorted(e.sanity.spearman) != map_names or sorted(e.sanity.flagged) != map_names
+        or e.sanity.blocks != list(range(depth, 0, -1))  # every block, the last first
         or any(len(values) != len(e.sanity.blocks) for values in e.sanity.spearman.values())
+        or any(e.sanity.flagged[name] != (values[-1] is not None and values[-1] > e.sanity.threshold)
+               for name, values in e.sanity.spearman.items())
     ):
-        raise ValueError("evaluation.sanity does not match the maps and its steps")
+        raise ValueError("evaluation.sanity does not match the maps, the model's blocks and its threshold")
 
 
 def _is_shape(matrix: list[list[Any]], rows: int, cols: int) -> bool:
