@@ -351,3 +351,27 @@ def test_an_object_s_map_is_scored_with_the_cosine_to_the_object_s_embedding():
     assert (target.kind, target.object_label, target.label) == ("object", "cup", "object 'cup'")
     assert target.reference == pytest.approx(cosine(x), rel=1e-5)
     assert curves.targets[0].kind == "label-free" and curves.scored_with["m"] == 0
+
+
+def test_an_object_at_or_below_zero_cosine_is_not_scored():
+    """Dividing by a cosine at or below zero on the unperturbed input would turn the curve upside
+    down: such an object map gets no curve (NaN) and beats nothing, while the other maps are scored."""
+    model = OnePatchModel(2, 1)
+    x = image(5)
+    # The top-left patch holds the negative of the embedding's patch: its token points away.
+    x[:, : PATCH[0], : PATCH[1]] = -x[:, 2 * PATCH[0] : 3 * PATCH[0], PATCH[1] : 2 * PATCH[1]]
+    tokens = model.forward_features(x[None])[0].double()
+    e = model.forward_head(model.forward_features(x[None]), pre_logits=True)[0].double()
+    cosine = float(tokens[0] @ e / (tokens[0].norm() * e.norm()))
+    assert cosine == pytest.approx(-1.0)
+    coverage = np.zeros(GRID)
+    coverage[0, 0] = 1.0
+    grid = np.random.default_rng(8).uniform(size=GRID)
+    subject = Subject(x, {"m": grid, "m/object-1": grid}, np.ones(GRID), (0.0, 0.0, 48.0, 32.0),
+                      targets={"m/object-1": MapTarget("object", object_label="shadow", coverage=coverage)})
+    (curves,) = Perturber(loaded(model), baseline="mean", random_orders=1).curves([subject])
+    target = curves.targets[curves.scored_with["m/object-1"]]
+    assert target.reference == pytest.approx(cosine, rel=1e-5)
+    for kind in ("deletion", "negative", "insertion"):
+        assert np.isnan(curves.maps["m/object-1"][kind]).all() and np.isfinite(curves.maps["m"][kind]).all()
+        assert np.isnan(curves.auc("m/object-1", kind))

@@ -336,6 +336,10 @@ class Perturber:
                     values = np.concatenate([blurred[None], middle, np.ones((1, middle.shape[1]))])
                 else:
                     values = np.concatenate([np.ones((1, middle.shape[1])), middle, removed[None]])
+                # A target at or below zero on the unperturbed input (an object whose cosine with
+                # the image is not positive) has no ratio to read: dividing by it would turn the
+                # curve upside down. Its curves are NaN, so no area is claimed for it.
+                values[:, references[index] <= 0] = np.nan
                 if curve.name:
                     maps[curve.name][curve.kind] = values[:, scored_with[index][curve.name]]
                 else:

@@ -474,7 +474,8 @@ def leaderboard_data(records: list[dict]) -> dict | None:
     names = list(dict.fromkeys(name for e in evaluated for name in e["maps"]))
     return {
         "maps": names,
-        "areas": {kind: {name: [e["auc"][name][kind] for e in evaluated if name in e["auc"]] for name in names}
+        "areas": {kind: {name: [e["auc"][name][kind] for e in evaluated if name in e["auc"] and e["auc"][name][kind] is not None]
+                         for name in names}
                   for kind, _ in LEADERBOARD_PANELS},
         "random": {kind: [e["random"][kind]["auc_mean"] for e in evaluated] for kind, _ in LEADERBOARD_PANELS},
     }

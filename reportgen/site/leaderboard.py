@@ -53,7 +53,9 @@ def leaderboard(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     maps = []
     for name in names:
         having = [e for e in evaluated if name in e["auc"]]
-        aucs = {kind: np.array([e["auc"][name][kind] for e in having], dtype=np.float64) for kind in KINDS}
+        # An area is None where the map's target could not be scored (see the perturbation).
+        aucs = {kind: np.array([a for e in having if (a := e["auc"][name][kind]) is not None], dtype=np.float64)
+                for kind in KINDS}
         boxes = [b for e in having for b in e["localisation"] if b["hit"][name] is not None]  # a flat map points nowhere
         hits = sum(bool(b["hit"][name]) for b in boxes)
         ratios = [b["mass"][name] / b["area_share"] for b in boxes if b["mass"][name] is not None and b["area_share"]]
@@ -61,7 +63,8 @@ def leaderboard(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         maps.append({
             "name": name,
             "images": len(having),
-            "auc": {kind: {"mean": plain(values.mean()), "std": plain(values.std())} for kind, values in aucs.items()},
+            "auc": {kind: {"mean": plain(values.mean()) if values.size else None, "std": plain(values.std()) if values.size else None}
+                    for kind, values in aucs.items()},
             "beats_random": {kind: sum(bool(e["beats_random"][name][kind]) for e in having) for kind in KINDS},
             "pointing": {"hits": hits, "boxes": len(boxes), "rate": plain(hits / len(boxes)) if boxes else None},
             "mass_ratio": plain(float(np.mean(ratios))) if ratios else None,
