@@ -334,7 +334,11 @@ def targeted_site(tmp_path_factory):
         attention={"target_classes": "top-2", "object_targets": True},
         methods=["attention", "rollout", "gradcam"],
     )
-    out = folder / "site"
+    return _built(manifest, folder / "site")
+
+
+def _built(manifest, out):
+    """The site of ``manifest``, built at ``out`` (the build must succeed)."""
     result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     return out
@@ -397,10 +401,7 @@ def letterboxed_site(tmp_path_factory):
     shutil.copy(REPO / "images" / "coffee.png", folder / "coffee.png")
     manifest = write_manifest(folder, [{"path": "coffee.png", "id": "coffee", "title": "Espresso"}],
                               model={"name": "imgfocus-vits14", "input_size": 224})
-    out = folder / "site"
-    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out
+    return _built(manifest, folder / "site")
 
 
 # Each map's tile as the page draws it: its alt text, opacity and smoothing, its clipping box
