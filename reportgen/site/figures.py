@@ -105,6 +105,14 @@ def padding_pixels(size: tuple[int, int], content_box: tuple[float, float, float
     return ~(inside_y[:, None] & inside_x[None, :])
 
 
+def upsampled_unit(heat: np.ndarray, top: float | None, size: tuple[int, int]) -> np.ndarray:
+    """``[h, w]`` float32 values in [0, 1] of a patch-grid map drawn from 0 to ``top``
+    (:func:`heat_to_unit`), upsampled bilinearly to ``size`` (width, height): smooth maps, the
+    patch grid itself stays in the explorers."""
+    unit = Image.fromarray(heat_to_unit(heat, top).astype(np.float32), mode="F")
+    return np.asarray(unit.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+
+
 def overlay(
     view: Image.Image,
     heat: np.ndarray,
@@ -123,10 +131,7 @@ def overlay(
         content_box: the part of ``view`` that is image (input pixels); outside it (letterbox
             padding) the blend is drawn in greys. None: all of it is image.
     """
-    unit = Image.fromarray(heat_to_unit(heat, top).astype(np.float32), mode="F")
-    # Bilinear upsampling of the patch grid to pixels (smooth maps; the patch grid stays in the explorer).
-    up = np.asarray(unit.resize(view.size, Image.Resampling.BILINEAR), dtype=np.float32)
-    colours = colourise(up, cmap)
+    colours = colourise(upsampled_unit(heat, top, view.size), cmap)
     base = np.asarray(view, dtype=np.float32)
     blended = (1.0 - alpha) * base + alpha * colours.astype(np.float32)
     if content_box is not None:
@@ -176,11 +181,7 @@ def map_sprite(
     rows, cols = heats[0].shape
     k = map_tile_scale((rows, cols))
     size = (cols * k, rows * k)
-    units = [
-        np.asarray(Image.fromarray(heat_to_unit(heat, top).astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
-        for heat, top in zip(heats, tops)
-    ]
-    colours = colourise(np.stack(units), cmap)  # [n, rows*k, cols*k, 3]
+    colours = colourise(np.stack([upsampled_unit(heat, top, size) for heat, top in zip(heats, tops)]), cmap)  # [n, rows*k, cols*k, 3]
     if content_box is not None:
         fx, fy = size[0] / view_size[0], size[1] / view_size[1]
         x0, y0, x1, y1 = content_box
