@@ -48,7 +48,7 @@ from reportgen.methods.evaluation import (
     step_counts,
 )
 from reportgen.model.loading import LoadedModel
-from reportgen.model.targets import check_object_width, coverage_weights
+from reportgen.model.targets import Targets, check_object_width, coverage_weights
 
 #: RISE's blur for the insertion substrate: an 11-pixel Gaussian kernel of sigma 5 (input pixels).
 BLUR_KERNEL = 11
@@ -278,8 +278,6 @@ class Perturber:
         return aims, scored_with
 
     def _class_aim(self, index: int) -> _Aim:
-        from reportgen.model.targets import Targets
-
         name = Targets(self.loaded.adapter).name(index)
         label = f"class {index}" + (f" ({name})" if name else "")
         return _Aim("class", f"the softmax probability of {label}", label, class_index=index)
