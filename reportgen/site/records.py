@@ -88,7 +88,7 @@ def significant_array(values: np.ndarray) -> np.ndarray:
     scaled[up] = x[up] / 10.0 ** -k[up]
     out[down] = np.round(scaled[down]) / 10.0 ** k[down]
     out[up] = np.round(scaled[up]) * 10.0 ** -k[up]
-    near_tie = exact & (np.abs(np.abs(scaled - np.floor(scaled)) - 0.5) < 1e-6)
+    near_tie = exact & (np.abs(scaled - np.floor(scaled) - 0.5) < 1e-6)
     for index in zip(*np.nonzero((nonzero & ~exact) | near_tie)):
         out[index] = significant(float(x[index]))
     if finite.all():
