@@ -334,3 +334,45 @@ def test_a_failing_sanity_check_costs_the_checked_image_not_the_site(photos, tmp
     records = {r["id"]: r for r in json.loads((out / "results.json").read_text())["images"]}
     assert "re-initialisation failed" in records["street"]["error"]
     assert records["cat"]["evaluation"]["sanity"] is None and records["cat"]["evaluation"]["auc"]
+
+
+def test_the_sanity_check_explains_the_same_further_class_on_the_randomised_model(tmp_path):
+    """A map for a further chosen class (``gradcam/target-2``) is re-made on every randomisation
+    step for that class, not the randomised model's own prediction: each step's rank correlation
+    equals one from a Grad-CAM written out in the test (hooked tokens, autograd gradients of that
+    class's logit) on the original and on the randomised blocks."""
+    from conftest import TINY_MODEL
+    from scipy.stats import spearmanr
+    from test_gradcam import gradcam_by_hand
+
+    from reportgen.config import ModelSettings
+    from reportgen.imaging import open_image, preprocess
+    from reportgen.model.loading import load_model
+    from reportgen.model.sanity import cascade
+
+    write_photo(tmp_path / "a.png", (48, 40), seed=8)
+    manifest = write_manifest(tmp_path, [{"path": "a.png"}], methods=["gradcam"],
+                              attention={"target_classes": [3, 7]}, evaluate={"random_orders": 1, "sanity": True})
+    out = tmp_path / "site"
+    result = _build(manifest, out)
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads((out / "results.json").read_text())["images"]
+    assert record["maps"]["gradcam/target-2"]["target"]["class_index"] == 7
+    sanity = record["evaluation"]["sanity"]
+    assert sanity["blocks"] == [2, 1]
+
+    loaded = load_model(ModelSettings(**TINY_MODEL), "cpu")
+    x = preprocess(open_image(tmp_path / "a.png"), loaded.data_config)[0][None]
+    weights = np.array(record["content"]["weights"])
+    inside = weights > 0
+
+    def last_block_map(cls: int) -> np.ndarray:
+        by_block = gradcam_by_hand(loaded.model, x, target=lambda m, f: m.forward_head(f)[:, cls])
+        return (by_block[-1, 0].reshape(weights.shape) * weights)[inside]
+
+    original = {"gradcam": last_block_map(3), "gradcam/target-2": last_block_map(7)}
+    with cascade(loaded.adapter) as steps:
+        for step, _index in enumerate(steps):
+            for name, cls in (("gradcam", 3), ("gradcam/target-2", 7)):
+                expected = spearmanr(original[name], last_block_map(cls))[0]
+                assert sanity["spearman"][name][step] == pytest.approx(expected, abs=1e-5), (name, step)
