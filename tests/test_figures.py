@@ -196,3 +196,23 @@ def test_patch_sprite_is_an_indexed_png_with_padding_in_greys(tmp_path):
             assert tile[key][0] == tile[key][1] == tile[key][2], (query, key)
         if unit[1] != unit[3]:
             assert (tile[1][0] < tile[3][0]) == (unit[1] < unit[3])
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3), (9, 4)])
+def test_png_bytes_decode_to_the_same_pixels_and_repeat_byte_for_byte(tmp_path, shape):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    pixels[2:4] = 17  # a flat run as well as noise
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8) if len(shape) == 2 else None
+    data = figures.png_bytes(pixels, palette)
+    assert data == figures.png_bytes(pixels.copy(), palette)
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    with Image.open(path) as image:
+        image.verify()  # chunk CRCs
+    with Image.open(path) as image:
+        assert image.mode == ("RGB" if palette is None else "P") and image.size == (shape[1], shape[0])
+        if palette is None:
+            np.testing.assert_array_equal(np.asarray(image), pixels)
+        else:
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB")), palette[pixels])
