@@ -216,3 +216,16 @@ def test_png_bytes_decode_to_the_same_pixels_and_repeat_byte_for_byte(tmp_path, 
             np.testing.assert_array_equal(np.asarray(image), pixels)
         else:
             np.testing.assert_array_equal(np.asarray(image.convert("RGB")), palette[pixels])
+
+
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_token_map_with_every_colour_level_drawn_keeps_each_colour_and_the_white_line(tmp_path, prefix):
+    # 17 x 17 tokens at 289 values from 0 to 1: all 256 levels are drawn, none is left for the line.
+    attention = np.random.default_rng(1).permutation(np.linspace(0.0, 1.0, 17 * 17)).reshape(17, 17)
+    figures.write_token_map(attention, prefix, "magma", tmp_path / "tokens.png")
+    pixels = np.asarray(Image.open(tmp_path / "tokens.png").convert("RGB")).astype(int)
+    assert pixels.shape == (17 + (prefix > 0), 17 + (prefix > 0), 3)
+    if prefix:
+        assert (pixels[prefix] == 255).all() and (pixels[:, prefix] == 255).all()
+        pixels = np.delete(np.delete(pixels, prefix, axis=0), prefix, axis=1)
+    assert np.abs(pixels - _rgb("magma", attention)).max() <= 1

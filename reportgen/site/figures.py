@@ -53,7 +53,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 def png_bytes(pixels: np.ndarray, palette: np.ndarray | None = None) -> bytes:
     """An 8-bit PNG of ``pixels``: ``[h, w, 3]`` RGB, or ``[h, w]`` indices into ``palette``
-    (``[n, 3]`` uint8, n <= 256).
+    (``[n, 3]`` uint8, n <= 256), or ``[h, w]`` greys without one.
 
     Written here rather than by Pillow, whose PNG encoder tries every row filter on RGB rows and
     feeds zlib a row at a time (3-4 x the time of the compression itself on the explorer's
@@ -70,7 +70,7 @@ def png_bytes(pixels: np.ndarray, palette: np.ndarray | None = None) -> bytes:
     strategy = zlib.Z_DEFAULT_STRATEGY if pixels.ndim == 3 else zlib.Z_RLE
     compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 8, strategy)
     data = compressor.compress(rows) + compressor.flush()
-    colour_type = 2 if pixels.ndim == 3 else 3
+    colour_type = 2 if pixels.ndim == 3 else 3 if palette is not None else 0  # RGB, palette, grey
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     chunks = [_png_chunk(b"IHDR", header)]
     if palette is not None:
@@ -316,10 +316,10 @@ def indexed_colours(unit: np.ndarray, cmap: str, padding: np.ndarray | None = No
     """Palette indices (uint8) of values in [0, 1] for :func:`indexed_palette`: the colour map in
     256 levels, or, with ``padding`` (True where a pixel is letterbox padding), in 128 levels with
     the padding's pixels in the greys of :func:`grey_out` at indices 128-255. An indexed PNG holds
-    a third of the RGB bytes, so it encodes in about a third of the time. ``overwrite``: a float64
+    a third of the RGB bytes, so it encodes in about a third of the time. ``overwrite``: a float
     ``unit`` is scaled in place (no temporary copy of a large sheet)."""
     levels = _levels(padding is not None)
-    scaled = np.multiply(unit, levels - 1, out=unit if overwrite and unit.dtype == np.float64 else None, dtype=np.float64)
+    scaled = np.multiply(unit, levels - 1, out=unit if overwrite and unit.dtype.kind == "f" else None)  # in unit's precision
     np.clip(np.rint(scaled, out=scaled), 0, levels - 1, out=scaled)
     index = scaled.astype(np.uint8)
     if padding is not None:
@@ -339,7 +339,10 @@ def indexed_palette(cmap: str, padded: bool) -> np.ndarray:
 
 
 def shrink(image: Image.Image, side: int) -> Image.Image:
-    """A copy that fits in ``side`` x ``side`` pixels (never enlarged)."""
+    """The image if it fits in ``side`` x ``side`` pixels, else a smaller copy that does (callers
+    only read it)."""
+    if max(image.size) <= side:
+        return image
     small = image.copy()
     small.thumbnail((side, side), Image.Resampling.LANCZOS)
     return small
@@ -365,12 +368,20 @@ def write_token_map(
     (pixelated); drawn from 0 to ``top`` (default: its maximum), with a white line between the
     prefix tokens and the patches. The page's caption and colour bar explain the axes.
     """
-    colours = colourise(heat_to_unit(attention, top), cmap)
+    pixels = indexed_colours(heat_to_unit(attention, top), cmap, overwrite=True)  # colourise's 256 levels
+    palette: np.ndarray | None = colour_lut(cmap)
     if num_prefix_tokens:
+        unused = np.flatnonzero(np.bincount(pixels.ravel(), minlength=256) == 0)
+        if unused.size:  # the line's white takes the palette entry of a level no token is drawn at
+            line = int(unused[0])
+            palette = palette.copy()
+            palette[line] = 255
+        else:  # every level is drawn: no entry is free for the line
+            pixels, line, palette = palette[pixels], 255, None
         # An inserted line, not an overwritten one: every token keeps its row and column.
-        colours = np.insert(colours, num_prefix_tokens, 255, axis=0)
-        colours = np.insert(colours, num_prefix_tokens, 255, axis=1)
-    save_png(colours, path)
+        pixels = np.insert(pixels, num_prefix_tokens, line, axis=0)
+        pixels = np.insert(pixels, num_prefix_tokens, line, axis=1)
+    save_png(pixels, path, palette)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
