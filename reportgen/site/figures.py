@@ -292,16 +292,16 @@ def write_patch_sprite(attention: np.ndarray, grid: tuple[int, int], cmap: str, 
     """
     rows, cols = grid
     count = attention.shape[0]
-    keys_padded = padding.reshape(-1) if padding is not None and padding.any() else None
+    keys_padded = np.broadcast_to(padding.reshape(1, -1), attention.shape[1:]) if padding is not None and padding.any() else None
     index = np.empty(attention.shape, dtype=np.uint8)  # [L', queries, keys]
-    # to_unit's division in float64, a layer at a time and in place: a copy of the whole sheet (and
-    # every temporary one) would cost more in fresh memory than the arithmetic.
-    for layer, out in zip(attention, index):
-        unit = np.array(layer, dtype=np.float64)
-        top = unit.max(axis=-1, keepdims=True)
-        np.divide(unit, top, out=unit, where=top > 0)  # a tile with a top of 0 holds no positive value: clipped to 0
-        np.clip(unit, 0.0, 1.0, out=unit)
-        out[...] = indexed_colours(unit, cmap, None if keys_padded is None else np.broadcast_to(keys_padded, unit.shape), overwrite=True)
+    # to_unit's division in float64, a layer at a time into one buffer: temporary copies of the
+    # whole sheet cost more in fresh memory than the arithmetic.
+    unit = np.empty(attention.shape[1:], dtype=np.float64)
+    for layer, out in zip(np.asarray(attention), index):
+        top = layer.max(axis=-1, keepdims=True)
+        # A tile with a top of 0 holds no positive value: divided by infinity it is 0, as in to_unit.
+        np.divide(layer, np.where(top > 0, top, np.inf), out=unit, dtype=np.float64)
+        out[...] = indexed_colours(unit, cmap, keys_padded, overwrite=True)  # clipped to the levels, as to [0, 1]
     index = index.reshape(count, rows, cols, rows, cols)  # [L', qr, qc, kr, kc]
     sheet = index.transpose(0, 1, 3, 2, 4).reshape(count * rows * rows, cols * cols)
     save_png(sheet, path, palette=indexed_palette(cmap, keys_padded is not None))
