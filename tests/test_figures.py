@@ -229,3 +229,17 @@ def test_token_map_with_every_colour_level_drawn_keeps_each_colour_and_the_white
         assert (pixels[prefix] == 255).all() and (pixels[:, prefix] == 255).all()
         pixels = np.delete(np.delete(pixels, prefix, axis=0), prefix, axis=1)
     assert np.abs(pixels - _rgb("magma", attention)).max() <= 1
+
+
+def test_patch_sprite_draws_a_query_that_attends_nowhere_at_the_bottom_colour(tmp_path):
+    # One layer over a 1 x 3 grid: query 1 gives every key 0 (its tile has a top of 0).
+    attention = np.array([[[1.0, 2.0, 4.0], [0.0, 0.0, 0.0], [3.0, 0.0, 1.0]]], dtype=np.float32)
+    path = tmp_path / "patches.png"
+    with np.errstate(all="raise"):  # no division by zero on the way
+        figures.write_patch_sprite(attention, (1, 3), "viridis", path)
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)  # tiles side by side: 1 row of 3 x 3 keys
+    assert rgb.shape == (1, 9, 3)
+    for query in range(3):
+        row = attention[0, query].astype(np.float64)
+        unit = row / row.max() if row.max() > 0 else np.zeros(3)
+        assert np.abs(rgb[0, query * 3 : query * 3 + 3] - _rgb("viridis", unit)).max() <= 1, query

@@ -384,7 +384,9 @@ def write_token_map(
     save_png(pixels, path, palette)
 
 
+@lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont:
+    # Loaded once per size: drawing does not change a font.
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType
