@@ -56,7 +56,7 @@ def png_bytes(pixels: np.ndarray, palette: np.ndarray | None = None) -> bytes:
     (``[n, 3]`` uint8, n <= 256), or ``[h, w]`` greys without one.
 
     Written here rather than by Pillow, whose PNG encoder tries every row filter on RGB rows and
-    feeds zlib a row at a time (3-4 x the time of the compression itself on the explorer's
+    feeds zlib a row at a time (2-3 x the time of the compression itself on the explorer's
     sprite). Colour-mapped pixels gain nothing from row filters (neighbouring values are not
     close in colour), so every row gets filter 0. zlib at level 1: RGB with the default strategy
     (its matches find the repeated 3-byte colours: half the size of Huffman coding alone);
