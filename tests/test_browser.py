@@ -113,6 +113,36 @@ def test_index_and_pages_load_without_errors_in_chromium(site, browser, tmp_path
     assert (tmp_path / "index.html.png").stat().st_size > 0
 
 
+# Draws an image (a data: URL, so the canvas may be read back) and returns its RGBA bytes.
+DECODED_PIXELS = (
+    "var done = arguments[arguments.length - 1], image = new Image();"
+    "image.onload = () => { var c = document.createElement('canvas'); c.width = image.naturalWidth;"
+    " c.height = image.naturalHeight; var g = c.getContext('2d'); g.drawImage(image, 0, 0);"
+    " done([c.width, c.height, Array.from(g.getImageData(0, 0, c.width, c.height).data)]); };"
+    "image.onerror = () => done(null); image.src = arguments[0];"
+)
+
+
+def test_chromium_decodes_each_sprite_to_the_pixels_written(site, browser):
+    """The sprites and the token map (palette and RGB PNGs written by reportgen, not Pillow):
+    Chromium draws the same pixels as Pillow reads from the files."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    _open(browser, site / "one.html")
+    for name in ("explorer.png", "patches.png", "tokens.png", "maps.png"):
+        path = site / "figures" / "one" / name
+        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        decoded = browser.execute_async_script(DECODED_PIXELS, url)
+        assert decoded is not None, name
+        width, height, data = decoded
+        expected = np.asarray(Image.open(path).convert("RGBA"))
+        assert (height, width) == expected.shape[:2], name
+        np.testing.assert_array_equal(np.array(data, dtype=np.uint8).reshape(height, width, 4), expected, err_msg=name)
+
+
 def test_explorer_steps_through_layers_and_heads(site, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select

@@ -196,3 +196,50 @@ def test_patch_sprite_is_an_indexed_png_with_padding_in_greys(tmp_path):
             assert tile[key][0] == tile[key][1] == tile[key][2], (query, key)
         if unit[1] != unit[3]:
             assert (tile[1][0] < tile[3][0]) == (unit[1] < unit[3])
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3), (9, 4)])
+def test_png_bytes_decode_to_the_same_pixels_and_repeat_byte_for_byte(tmp_path, shape):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    pixels[2:4] = 17  # a flat run as well as noise
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8) if len(shape) == 2 else None
+    data = figures.png_bytes(pixels, palette)
+    assert data == figures.png_bytes(pixels.copy(), palette)
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    with Image.open(path) as image:
+        image.verify()  # chunk CRCs
+    with Image.open(path) as image:
+        assert image.mode == ("RGB" if palette is None else "P") and image.size == (shape[1], shape[0])
+        if palette is None:
+            np.testing.assert_array_equal(np.asarray(image), pixels)
+        else:
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB")), palette[pixels])
+
+
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_token_map_with_every_colour_level_drawn_keeps_each_colour_and_the_white_line(tmp_path, prefix):
+    # 17 x 17 tokens at 289 values from 0 to 1: all 256 levels are drawn, none is left for the line.
+    attention = np.random.default_rng(1).permutation(np.linspace(0.0, 1.0, 17 * 17)).reshape(17, 17)
+    figures.write_token_map(attention, prefix, "magma", tmp_path / "tokens.png")
+    pixels = np.asarray(Image.open(tmp_path / "tokens.png").convert("RGB")).astype(int)
+    assert pixels.shape == (17 + (prefix > 0), 17 + (prefix > 0), 3)
+    if prefix:
+        assert (pixels[prefix] == 255).all() and (pixels[:, prefix] == 255).all()
+        pixels = np.delete(np.delete(pixels, prefix, axis=0), prefix, axis=1)
+    assert np.abs(pixels - _rgb("magma", attention)).max() <= 1
+
+
+def test_patch_sprite_draws_a_query_that_attends_nowhere_at_the_bottom_colour(tmp_path):
+    # One layer over a 1 x 3 grid: query 1 gives every key 0 (its tile has a top of 0).
+    attention = np.array([[[1.0, 2.0, 4.0], [0.0, 0.0, 0.0], [3.0, 0.0, 1.0]]], dtype=np.float32)
+    path = tmp_path / "patches.png"
+    with np.errstate(all="raise"):  # no division by zero on the way
+        figures.write_patch_sprite(attention, (1, 3), "viridis", path)
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)  # tiles side by side: 1 row of 3 x 3 keys
+    assert rgb.shape == (1, 9, 3)
+    for query in range(3):
+        row = attention[0, query].astype(np.float64)
+        unit = row / row.max() if row.max() > 0 else np.zeros(3)
+        assert np.abs(rgb[0, query * 3 : query * 3 + 3] - _rgb("viridis", unit)).max() <= 1, query
