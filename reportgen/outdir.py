@@ -67,8 +67,8 @@ def target(root: Path, relative: str | PurePath) -> Path:
             mode = os.lstat(folder).st_mode
         if not stat.S_ISDIR(mode):
             raise refuse(f"{folder} is {'a symbolic link' if stat.S_ISLNK(mode) else 'not a folder'}")
-    real_root = root.resolve()
-    if folder.resolve() != real_root and real_root not in folder.resolve().parents:
+    real_root, real_folder = root.resolve(), folder.resolve()
+    if real_folder != real_root and real_root not in real_folder.parents:
         raise refuse(f"{folder} lies outside the folder")
     path = folder / parts[-1]
     try:
