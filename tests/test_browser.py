@@ -195,9 +195,11 @@ def test_patch_explorer_shows_the_clicked_patch_at_each_layer(site, browser):
     from selenium.webdriver.common.by import By
 
     assert _open(browser, site / "one.html") == []
-    root = browser.find_element(By.CSS_SELECTOR, ".patch-explorer")
-    assert root.is_displayed()  # the script revealed it ...
-    assert not browser.find_element(By.CSS_SELECTOR, ".patch-static-note").is_displayed()  # ... and hid the no-script note
+    explorer = browser.find_element(By.CSS_SELECTOR, ".explorer")
+    root = explorer.find_element(By.CSS_SELECTOR, ".patch-view")
+    assert root.find_element(By.CSS_SELECTOR, ".patch-grid").is_displayed()  # the script revealed the grid ...
+    assert not browser.find_element(By.CSS_SELECTOR, ".patch-static-note").is_displayed()  # ... hid the no-script note
+    assert browser.find_element(By.CSS_SELECTOR, ".patch-help").is_displayed()  # ... and showed how to choose
     buttons = root.find_elements(By.CSS_SELECTOR, ".patch-grid button")
     assert len(buttons) == 16
     sprite = root.find_element(By.CSS_SELECTOR, ".tile img")
@@ -232,25 +234,97 @@ def test_patch_explorer_shows_the_clicked_patch_at_each_layer(site, browser):
     assert browser.switch_to.active_element == buttons[3]
     assert [b.get_attribute("tabindex") for b in buttons].count("0") == 1  # one tab stop in the grid
 
-    # The layer slider: the same patch in layer 1.
+    # The explorer's one layer slider: the same patch in layer 1.
     browser.execute_script(
         "var s = arguments[0]; s.value = 1; s.dispatchEvent(new Event('input'));",
-        root.find_element(By.NAME, "patch-layer"),
+        explorer.find_element(By.NAME, "layer"),
     )
     assert browser.execute_script(PATCH_TILE, root) == pytest.approx([-3, 0], abs=1e-3)
     assert sprite.get_attribute("alt") == "Layer 1 of 2: where the patch at row 1, column 4 attends, mean over heads"
     assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
 
 
+def test_explorer_with_the_keyboard_one_slider_moves_both_views(site, browser):
+    """The merged explorer from the keyboard alone: Tab goes from the layer slider to the menu and on
+    to the chosen patch (the grid's one tab stop); the arrow keys on the slider move both views to
+    another layer, and the menu changes only the first view."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    assert _open(browser, site / "one.html") == []
+    explorer = browser.find_element(By.CSS_SELECTOR, ".explorer")
+    slider, menu = explorer.find_element(By.NAME, "layer"), explorer.find_element(By.NAME, "map")
+    first, second = explorer.find_element(By.CSS_SELECTOR, ".explorer-label"), explorer.find_element(By.CSS_SELECTOR, ".patch-label")
+    view = explorer.find_element(By.CSS_SELECTOR, ".patch-view")
+    buttons = view.find_elements(By.CSS_SELECTOR, ".patch-grid button")
+    browser.execute_script("arguments[0].focus()", slider)
+    slider.send_keys(Keys.ARROW_LEFT)  # layer 2 -> 1
+    assert first.text == "Layer 1 of 2: CLS attention, mean over heads"
+    assert second.text == "Layer 1 of 2: where the patch at row 3, column 3 attends, mean over heads"
+    assert browser.execute_script(PATCH_TILE, view) == pytest.approx([-2, -2], abs=1e-3)  # layer 1's block, row 2
+    browser.switch_to.active_element.send_keys(Keys.TAB)
+    assert browser.switch_to.active_element == menu
+    menu.send_keys(Keys.ARROW_DOWN)  # mean over heads -> head 1
+    assert first.text == "Layer 1 of 2: CLS attention of head 1"
+    assert second.text == "Layer 1 of 2: where the patch at row 3, column 3 attends, mean over heads"
+    browser.switch_to.active_element.send_keys(Keys.TAB)
+    assert browser.switch_to.active_element == buttons[2 * 4 + 2]  # the chosen patch, the grid's tab stop
+    browser.switch_to.active_element.send_keys(Keys.ARROW_UP, Keys.ARROW_RIGHT)
+    assert second.text == "Layer 1 of 2: where the patch at row 2, column 4 attends, mean over heads"
+    assert browser.execute_script(PATCH_TILE, view) == pytest.approx([-3, -1], abs=1e-3)
+    assert first.text == "Layer 1 of 2: CLS attention of head 1"  # the first view stays
+    browser.switch_to.active_element.send_keys(Keys.SHIFT, Keys.TAB)  # back to the menu, then the slider
+    browser.switch_to.active_element.send_keys(Keys.SHIFT, Keys.TAB)
+    assert browser.switch_to.active_element == slider
+    slider.send_keys(Keys.ARROW_RIGHT)
+    assert first.text == "Layer 2 of 2: CLS attention of head 1"
+    assert second.text == "Layer 2 of 2: where the patch at row 2, column 4 attends, mean over heads"
+    assert browser.execute_script(PATCH_TILE, view) == pytest.approx([-3, -(4 + 1)], abs=1e-3)
+
+
+def test_explorer_says_when_a_layer_of_the_patches_is_not_kept(tmp_path, browser):
+    """On a 25 x 25 grid only the last layer of where each patch attends is kept: at an earlier
+    layer of the slider the second view shows the input alone and says so."""
+    from selenium.webdriver.common.by import By
+
+    write_photo(tmp_path / "big.png", (200, 200), seed=5)
+    model = {"name": "vit_tiny_patch16_224", "pretrained": False, "input_size": 200,
+             "options": {"patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 3}}
+    manifest = write_manifest(tmp_path, [{"path": "big.png", "id": "big"}], model=model)
+    result = CliRunner().invoke(main, ["build", str(manifest), "-o", str(tmp_path / "site"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert _open(browser, tmp_path / "site" / "big.html") == []
+    explorer = browser.find_element(By.CSS_SELECTOR, ".explorer")
+    view = explorer.find_element(By.CSS_SELECTOR, ".patch-view")
+    tile = view.find_element(By.CSS_SELECTOR, ".tile")
+    label = view.find_element(By.CSS_SELECTOR, ".patch-label")
+    assert tile.is_displayed() and label.text == "Layer 2 of 2: where the patch at row 13, column 13 attends, mean over heads"
+    browser.execute_script("var s = arguments[0]; s.value = 1; s.dispatchEvent(new Event('input'));",
+                           explorer.find_element(By.NAME, "layer"))
+    assert not tile.is_displayed()
+    assert label.text == "Layer 1 of 2: where the patch at row 13, column 13 attends is kept for the last layer only"
+    assert explorer.find_element(By.CSS_SELECTOR, ".explorer-label").text == "Layer 1 of 2: CLS attention, mean over heads"
+
+
 def test_patch_explorer_without_javascript_shows_the_static_panels(site):
-    """The page as written: the explorer hidden until the script reveals it, a note saying so,
+    """The page as written: the controls and the patch grid hidden until the script reveals them,
+    both views showing the last layer (the second the centre patch, outlined), a note saying so,
     and static panels of the last layer whose tiles are the patches they name."""
     page = html5lib.parse((site / "one.html").read_text(), namespaceHTMLElements=False)
-    section = next(s for s in page.iter("section") if s.get("aria-labelledby") == "patches-heading")
-    explorer = next(d for d in section.iter("div") if d.get("class") == "patch-explorer")
-    assert explorer.get("hidden") is not None
-    assert any("needs JavaScript" in "".join(p.itertext()) for p in section.iter("p") if p.get("class") == "note patch-static-note")
-    figures = [f for f in section.iter("figure")]
+    section = next(s for s in page.iter("section") if s.get("aria-labelledby") == "explorer-heading")
+    classes = {}
+    for e in section.iter():
+        classes.setdefault(e.get("class"), e)  # the first of each class: the views come before the panels
+    assert classes["controls"].get("hidden") is not None
+    assert classes["patch-grid"].get("hidden") is not None
+    assert classes["note patch-help"].get("hidden") is not None
+    assert "".join(classes["patch-label"].itertext()) == "Layer 2 of 2: where the patch at row 3, column 3 attends, mean over heads"
+    assert "".join(classes["explorer-label"].itertext()) == "Layer 2 of 2: CLS attention, mean over heads"
+    marker = classes["patch-marker"].get("style")
+    assert "left: 50.0%; top: 50.0%; width: 25.0%; height: 25.0%" in marker
+    assert "needs JavaScript" in "".join(classes["note patch-static-note"].itertext())
+    assert classes["note patch-static-note"].get("hidden") is None
+    figures = [f for f in classes["figures picks"].iter("figure")]
     assert len(figures) == 5
     for figure in figures:
         caption = "".join(figure.find("figcaption").itertext())

@@ -111,6 +111,9 @@ def test_a_site_with_one_method_shows_its_maps(tmp_path):
     assert record["objects"]["rollout_similarity"] is not None
     page = (out / record["page"]).read_text()
     assert "maps-heading" in page and "exp1-heading" not in page
+    # The explorer without attention: one view, the rollout's, its caption as the script writes it.
+    assert "<p>The rollout through each of the 2 layers." in page and "patch-view" not in page
+    assert '<figcaption class="explorer-label" aria-live="polite">Layer 2 of 2: attention rollout through layers 1 to 2</figcaption>' in page
     assert sorted(p.name for p in (out / "figures" / record["slug"]).iterdir()) == [
         "explorer.png", "input.jpg", "maps.png", "objects.jpg", "original.jpg", "thumb.jpg"]
 
@@ -129,4 +132,5 @@ def test_a_site_with_only_a_method_no_section_shows_has_its_explorer(tmp_path):
     assert explorer["relevance_column"] == 0 and explorer["mean_column"] is None and explorer["rollout_column"] is None
     page = (out / record["page"]).read_text()
     assert "Layer 2 of 2: relevance at this layer" in page and "All layers at once: relevance" in page
+    assert "<p>Each method's map at each of the 2 layers." in page
     assert disagreements(out)[1] == [] and broken_links(out) == []

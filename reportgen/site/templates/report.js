@@ -2,8 +2,9 @@
 (function () {
   "use strict";
 
-  // Layer and head explorer: show one tile of the sprite sheet (rows: layers; columns: each
-  // method's, e.g. heads then mean over heads, then rollout) laid over the model's input.
+  // The explorer: one layer slider for two views of the model input. The first shows one tile of
+  // the sprite sheet (rows: layers; columns: each method's, e.g. heads then mean over heads, then
+  // rollout), chosen with the menu; the second, where the chosen patch attends (setUpPatchView).
   function setUpExplorer(root) {
     var layers = parseInt(root.getAttribute("data-layers"), 10);
     var query = root.getAttribute("data-query") || "CLS";
@@ -12,7 +13,7 @@
       mean: parseInt(root.getAttribute("data-mean-column"), 10),
       rollout: parseInt(root.getAttribute("data-rollout-column"), 10)
     };
-    var sprite = root.querySelector(".tile img");
+    var sprite = root.querySelector(".explorer-stage .tile img");
     var layer = root.querySelector("input[name=layer]");
     var map = root.querySelector("select[name=map]");
     var label = root.querySelector(".explorer-label");
@@ -38,21 +39,23 @@
     map.addEventListener("change", show);
     controls.hidden = false;
     show();
+    var patches = root.querySelector(".patch-view");
+    if (patches) { setUpPatchView(root, patches, layer); }
   }
 
-  // Patch explorer: a grid of buttons over the model input; the chosen patch's tile of the patch
-  // sprite (tile column: the patch's column; tile row: (layer - first layer) * rows + its row) is
-  // shown over the input. Arrow keys move the chosen patch, Home and End go to the row's ends.
-  function setUpPatchExplorer(root) {
-    var rows = parseInt(root.getAttribute("data-rows"), 10);
-    var cols = parseInt(root.getAttribute("data-cols"), 10);
-    var layers = parseInt(root.getAttribute("data-layers"), 10);
-    var first = parseInt(root.getAttribute("data-first-layer"), 10);
-    var sprite = root.querySelector(".tile img");
-    var marker = root.querySelector(".patch-marker");
-    var grid = root.querySelector(".patch-grid");
-    var label = root.querySelector(".patch-label");
-    var layer = root.querySelector("input[name=patch-layer]");  // absent when one layer is kept
+  // Where each patch attends: a grid of buttons over the model input; the chosen patch's tile of
+  // the patch sprite (tile column: the patch's column; tile row: (layer - first layer) * rows + its
+  // row) is shown over the input. Arrow keys move the chosen patch, Home and End go to the row's
+  // ends. Layers before the first one kept show the input alone, and say so.
+  function setUpPatchView(root, view, layer) {
+    var rows = parseInt(view.getAttribute("data-rows"), 10);
+    var cols = parseInt(view.getAttribute("data-cols"), 10);
+    var layers = parseInt(view.getAttribute("data-layers"), 10);
+    var first = parseInt(view.getAttribute("data-first-layer"), 10);
+    var sprite = view.querySelector(".tile img");
+    var marker = view.querySelector(".patch-marker");
+    var grid = view.querySelector(".patch-grid");
+    var label = view.querySelector(".patch-label");
     if (!rows || !cols || !layers || !first || !sprite || !grid || !label) { return; }
     var last = first + layers - 1;
     var chosen = { r: rows >> 1, c: cols >> 1 };
@@ -76,11 +79,17 @@
     if (marker) { marker.remove(); }  // the chosen button is outlined instead
 
     function show() {
-      var l = layer ? parseInt(layer.value, 10) : last;
-      sprite.style.left = (-100 * chosen.c) + "%";
-      sprite.style.top = (-100 * ((l - first) * rows + chosen.r)) + "%";
-      var text = "Layer " + l + " of " + last + ": where the patch at row " + (chosen.r + 1) + ", column " +
-        (chosen.c + 1) + " attends, mean over heads";
+      var l = parseInt(layer.value, 10);
+      var where = "where the patch at row " + (chosen.r + 1) + ", column " + (chosen.c + 1) + " attends";
+      var kept = l >= first;
+      sprite.parentNode.hidden = !kept;
+      if (kept) {
+        sprite.style.left = (-100 * chosen.c) + "%";
+        sprite.style.top = (-100 * ((l - first) * rows + chosen.r)) + "%";
+      }
+      var text = kept ? "Layer " + l + " of " + last + ": " + where + ", mean over heads"
+        : "Layer " + l + " of " + last + ": " + where + " is kept for " +
+          (first === last ? "the last layer only" : "layers " + first + " to " + last + " only");
       sprite.alt = text;
       label.textContent = text;
     }
@@ -115,10 +124,10 @@
       }
       event.preventDefault();
     });
-    if (layer) { layer.addEventListener("input", show); }
-    root.hidden = false;
-    var note = root.parentNode.querySelector(".patch-static-note");
-    if (note) { note.hidden = true; }
+    layer.addEventListener("input", show);
+    grid.hidden = false;
+    Array.prototype.forEach.call(root.querySelectorAll(".patch-help"), function (p) { p.hidden = false; });
+    Array.prototype.forEach.call(root.querySelectorAll(".patch-static-note"), function (p) { p.hidden = true; });
     choose(chosen.r, chosen.c, false);
   }
 
@@ -178,7 +187,6 @@
 
   document.addEventListener("DOMContentLoaded", function () {
     Array.prototype.forEach.call(document.querySelectorAll(".explorer"), setUpExplorer);
-    Array.prototype.forEach.call(document.querySelectorAll(".patch-explorer"), setUpPatchExplorer);
     Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), setUpSorting);
     // Sentences about sorting are shown only where the headers sort.
     Array.prototype.forEach.call(document.querySelectorAll(".sort-hint"), function (hint) { hint.hidden = false; });
