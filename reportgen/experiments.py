@@ -45,7 +45,7 @@ from reportgen.methods.maths import (
     content_values,
     entropy,
     norm_outlier_threshold,
-    normalised_entropy,
+    normalised,
     padding_share,
     spearman,
     top_fraction_overlap,
@@ -67,8 +67,15 @@ class Entropy:
 
     @classmethod
     def of(cls, p: torch.Tensor | np.ndarray) -> Entropy:
-        t = torch.as_tensor(np.asarray(p, dtype=np.float64)).flatten()
-        return cls.from_values(entropy(t), normalised_entropy(t))
+        return cls.of_rows(np.asarray(p, dtype=np.float64).reshape(1, -1))[0]
+
+    @classmethod
+    def of_rows(cls, rows: np.ndarray) -> tuple[Entropy, ...]:
+        """The entropy of each row of ``[K, n]`` (one pass over the stack: a map's few hundred
+        values cost less to reduce than a call per map and per statistic)."""
+        t = torch.as_tensor(np.asarray(rows, dtype=np.float64))
+        nats = entropy(t)
+        return tuple(map(cls.from_values, nats.tolist(), normalised(nats, t.shape[-1]).tolist()))
 
     @classmethod
     def from_values(cls, nats: torch.Tensor | float, normalised: torch.Tensor | float) -> Entropy:
@@ -217,7 +224,7 @@ def layer_entropy(outputs: dict[str, MethodMaps], content: Content) -> dict[str,
     layer (the last column: the mean over heads, or the method's one map); None where that map
     is all zero (rollout before its start layer: the identity's row has nothing on the patches)."""
     return {
-        name: tuple(Entropy.of(content.values(grid)).normalised for grid in output.layers[:, -1])
+        name: tuple(e.normalised for e in Entropy.of_rows(content.values(output.layers[:, -1])))
         for name, output in outputs.items()
     }
 
@@ -585,7 +592,7 @@ def explain(
     outputs = {method.spec.name: maps_for_every_target(method, forward, layout) for method in methods}
     maps = _all_maps(outputs)
     content = Content.of(geometry, layout)
-    entropies = {name: Entropy.of(content.values(grid)) for name, grid in maps.items()}
+    entropies = dict(zip(maps, Entropy.of_rows(content.values(np.stack(list(maps.values())))))) if maps else {}
     attention = outputs.get("attention")
     compared = "rollout" in sectioned_methods(outputs)
     norms = TokenNorms.of(forward.token_norms, layout) if forward.token_norms is not None else None
@@ -726,15 +733,16 @@ def attention_experiment(
             )
         )
     token = torch.from_numpy(attention.extras["token_attention"])
+    token_nats = entropy(token)
     return AttentionResult(
         heads=heads,
         mean=mean,
         max=peak,
         token_attention=attention.extras["token_attention"],
-        head_entropy=tuple(Entropy.of(content.values(h)) for h in heads),
+        head_entropy=Entropy.of_rows(content.values(heads)),
         mean_entropy=entropies["attention/mean"],
         max_entropy=entropies["attention/max"],
-        token_entropy=Entropy.from_values(entropy(token).mean(), normalised_entropy(token).mean()),
+        token_entropy=Entropy.from_values(token_nats.mean(), normalised(token_nats, token.shape[-1]).mean()),
         prefix_mass=float(forward.query_rows[-1].mean(dim=0)[: layout.num_prefix_tokens].sum()),
         box_mass=tuple(box_mass),
     )

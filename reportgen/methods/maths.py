@@ -256,8 +256,11 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def normalised_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Entropy divided by ``log(n)``: 0 for a one-hot distribution, 1 for a uniform one; NaN where
     :func:`entropy` is (no positive weight). With one outcome it is 0 (there is nothing to spread)."""
-    n = p.shape[dim]
-    h = entropy(p, dim=dim)
+    return normalised(entropy(p, dim=dim), p.shape[dim])
+
+
+def normalised(h: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`normalised_entropy` from the entropy ``h`` of distributions over ``n`` outcomes."""
     return h / math.log(n) if n > 1 else torch.where(torch.isnan(h), h, torch.zeros_like(h))
 
 
@@ -270,11 +273,12 @@ def content_values(grid: np.ndarray, content: np.ndarray) -> np.ndarray:
             padding, 1 inside the image, in between on its border).
 
     Returns:
-        ``[P']`` flat, the patches with any image only: the values every map statistic is taken over.
+        ``[P']`` flat, the patches with any image only: the values every map statistic is taken over
+        (``[..., P']`` for a stack of maps ``[..., rows, cols]``).
     """
     grid, content = np.asarray(grid, dtype=np.float64), np.asarray(content, dtype=np.float64)
     inside = content > 0
-    return (grid * content)[inside]
+    return (grid * content)[..., inside]
 
 
 def padding_share(grid: np.ndarray, content: np.ndarray) -> float | None:
