@@ -38,7 +38,7 @@ from reportgen.site.figures import (
     write_colourbar,
 )
 from reportgen.site.pages import write_site
-from reportgen.site.records import failure_record, image_record, model_run_record, run_record
+from reportgen.site.records import failure_record, image_record, model_run_record, record_text, run_record
 from reportgen.site.scales import ScaleSetting
 from reportgen.site.writer import FigureWriter
 from reportgen.swap import MARKER, OutputLock, make_staging, recover, remove_tree, swap_in
@@ -255,9 +255,12 @@ def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | N
     entropy = _index_figure(output, staging, previous, "entropy-by-layer", drawn, lambda: layer_entropy_figure(ordered)) if drawn else None
     board = leaderboard_data(ordered)  # None without the evaluation
     board_figure = _index_figure(output, staging, previous, "leaderboard", board, lambda: leaderboard_figure(board)) if board else None
+    # results.json and the status file hold the same record text: each record is encoded once.
+    texts = [record_text(record) for record in ordered]
     write_site(staging, run=run_record(manifest, state.status.model_run, ordered), records=ordered, colourbar=colourbar,
-               layer_entropy=entropy, leaderboard_figure=board_figure)
-    outdir.write_text(staging, STATUS_FILE, state.status.to_json() + "\n")  # written last
+               layer_entropy=entropy, leaderboard_figure=board_figure, record_texts=texts)
+    by_slug = {record["slug"]: text for record, text in zip(ordered, texts)}
+    outdir.write_text(staging, STATUS_FILE, state.status.to_json(by_slug) + "\n")  # written last
 
 
 def _index_figure(output: Path, staging: Path, previous: Status | None, stem: str, data, draw: Callable) -> str:

@@ -40,7 +40,7 @@ from reportgen.methods import METHODS, figure_key, method_maps, sectioned_method
 from reportgen.methods.evaluation import CURVE_KINDS
 from reportgen.model.sources import model_identity
 from reportgen.site.figures import figure_files, figure_index
-from reportgen.site.records import page_name
+from reportgen.site.records import page_name, record_text
 from reportgen.site.scales import ScaleSetting
 
 log = logging.getLogger(__name__)
@@ -117,18 +117,28 @@ class Status:
     model_run: dict[str, Any] | None = None
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": STATUS_FORMAT,
-                "reportgen": reportgen.__version__,
-                "settings_key": self.settings_key,
-                "model_run": self.model_run,
-                "entries": self.entries,
-            },
-            sort_keys=True,
-            separators=(",", ":"),  # compact: Python's C encoder (indented JSON is ~3x slower to write)
+    def to_json(self, record_texts: dict[str, str] | None = None) -> str:
+        """The file's text. ``record_texts``: per slug, the entry's record as
+        :func:`~reportgen.site.records.record_text` encodes it (results.json's line), so a build
+        encodes each record once; the others are encoded here."""
+        texts = record_texts or {}
+        entries = ", ".join(
+            f"{_dump(slug)}: {{\"key\": {_dump(entry['key'])}, \"record\": "
+            f"{texts[slug] if slug in texts else record_text(entry['record'])}}}"
+            for slug, entry in sorted(self.entries.items())
         )
+        # "entries" sorts first among the top-level keys, as json.dumps(sort_keys=True) puts them.
+        rest = _dump({
+            "format": STATUS_FORMAT,
+            "reportgen": reportgen.__version__,
+            "settings_key": self.settings_key,
+            "model_run": self.model_run,
+        })
+        return f'{{"entries": {{{entries}}}, {rest[1:]}'
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def read_status(output: Path, current_key: str, warnings: list[str]) -> Status | None:

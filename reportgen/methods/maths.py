@@ -318,14 +318,14 @@ def rank(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     order = np.argsort(values, kind="mergesort")
     ranks = np.empty(len(values), dtype=np.float64)
+    if not len(values):
+        return ranks
     sorted_values = values[order]
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and sorted_values[j + 1] == sorted_values[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    # A run of equal values at sorted positions i..j shares the rank (i + j) / 2 + 1 (NaN equals nothing).
+    new = np.concatenate(([True], sorted_values[1:] != sorted_values[:-1]))
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(values)) - 1
+    ranks[order] = ((starts + ends) / 2.0 + 1.0)[np.cumsum(new) - 1]
     return ranks
 
 

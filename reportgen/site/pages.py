@@ -22,7 +22,7 @@ from reportgen.methods import CLS_QUERY, PATCH_LAYERS_GRID, QUERIES
 from reportgen.site.comparison import comparison_grid
 from reportgen.site.heat import heat_table
 from reportgen.site.leaderboard import leaderboard
-from reportgen.site.records import plain
+from reportgen.site.records import plain, record_text
 from reportgen.site.scales import ordinal
 from reportgen.site.summary import fraction_lowered, object_tables, summarise_pairs
 
@@ -68,10 +68,11 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def results_json(results: dict[str, Any]) -> str:
+def results_json(results: dict[str, Any], image_texts: list[str] | None = None) -> str:
     """``results.json``'s text: one top-level key per line and one image per line, so a diff
     between two builds shows which images changed. Each line comes from Python's C JSON encoder
-    (indented output would use the pure-Python one, several times slower for a few MB)."""
+    (indented output would use the pure-Python one, several times slower for a few MB).
+    ``image_texts``: the images' :func:`~reportgen.site.records.record_text`, when already encoded."""
 
     def dump(value: Any) -> str:
         return json.dumps(value, sort_keys=True, ensure_ascii=False)
@@ -79,7 +80,8 @@ def results_json(results: dict[str, Any]) -> str:
     lines = []
     for key in sorted(results):
         if key == "images" and results[key]:
-            lines.append(f"{dump(key)}: [\n" + ",\n".join(dump(image) for image in results[key]) + "\n]")
+            texts = image_texts if image_texts is not None else [record_text(image) for image in results[key]]
+            lines.append(f"{dump(key)}: [\n" + ",\n".join(texts) + "\n]")
         else:
             lines.append(f"{dump(key)}: {dump(results[key])}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
@@ -100,6 +102,7 @@ def write_site(
     colourbar: str,
     layer_entropy: str | None = None,
     leaderboard_figure: str | None = None,
+    record_texts: list[str] | None = None,
 ) -> None:
     """Render index, one page per image and results.json into ``out`` (which already has figures).
 
@@ -112,6 +115,8 @@ def write_site(
             one, so the index has no such figure).
         leaderboard_figure: relative path of the index's leaderboard figure (None: no image was
             evaluated).
+        record_texts: the records' :func:`~reportgen.site.records.record_text`, aligned with
+            ``records``, when the caller has them (else they are encoded here).
     """
     # Every file goes through reportgen.outdir, which refuses anything outside ``out``.
     assets = {
@@ -163,5 +168,5 @@ def write_site(
         leaderboard_figure=leaderboard_figure,
     )
     outdir.write_text(out, "index.html", index_html)
-    outdir.write_text(out, "results.json", results_json(results))
+    outdir.write_text(out, "results.json", results_json(results, record_texts))
     outdir.write_text(out, ".nojekyll", "")

@@ -7,6 +7,7 @@ results.json. Numpy only: a rebuild that reuses every image never imports torch.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, is_dataclass
@@ -52,6 +53,12 @@ def plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """An image record's JSON text, as results.json and the status file both hold it (encoded
+    once per build: a record's few thousand floats are most of the cost of writing either)."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
 def significant(value: float) -> float:
