@@ -184,3 +184,44 @@ def test_a_build_whose_pages_need_no_new_index_figure_imports_no_plotting_librar
     assert "rgb(" in (site / after["page"]).read_text()  # its similarity tables coloured all the same
     write_photo(folder / "img2.png", (56, 32), seed=7)
     assert {"matplotlib", "seaborn", "torch"} <= set(_modules_after_build(manifest, site))
+
+
+def test_the_status_file_holds_the_records_of_results_json_in_one_canonical_json_text(project):
+    folder, images = project
+    images[0]["title"] = "Kätzchen <b>"  # text beyond ASCII is written as it is, in UTF-8
+    assert _build(folder, images).exit_code == 0
+    text = (folder / "site" / STATUS_FILE).read_text(encoding="utf-8")
+    status = json.loads(text)
+    assert text == json.dumps(status, sort_keys=True, ensure_ascii=False) + "\n"
+    results = json.loads((folder / "site" / "results.json").read_text(encoding="utf-8"))
+    assert [entry["record"] for _slug, entry in sorted(status["entries"].items())] == sorted(
+        results["images"], key=lambda record: record["slug"])
+
+
+def test_the_collector_skips_the_libraries_during_a_build_and_is_restored_after(project, monkeypatch):
+    import gc
+
+    folder, images = project
+    frozen_while_running = []
+    real_run = ModelRunner.run
+
+    def run(self, *args, **kwargs):
+        frozen_while_running.append(gc.get_freeze_count())
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "run", run)
+    assert gc.get_freeze_count() == 0
+    assert _build(folder, images).exit_code == 0
+    assert frozen_while_running and min(frozen_while_running) > 1000  # torch's objects among them
+    assert gc.get_freeze_count() == 0
+    # A process that froze objects of its own keeps those frozen and no others (objects freed
+    # meanwhile leave the count).
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        frozen_while_running.clear()
+        assert _build(folder, images, "--force").exit_code == 0
+        assert frozen_while_running and max(frozen_while_running) <= mine
+        assert 0 < gc.get_freeze_count() <= mine
+    finally:
+        gc.unfreeze()

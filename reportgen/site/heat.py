@@ -46,7 +46,20 @@ def luminance(rgb: Sequence[float]) -> float:
 
 def contrast(a: Sequence[float], b: Sequence[float]) -> float:
     """WCAG 2 contrast ratio of two colours (1 to 21)."""
-    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return _ratio(luminance(a), luminance(b))
+
+
+_WHITE_LUMINANCE, _BLACK_LUMINANCE = luminance(WHITE), luminance(BLACK)
+
+
+def _light(fill: float) -> bool:
+    """Whether white text contrasts more than black with a colour of luminance ``fill``
+    (:func:`contrast` of each, from the colour's luminance computed once)."""
+    return _ratio(fill, _WHITE_LUMINANCE) > _ratio(fill, _BLACK_LUMINANCE)
+
+
+def _ratio(la: float, lb: float) -> float:
+    la, lb = sorted((la, lb), reverse=True)
     return (la + 0.05) / (lb + 0.05)
 
 
@@ -79,7 +92,7 @@ def heat_table(matrix: Sequence[Sequence[float | None]], bound: float | None = N
                 out.append({"fill": None, "light": False})
                 continue
             fill = scale_colour(float(value) / bound)
-            out.append({"fill": _css(fill), "light": contrast(fill, WHITE) > contrast(fill, BLACK)})
+            out.append({"fill": _css(fill), "light": _light(luminance(fill))})
         cells.append(out)
     stops = [{"colour": _css(colour), "percent": (x + 1) * 50} for x, colour in ANCHORS]
     return {"bound": bound, "cells": cells, "stops": stops}
