@@ -47,11 +47,30 @@ def _fmt(value: Any, digits: int = 3, missing: str = "n/a") -> str:
     return f"{value:.{digits}f}"
 
 
+class _Environment(jinja2.Environment):
+    """Jinja's environment, with ``record.key`` on a plain dict looked up as its key first.
+
+    Jinja tries ``getattr(record, "key")`` before ``record["key"]``, so every such lookup on a
+    record (a page makes about a thousand) raised and caught an AttributeError. A name that is
+    no attribute of a dict can only resolve to its key, so the result is the same."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass
+        return super().getattr(obj, attribute)
+
+
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     """The template environment, made once per process: compiled templates are kept between
     builds (``--watch``), and a template edited on disk is recompiled (Jinja's auto-reload)."""
-    env = jinja2.Environment(
+    env = _Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         autoescape=True,  # titles, captions and labels are user text: always escaped
         undefined=jinja2.StrictUndefined,
