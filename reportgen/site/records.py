@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, is_dataclass
+from dataclasses import fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,21 +37,22 @@ SIGNIFICANT_DIGITS = 7
 def plain(value: Any) -> Any:
     """Convert results to JSON-safe values: arrays to nested lists, floats rounded to
     :data:`SIGNIFICANT_DIGITS`, NaN and infinities to None; integers stay integers."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return {k: plain(v) for k, v in asdict(value).items()}
+    # Floats first: most values are. A dataclass is read field by field (no deep copy, as asdict makes).
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return None if math.isnan(f) or math.isinf(f) else significant(f)
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     if isinstance(value, np.ndarray):
         return significant_array(value).tolist() if value.dtype.kind == "f" else plain(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        f = float(value)
-        return None if math.isnan(f) or math.isinf(f) else significant(f)
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, Path):
         return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
     return value
 
 
