@@ -10,6 +10,7 @@ from reportgen.methods.maths import (
     discard_lowest,
     entropy,
     normalised_entropy,
+    rank,
     rollout,
     rollout_step,
     spearman,
@@ -114,3 +115,30 @@ def test_rollout_start_layer_is_the_product_of_layers_start_to_last(start):
         expected = (step / step.sum(axis=1, keepdims=True)) @ expected
     result = rollout([torch.from_numpy(a) for a in layers], start_layer=start)
     np.testing.assert_allclose(result[0].numpy(), expected, atol=1e-12)
+
+
+def test_ranks_of_tied_values_are_their_average_rank_as_scipy_gives():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 2, 7, 196):
+        for levels in (1, 3, 50):
+            values = rng.integers(0, levels, size).astype(np.float64)
+            np.testing.assert_array_equal(rank(values), rankdata(values, method="average"))
+
+
+def test_the_entropies_of_a_stack_are_each_row_s_own():
+    from reportgen.experiments import Entropy
+
+    rng = np.random.default_rng(4)
+    rows = rng.random((5, 196)) ** 8
+    rows[2] = 0.0  # no mass: undefined
+    rows[3, 1:] = 0.0  # one patch: 0
+    stacked = Entropy.of_rows(rows)
+    assert stacked[2] == Entropy(None, None) and stacked[3] == Entropy(0.0, 0.0)
+    for index in (0, 1, 4):
+        p = rows[index] / rows[index].sum()
+        nats = -sum(v * math.log(v) for v in p if v > 0)
+        assert stacked[index].nats == pytest.approx(nats, rel=1e-12)
+        assert stacked[index].normalised == pytest.approx(nats / math.log(196), rel=1e-12)
+    assert Entropy.of(rows[0].reshape(14, 14)) == stacked[0]
