@@ -18,7 +18,7 @@ with random weights and no detector into a temporary folder, then measures, in o
    and torch imports count);
 3. a warm rebuild with nothing changed; 4. a rebuild after one image's bytes changed;
 5. a rebuild after only a caption changed;
-   peak memory (the child's own max RSS, from ``os.wait4``) of cold builds of N and N/8 images;
+   peak memory (the child's own peak RSS, VmHWM via ``bench/peak.py``) of cold builds of N and N/8 images;
 6. a cold build of a few images with ``imgfocus-vits14`` at 518 px (1370 tokens) and its peak
    memory, against what holding every layer's per-head attention would cost (L*H*N*N*4 bytes per
    image);
@@ -68,6 +68,7 @@ sys.path.insert(1, str(REPO))
 SAMPLES = REPO / "images"
 BIG_MODEL = "imgfocus-vits14"
 PYTHON = sys.executable or "python3"
+PEAK_SCRIPT = REPO / "bench" / "peak.py"
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,19 +163,25 @@ def child_env() -> dict:
 
 
 def run_child(args: list[str], cwd: Path) -> dict:
-    """Run ``args``; wall seconds, peak RSS (bytes) of that child alone (``os.wait4``), output."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run ``args`` (``[PYTHON, "-m" or "-c", ...]``); wall seconds, the child's own peak RSS
+    (bytes; ``VmHWM`` written at its exit by ``bench/peak.py``, not ``os.wait4``'s ``ru_maxrss``,
+    which counts this process's memory too), CPU seconds, output."""
+    assert args[0] == PYTHON and args[1] in ("-m", "-c"), args
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as scratch:
+        peak_file = Path(scratch) / "peak"
+        env = {**child_env(), "REPORTGEN_BENCH_PEAK": str(peak_file)}
         started = time.perf_counter()
-        proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=cwd, env=child_env())
+        proc = subprocess.Popen([PYTHON, str(PEAK_SCRIPT), *args[1:]], stdout=out, stderr=err, cwd=cwd, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        peak = peak_file.read_text(encoding="ascii") if peak_file.exists() else ""
     return {
         "seconds": seconds,
-        "maxrss": usage.ru_maxrss * 1024,  # KiB on Linux
+        "maxrss": int(peak) * 1024 if peak else float("nan"),  # KiB in /proc
         "cpu": usage.ru_utime + usage.ru_stime,
         "rc": proc.returncode,
         "stdout": stdout,
@@ -769,7 +776,7 @@ def _bench(args, n: int, small_n: int, work: Path) -> int:
     watch_one = min(w["build"] for w in watched)
     watch_wall = max(w["seconds"] for w in watched)
 
-    print("\n[mem] cold builds, each in its own subprocess (peak RSS of the child, os.wait4)")
+    print("\n[mem] cold builds, each in its own subprocess (the child's own peak RSS, VmHWM)")
     small = cli_build(manifest_small, work / "site-small", args.batch_size, force=True)
     line(f"cold build, N = {n} images", mib(cold["maxrss"]), f"{cold['seconds']:.2f} s (cpu {cold['cpu']:.2f} s)")
     line(f"cold build, N/8 = {small_n} images", mib(small["maxrss"]), f"{small['seconds']:.2f} s (cpu {small['cpu']:.2f} s)")

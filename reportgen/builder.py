@@ -19,6 +19,7 @@ import gc
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,16 +133,19 @@ def build(manifest: Manifest, options: BuildOptions, progress: ProgressCallback 
 
 class _Collector:
     """Keeps Python's cyclic garbage collector off the objects that exist before and while the
-    libraries load (torch, timm, the plotting libraries: about half a million), for one build.
+    libraries load (torch, timm, the plotting libraries), for one build.
 
-    A full collection scans every tracked object, about 0.3 s with those loaded, and the records
-    a build keeps trigger one every few dozen images; frozen objects are left out of it. The
-    objects are unfrozen when the build ends, so the collector is as it was. A process that froze
-    objects of its own (``gc.freeze``) keeps its collector untouched.
+    A full collection scans every tracked object, and the records a build keeps trigger full
+    collections; frozen objects are left out of them. The objects are unfrozen when the build
+    ends, also on an error, so the collector is as it was; a freeze asked for after that (the
+    figure thread's, late) is ignored. A process that froze objects of its own (``gc.freeze``)
+    keeps its collector untouched.
     """
 
     def __init__(self) -> None:
         self.owned = False
+        self._lock = threading.Lock()
+        self._closed = False
 
     def __enter__(self) -> _Collector:
         self.owned = gc.get_freeze_count() == 0
@@ -150,12 +154,15 @@ class _Collector:
 
     def freeze(self) -> None:
         """Leave every object that exists now out of the build's collections."""
-        if self.owned:
-            gc.freeze()
+        with self._lock:
+            if self.owned and not self._closed:
+                gc.freeze()
 
     def __exit__(self, *exc) -> None:
-        if self.owned:
-            gc.unfreeze()
+        with self._lock:
+            self._closed = True
+            if self.owned:
+                gc.unfreeze()
 
 
 @dataclass
@@ -294,7 +301,9 @@ def _write(manifest: Manifest, output: Path, staging: Path, previous: Status | N
     texts = [record_text(record) for record in ordered]
     write_site(staging, run=run_record(manifest, state.status.model_run, ordered), records=ordered, colourbar=colourbar,
                layer_entropy=entropy, leaderboard_figure=board_figure, record_texts=texts)
-    by_slug = {record["slug"]: text for record, text in zip(ordered, texts)}
+    # Only the text of the very record an entry caches is shared with it.
+    by_slug = {record["slug"]: text for record, text in zip(ordered, texts)
+               if state.status.entries.get(record["slug"], {}).get("record") is record}
     outdir.write_text(staging, STATUS_FILE, state.status.to_json(by_slug) + "\n")  # written last
 
 

@@ -225,3 +225,15 @@ def test_the_collector_skips_the_libraries_during_a_build_and_is_restored_after(
         assert 0 < gc.get_freeze_count() <= mine
     finally:
         gc.unfreeze()
+    # A build that stops on an error unfreezes as well.
+
+    def fail(self, *args, **kwargs):
+        frozen_while_running.append(gc.get_freeze_count())
+        raise RuntimeError("the model failed")
+
+    frozen_while_running.clear()
+    monkeypatch.setattr(ModelRunner, "run", fail)
+    failed = _build(folder, images, "--force")
+    assert failed.exit_code != 0 or "the model failed" in failed.output
+    assert frozen_while_running and min(frozen_while_running) > 1000
+    assert gc.get_freeze_count() == 0

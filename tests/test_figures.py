@@ -198,6 +198,17 @@ def test_patch_sprite_is_an_indexed_png_with_padding_in_greys(tmp_path):
             assert (tile[1][0] < tile[3][0]) == (unit[1] < unit[3])
 
 
+def test_png_bytes_refuses_what_it_cannot_encode_faithfully():
+    rgb = np.zeros((2, 3, 3), dtype=np.uint8)
+    index = np.array([[0, 1], [2, 3]], dtype=np.uint8)
+    palette = np.zeros((4, 3), dtype=np.uint8)
+    for pixels, colours in ((rgb.astype(np.int64), None), (np.zeros((0, 3, 3), np.uint8), None),  # wrapped values, no rows
+                            (index, None), (rgb, palette),  # indices need a palette, RGB takes none
+                            (index, palette[:3]), (index, np.zeros((257, 3), np.uint8))):  # index 3 uncovered, too many colours
+        with pytest.raises(ValueError, match="png_bytes"):
+            figures.png_bytes(pixels, colours)
+
+
 @pytest.mark.parametrize("shape", [(5, 7, 3), (9, 4)])
 def test_png_bytes_decode_to_the_same_pixels_and_repeat_byte_for_byte(tmp_path, shape):
     rng = np.random.default_rng(3)

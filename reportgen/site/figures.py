@@ -52,25 +52,29 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def png_bytes(pixels: np.ndarray, palette: np.ndarray | None = None) -> bytes:
-    """An 8-bit PNG of ``pixels``: ``[h, w, 3]`` RGB, or ``[h, w]`` indices into ``palette``
-    (``[n, 3]`` uint8, n <= 256), or ``[h, w]`` greys without one.
+    """An 8-bit PNG of ``pixels`` (uint8): ``[h, w, 3]`` RGB, or ``[h, w]`` indices into
+    ``palette`` (``[n, 3]`` uint8, n <= 256).
 
     Written here rather than by Pillow, whose PNG encoder tries every row filter on RGB rows and
-    feeds zlib a row at a time (2-3 x the time of the compression itself on the explorer's
-    sprite). Colour-mapped pixels gain nothing from row filters (neighbouring values are not
-    close in colour), so every row gets filter 0. zlib at level 1: RGB with the default strategy
-    (its matches find the repeated 3-byte colours: half the size of Huffman coding alone);
-    palette indices with run-length matches only, as large as the default strategy's within 1%
-    on the patch explorer's sprite at 40% of its time. No timestamps or text chunks: the same
-    pixels give the same bytes.
+    feeds zlib a row at a time. Colour-mapped pixels gain nothing from row filters (neighbouring
+    values are not close in colour), so every row gets filter 0. zlib at level 1: RGB with the
+    default strategy (its matches find the repeated 3-byte colours); palette indices with
+    run-length matches only, which compress the maps' runs of equal indices as well and faster.
+    No timestamps or text chunks: the same pixels give the same bytes.
     """
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or 0 in pixels.shape:
+        raise ValueError(f"png_bytes takes a non-empty uint8 [h, w] or [h, w, 3] array, got {pixels.dtype} {pixels.shape}")
+    if (pixels.ndim == 3) != (palette is None) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        raise ValueError("png_bytes takes RGB pixels without a palette, or indices with one")
+    if palette is not None and not (palette.shape[1:] == (3,) and 1 <= len(palette) <= 256 and int(pixels.max()) < len(palette)):
+        raise ValueError(f"png_bytes: a palette of 1 to 256 RGB colours covering every index, got {palette.shape}")
     height, width = pixels.shape[:2]
     rows = np.zeros((height, 1 + pixels[0].size), dtype=np.uint8)  # each row: its filter type (0), then its bytes
     rows[:, 1:] = pixels.reshape(height, -1)
     strategy = zlib.Z_DEFAULT_STRATEGY if pixels.ndim == 3 else zlib.Z_RLE
     compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 8, strategy)
     data = compressor.compress(rows) + compressor.flush()
-    colour_type = 2 if pixels.ndim == 3 else 3 if palette is not None else 0  # RGB, palette, grey
+    colour_type = 2 if palette is None else 3  # RGB, palette
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     chunks = [_png_chunk(b"IHDR", header)]
     if palette is not None:
@@ -294,12 +298,13 @@ def write_patch_sprite(attention: np.ndarray, grid: tuple[int, int], cmap: str, 
     count = attention.shape[0]
     keys_padded = np.broadcast_to(padding.reshape(1, -1), attention.shape[1:]) if padding is not None and padding.any() else None
     index = np.empty(attention.shape, dtype=np.uint8)  # [L', queries, keys]
-    # to_unit's division in float64, a layer at a time into one buffer: temporary copies of the
-    # whole sheet cost more in fresh memory than the arithmetic.
+    # Each tile divided by its maximum in float64 (to_unit divides in the input's precision; the
+    # levels agree to within rounding), a layer at a time into one buffer: no temporary copy of
+    # the whole sheet.
     unit = np.empty(attention.shape[1:], dtype=np.float64)
     for layer, out in zip(np.asarray(attention), index):
         top = layer.max(axis=-1, keepdims=True)
-        # A tile with a top of 0 holds no positive value: divided by infinity it is 0, as in to_unit.
+        # A tile with a top of 0 holds no positive value: divided by infinity it is 0, as to_unit makes it.
         np.divide(layer, np.where(top > 0, top, np.inf), out=unit, dtype=np.float64)
         out[...] = indexed_colours(unit, cmap, keys_padded, overwrite=True)  # clipped to the levels, as to [0, 1]
     index = index.reshape(count, rows, cols, rows, cols)  # [L', qr, qc, kr, kc]

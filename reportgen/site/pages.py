@@ -51,8 +51,8 @@ class _Environment(jinja2.Environment):
     """Jinja's environment, with ``record.key`` on a plain dict looked up as its key first.
 
     Jinja tries ``getattr(record, "key")`` before ``record["key"]``, so every such lookup on a
-    record (a page makes about a thousand) raised and caught an AttributeError. A name that is
-    no attribute of a dict can only resolve to its key, so the result is the same."""
+    record would raise and catch an AttributeError, and pages make many. A name that is no
+    attribute of a dict can only resolve to its key, so the result is the same."""
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
@@ -77,8 +77,8 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
-        # Jinja's optimiser folds constant expressions when a template is compiled: a fifth of the
-        # compile time (once per process, tens of ms) for no measurable gain in rendering.
+        # Jinja's optimiser folds constant expressions when a template is compiled, which costs
+        # compile time in every new process and gains nothing measurable in rendering.
         optimized=False,
     )
     env.filters["fmt"] = _fmt
@@ -103,6 +103,7 @@ def results_json(results: dict[str, Any], image_texts: list[str] | None = None) 
     for key in sorted(results):
         if key == "images" and results[key]:
             texts = image_texts if image_texts is not None else [record_text(image) for image in results[key]]
+            assert len(texts) == len(results[key]), "one encoded record per image"
             lines.append(f"{dump(key)}: [\n" + ",\n".join(texts) + "\n]")
         else:
             lines.append(f"{dump(key)}: {dump(results[key])}")
